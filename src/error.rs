@@ -1,0 +1,172 @@
+//! The crate's error types.
+
+use std::io;
+use std::path::PathBuf;
+
+/// A `Result` whose error is [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Everything that can go wrong in `handover`.
+///
+/// Each variant says what was being done and carries the underlying cause,
+/// so that `Display` alone reads as a complete sentence for an operator.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The socket-activation environment (`LISTEN_FDS`, `LISTEN_PID`,
+    /// `LISTEN_FDNAMES`) or the handoff channel from a parent is malformed.
+    /// No inherited fd was touched.
+    #[error("invalid socket activation environment: {0}")]
+    Activation(String),
+
+    /// An inherited fd is not the kind of socket the caller asked for.
+    #[error("inherited fd {fd} named {name:?} {problem}")]
+    InheritedSocket {
+        /// The listener name that matched.
+        name: String,
+        /// The fd number as inherited.
+        fd: i32,
+        /// What is wrong with it.
+        problem: String,
+    },
+
+    /// Binding a listener failed.
+    #[error("cannot bind {name:?} on {addr}: {source}")]
+    Bind {
+        /// The listener name.
+        name: String,
+        /// The address asked for.
+        addr: String,
+        /// The OS error.
+        source: io::Error,
+    },
+
+    /// `listen_*` was called twice with the same name.
+    #[error("a listener named {0:?} exists already")]
+    DuplicateName(String),
+
+    /// A listener name that cannot travel in `LISTEN_FDNAMES`.
+    #[error("invalid listener name {0:?}: use 1-255 characters, no ':' and no control characters")]
+    InvalidName(String),
+
+    /// The PID file could not be written or its directory is unusable.
+    #[error("PID file {path}: {source}")]
+    PidFile {
+        /// The PID file's path.
+        path: PathBuf,
+        /// The OS error.
+        source: io::Error,
+    },
+
+    /// Talking to the service manager's notify socket failed.
+    #[error("sd_notify to {socket}: {source}")]
+    Notify {
+        /// The `NOTIFY_SOCKET` value.
+        socket: String,
+        /// The OS error.
+        source: io::Error,
+    },
+
+    /// `build()` must run inside a tokio runtime (it starts the signal task).
+    #[error("handover must be built inside a tokio runtime")]
+    NoRuntime,
+
+    /// An upgrade failed; the old process keeps serving.
+    #[error("upgrade failed: {0}")]
+    Upgrade(#[from] UpgradeError),
+
+    /// A system call failed.
+    #[error("{what}: {source}")]
+    Io {
+        /// What was being done.
+        what: &'static str,
+        /// The OS error.
+        source: io::Error,
+    },
+}
+
+/// Why an upgrade did not happen. In every case the old process still
+/// serves on all its listeners, and the new process (if one was started) has
+/// been killed and reaped.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum UpgradeError {
+    /// Another upgrade is running; this request joined nothing.
+    #[error("an upgrade is already in progress")]
+    InProgress,
+    /// `ready()` has not been called yet, or this process is not (yet) the
+    /// service's main process.
+    #[error("this process is not ready yet")]
+    NotReady,
+    /// This process already handed over or is stopping.
+    #[error("this process is draining")]
+    Draining,
+    /// Starting the new process failed before `execve`.
+    #[error("cannot start {exe}: {source}")]
+    Spawn {
+        /// The executable.
+        exe: String,
+        /// The OS error.
+        source: io::Error,
+    },
+    /// `execve` of the new binary failed (for example: not executable).
+    #[error("cannot execute {exe}: {source}")]
+    Exec {
+        /// The executable.
+        exe: String,
+        /// The OS error from `execve`.
+        source: io::Error,
+    },
+    /// The new process reported a failure before it was ready.
+    #[error("new process {pid} failed: {reason}")]
+    ChildFailed {
+        /// Its pid.
+        pid: u32,
+        /// What it said.
+        reason: String,
+    },
+    /// The new process exited before it was ready.
+    #[error("new process {pid} exited before it was ready ({status})")]
+    ChildExited {
+        /// Its pid.
+        pid: u32,
+        /// How it ended, as far as this process can know.
+        status: String,
+    },
+    /// The new process did not become ready within the upgrade timeout.
+    #[error("new process {pid} was not ready within {timeout:?}; killed")]
+    Timeout {
+        /// Its pid.
+        pid: u32,
+        /// The configured upgrade timeout.
+        timeout: std::time::Duration,
+    },
+    /// The service manager could not be told about the new main process.
+    #[error("cannot announce new process {pid} to the service manager: {source}")]
+    Announce {
+        /// The new process's pid.
+        pid: u32,
+        /// The notify error.
+        source: io::Error,
+    },
+    /// A stop was requested while the upgrade ran.
+    #[error("stopped during the upgrade")]
+    Stopped,
+    /// The state handed to the new process exceeds the configured limit.
+    #[error("state of {size} bytes exceeds the limit of {limit} bytes")]
+    StateTooLarge {
+        /// The size given.
+        size: usize,
+        /// The limit.
+        limit: usize,
+    },
+    /// Talking to the new process over the handoff channel failed.
+    #[error("handoff channel: {0}")]
+    Channel(io::Error),
+}
+
+impl Error {
+    pub(crate) fn io(what: &'static str, source: io::Error) -> Error {
+        Error::Io { what, source }
+    }
+}

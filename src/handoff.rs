@@ -1,0 +1,325 @@
+//! Starting the new process and talking to it over the handoff channel.
+//!
+//! The parent passes its listeners at fds `3..3+n` in the systemd layout
+//! (`LISTEN_FDS`, `LISTEN_FDNAMES`, `LISTEN_PID`) and one end of a Unix
+//! stream socket pair at `3+n` (`HANDOVER_FD`). Over that channel, one line
+//! per message:
+//!
+//! | from | line | meaning |
+//! |---|---|---|
+//! | child | `ready` | initialised, listening; waiting to be told it is main |
+//! | child | `fail <reason>` | giving up before `ready` (then exits) |
+//! | child (pre-exec) | `exec <errno>` / `spawn <errno>` | `execve`/`dup2` failed |
+//! | parent | `main` | the manager knows the child as main PID; take over |
+//!
+//! End of file on either side means the other is gone.
+
+use std::ffi::{OsStr, OsString};
+use std::io;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use tokio::io::unix::AsyncFd;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::UnixStream;
+
+use crate::activation::{ENV_CHANNEL, ENV_GENERATION};
+use crate::error::UpgradeError;
+use crate::sys;
+
+/// The binary to run for the next generation, resolved at start-up.
+#[derive(Debug, Clone)]
+pub(crate) struct Executable {
+    pub(crate) path: PathBuf,
+    pub(crate) argv: Vec<OsString>,
+}
+
+impl Executable {
+    /// `argv[0]` made absolute against the start directory (or found in
+    /// `PATH` when it is a bare name), so that a binary replaced on disk, or
+    /// a flipped `current -> releases/N` symlink, is what runs next.
+    /// `/proc/self/exe` only as a fallback: it names the old file.
+    pub(crate) fn current() -> Executable {
+        let argv: Vec<OsString> = std::env::args_os().collect();
+        let path = argv
+            .first()
+            .and_then(|a0| resolve(Path::new(a0)))
+            .or_else(|| std::fs::read_link("/proc/self/exe").ok())
+            .unwrap_or_else(|| PathBuf::from("/proc/self/exe"));
+        Executable { path, argv }
+    }
+}
+
+fn resolve(argv0: &Path) -> Option<PathBuf> {
+    if argv0.as_os_str().is_empty() {
+        return None;
+    }
+    if argv0.as_os_str().as_bytes().contains(&b'/') {
+        return if argv0.is_absolute() {
+            Some(argv0.to_owned())
+        } else {
+            std::env::current_dir().ok().map(|d| d.join(argv0))
+        };
+    }
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|dir| dir.join(argv0))
+        .find(|p| is_executable(p))
+        .map(|p| if p.is_absolute() { p } else { std::env::current_dir().map(|d| d.join(&p)).unwrap_or(p) })
+}
+
+fn is_executable(p: &Path) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+}
+
+/// Variables that describe one process, not the service: never inherited
+/// as they are by the next generation.
+const PER_PROCESS: &[&str] = &[
+    "LISTEN_PID",
+    "LISTEN_FDS",
+    "LISTEN_FDNAMES",
+    "LISTEN_PIDFDID",
+    "WATCHDOG_PID",
+    ENV_CHANNEL,
+    ENV_GENERATION,
+];
+
+/// The new process, from the parent's side.
+#[derive(Debug)]
+pub(crate) struct Child {
+    pub(crate) pid: u32,
+    pidfd: AsyncFd<OwnedFd>,
+    channel: BufReader<UnixStream>,
+    /// Our own child (standalone), which we must reap; otherwise the
+    /// manager's.
+    ours: bool,
+}
+
+/// Starts `exe` with `listeners` handed over.
+pub(crate) fn start(
+    exe: &Executable,
+    listeners: &[(&str, BorrowedFd<'_>)],
+    generation: u32,
+    reparent: bool,
+) -> Result<Child, UpgradeError> {
+    let spawn_err = |source| UpgradeError::Spawn {
+        exe: exe.path.display().to_string(),
+        source,
+    };
+    let (ours_end, theirs) = std::os::unix::net::UnixStream::pair().map_err(spawn_err)?;
+    let n = listeners.len();
+    let names = listeners.iter().map(|(n, _)| *n).collect::<Vec<_>>().join(":");
+    let fixed = [
+        ("LISTEN_FDS", n.to_string()),
+        ("LISTEN_FDNAMES", names),
+        (ENV_CHANNEL, (3 + n).to_string()),
+        (ENV_GENERATION, generation.to_string()),
+    ];
+    let inherited: Vec<(OsString, OsString)> = std::env::vars_os()
+        .filter(|(k, _)| !PER_PROCESS.iter().any(|p| OsStr::new(p) == k))
+        .collect();
+    let env = inherited
+        .iter()
+        .map(|(k, v)| (k.as_os_str(), v.as_os_str()))
+        .chain(fixed.iter().map(|(k, v)| (OsStr::new(*k), OsStr::new(v.as_str()))));
+    let mut fds: Vec<BorrowedFd<'_>> = listeners.iter().map(|(_, fd)| *fd).collect();
+    fds.push(theirs.as_fd());
+    let mut image = sys::ExecImage::new(exe.path.as_os_str(), &exe.argv, env, &fds).map_err(spawn_err)?;
+    let spawned = sys::spawn(&mut image, reparent).map_err(spawn_err)?;
+    // Our copies of the child's fds go now, so that its exit shows as EOF.
+    drop(image);
+    drop(theirs);
+    ours_end.set_nonblocking(true).map_err(spawn_err)?;
+    let channel = UnixStream::from_std(ours_end).map_err(spawn_err)?;
+    let pidfd = sys::async_readable(spawned.pidfd).map_err(spawn_err)?;
+    Ok(Child {
+        pid: spawned.pid,
+        pidfd,
+        channel: BufReader::new(channel),
+        ours: !reparent,
+    })
+}
+
+const KILL_WAIT: Duration = Duration::from_secs(5);
+
+impl Child {
+    /// Waits for `ready`, at most `timeout`. On any failure the child is
+    /// killed and (if ours) reaped before this returns.
+    pub(crate) async fn wait_ready(&mut self, exe: &Path, timeout: Duration) -> Result<(), UpgradeError> {
+        let pid = self.pid;
+        let deadline = tokio::time::sleep(timeout);
+        tokio::pin!(deadline);
+        let mut line = String::new();
+        let outcome = tokio::select! {
+            r = self.channel.read_line(&mut line) => match r {
+                Ok(0) => Err(None),
+                Ok(_) => Ok(line.trim_end().to_owned()),
+                Err(e) => Err(Some(UpgradeError::Channel(e))),
+            },
+            _ = self.pidfd.readable() => {
+                // It exited. Whatever it wrote before is in the socket buffer.
+                match self.buffered_line() {
+                    Some(l) => Ok(l),
+                    None => Err(None),
+                }
+            }
+            _ = &mut deadline => {
+                self.kill().await;
+                return Err(UpgradeError::Timeout { pid, timeout });
+            }
+        };
+        let err = match outcome {
+            Ok(msg) if msg == "ready" => return Ok(()),
+            Ok(msg) => parse_failure(&msg, pid, exe),
+            Err(Some(e)) => e,
+            Err(None) => UpgradeError::ChildExited {
+                pid,
+                status: String::new(),
+            },
+        };
+        let status = self.kill().await;
+        Err(match err {
+            UpgradeError::ChildExited { pid, .. } => UpgradeError::ChildExited { pid, status },
+            e => e,
+        })
+    }
+
+    fn buffered_line(&mut self) -> Option<String> {
+        let mut buf = [0u8; 4096];
+        let n = self.channel.get_ref().try_read(&mut buf).ok()?;
+        let text = String::from_utf8_lossy(&buf[..n]);
+        text.lines().next().map(str::to_owned)
+    }
+
+    /// Tells the child it is the main process now.
+    pub(crate) async fn confirm_main(&mut self) -> io::Result<()> {
+        self.channel.get_mut().write_all(b"main\n").await
+    }
+
+    /// Kills the child (a no-op if it is gone), waits for it to exit, reaps
+    /// it if it is ours, and says how it ended.
+    pub(crate) async fn kill(&mut self) -> String {
+        if let Err(e) = sys::pidfd_signal(self.pidfd.get_ref().as_fd(), libc::SIGKILL) {
+            tracing::error!(pid = self.pid, error = %e, "cannot kill the new process");
+        }
+        if tokio::time::timeout(KILL_WAIT, self.pidfd.readable()).await.is_err() {
+            return "did not exit after SIGKILL".into();
+        }
+        self.reap_status()
+    }
+
+    fn reap_status(&self) -> String {
+        if !self.ours {
+            return "reaped by the service manager".into();
+        }
+        match sys::reap(self.pidfd.get_ref().as_fd()) {
+            Ok(Some(status)) => status.to_string(),
+            Ok(None) => "still running".into(),
+            Err(e) => format!("cannot reap: {e}"),
+        }
+    }
+
+    /// After a successful handoff in standalone mode the new process is
+    /// still our child: reap it if it dies before we exit, so it does not
+    /// linger as a zombie of ours.
+    pub(crate) fn reap_in_background(self) {
+        if !self.ours {
+            return;
+        }
+        tokio::spawn(async move {
+            if self.pidfd.readable().await.is_ok() {
+                let status = self.reap_status();
+                tracing::warn!(pid = self.pid, %status, "the new process exited while this one was draining");
+            }
+        });
+    }
+}
+
+fn parse_failure(msg: &str, pid: u32, exe: &Path) -> UpgradeError {
+    let errno = |s: &str| io::Error::from_raw_os_error(s.trim().parse().unwrap_or(libc::EIO));
+    if let Some(e) = msg.strip_prefix("exec ") {
+        UpgradeError::Exec {
+            exe: exe.display().to_string(),
+            source: errno(e),
+        }
+    } else if let Some(e) = msg.strip_prefix("spawn ") {
+        UpgradeError::Spawn {
+            exe: exe.display().to_string(),
+            source: errno(e),
+        }
+    } else if let Some(reason) = msg.strip_prefix("fail ") {
+        UpgradeError::ChildFailed {
+            pid,
+            reason: reason.to_owned(),
+        }
+    } else {
+        UpgradeError::ChildFailed {
+            pid,
+            reason: format!("unexpected message on the handoff channel: {msg:?}"),
+        }
+    }
+}
+
+/// The handoff channel, from the child's side.
+#[derive(Debug)]
+pub(crate) struct ParentLink {
+    stream: BufReader<UnixStream>,
+}
+
+impl ParentLink {
+    pub(crate) fn new(fd: OwnedFd) -> io::Result<ParentLink> {
+        let std = std::os::unix::net::UnixStream::from(fd);
+        std.set_nonblocking(true)?;
+        Ok(ParentLink {
+            stream: BufReader::new(UnixStream::from_std(std)?),
+        })
+    }
+
+    /// Says `ready` and waits for `main`. Returns `false` when the parent
+    /// went away without saying it (it died, or gave up on us).
+    pub(crate) async fn ready(&mut self) -> io::Result<bool> {
+        self.stream.get_mut().write_all(b"ready\n").await?;
+        let mut line = String::new();
+        self.stream.read_line(&mut line).await?;
+        Ok(line.trim_end() == "main")
+    }
+
+    /// Reports a failure without blocking (from `Drop` or an error path).
+    pub(crate) fn fail(&self, reason: &str) {
+        let line = format!("fail {}\n", crate::notify::status_text(reason));
+        let _ = self.stream.get_ref().try_write(line.as_bytes());
+    }
+}
+
+/// Reports `reason` on a channel fd we could not take properly (the
+/// environment around it was invalid).
+pub(crate) fn fail_raw(fd: BorrowedFd<'_>, reason: &str) {
+    let line = format!("fail {}\n", crate::notify::status_text(reason));
+    let _ = nix::unistd::write(fd, line.as_bytes());
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resolves_relative_and_bare_names() {
+        let cwd = std::env::current_dir().unwrap();
+        assert_eq!(resolve(Path::new("target/x")), Some(cwd.join("target/x")));
+        assert_eq!(resolve(Path::new("/bin/sh")), Some(PathBuf::from("/bin/sh")));
+        let sh = resolve(Path::new("sh")).unwrap();
+        assert!(sh.is_absolute() && sh.ends_with("sh"), "{sh:?}");
+        assert_eq!(resolve(Path::new("")), None);
+    }
+
+    #[test]
+    fn failures_parse_to_typed_errors() {
+        let exe = Path::new("/x");
+        assert!(matches!(parse_failure("exec 13", 1, exe), UpgradeError::Exec { ref source, .. } if source.raw_os_error() == Some(13)));
+        assert!(matches!(parse_failure("fail no config", 1, exe), UpgradeError::ChildFailed { ref reason, .. } if reason == "no config"));
+        assert!(matches!(parse_failure("bogus", 1, exe), UpgradeError::ChildFailed { .. }));
+    }
+}

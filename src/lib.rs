@@ -1,0 +1,691 @@
+//! Lossless upgrades of a running tokio service, built around systemd.
+//!
+//! On `systemctl reload`, SIGHUP or [`Handover::upgrade`], the running
+//! process starts the new version of its own binary and hands it every
+//! listening socket. The new process initialises and calls
+//! [`Handover::ready`]; the old one then tells systemd the new main PID,
+//! stops accepting, finishes its in-flight work and exits. If the new
+//! process fails, hangs or crashes, the old one keeps serving and says why.
+//! No connection is refused and, with the [`http`] helper, no keep-alive
+//! request is lost.
+//!
+//! ```no_run
+//! use std::time::Duration;
+//!
+//! #[tokio::main]
+//! async fn main() -> Result<(), handover::Error> {
+//!     handover::logging::init();
+//!     let handover = handover::Handover::builder()
+//!         .pid_file("/run/hello/hello.pid")
+//!         .upgrade_timeout(Duration::from_secs(60))
+//!         .drain_timeout(Duration::from_secs(30))
+//!         .build()?;
+//!     let listener = handover.listen_tcp("http", "127.0.0.1:8081")?;
+//!     let service = hyper::service::service_fn(|_req| async {
+//!         Ok::<_, std::convert::Infallible>(hyper::Response::new(
+//!             http_body_util::Full::new(bytes::Bytes::from("hello\n")),
+//!         ))
+//!     });
+//!     tokio::spawn(handover::http::serve(listener, service, handover.drain()));
+//!     handover.ready().await?;
+//!     let exit = handover.wait().await;
+//!     tracing::info!(?exit, "bye");
+//!     Ok(())
+//! }
+//! ```
+//!
+//! Where each behaviour lives: [`activation`](crate) reads `LISTEN_*`
+//! strictly, `listeners` takes or binds sockets, `handoff` starts the new
+//! process and speaks the handoff channel, [`notify`] talks to systemd,
+//! [`drain`] counts in-flight work, `pidfile` and `signals` do what they
+//! say, and `sys` holds every `unsafe` block.
+
+#![deny(missing_docs)]
+#![deny(unsafe_code)]
+
+mod activation;
+pub mod drain;
+mod error;
+mod handoff;
+// pub mod http;
+mod listeners;
+pub mod logging;
+pub mod notify;
+mod pidfile;
+mod signals;
+#[allow(unsafe_code)]
+mod sys;
+
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant};
+
+use tokio::sync::watch;
+
+pub use drain::{Drain, DrainGuard, DrainReason};
+pub use error::{Error, Result, UpgradeError};
+
+use activation::Found;
+use handoff::{Executable, ParentLink};
+use listeners::{Listeners, Source};
+use notify::{status_text, Notifier};
+
+/// How long the old process waits for the manager to confirm `MAINPID=`.
+const BARRIER_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Where a process is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// Built, listeners being set up; [`Handover::ready`] not called yet.
+    Starting,
+    /// Serving; upgrades are accepted.
+    Ready,
+    /// An upgrade is running; a SIGHUP now is coalesced into it.
+    Upgrading,
+    /// Handed over or stopping: finishing in-flight work, then exiting.
+    Draining,
+}
+
+/// Configures a [`Handover`].
+///
+/// ```no_run
+/// # fn f() -> handover::Result<()> {
+/// # let rt = tokio::runtime::Runtime::new().unwrap(); let _g = rt.enter();
+/// let handover = handover::Handover::builder()
+///     .pid_file("/run/app/app.pid")
+///     .upgrade_timeout(std::time::Duration::from_secs(10))
+///     .build()?;
+/// # Ok(()) }
+/// ```
+#[derive(Debug, Clone)]
+pub struct Builder {
+    pid_file: Option<PathBuf>,
+    upgrade_timeout: Duration,
+    drain_timeout: Duration,
+    signals: bool,
+}
+
+impl Default for Builder {
+    fn default() -> Self {
+        Builder {
+            pid_file: None,
+            upgrade_timeout: Duration::from_secs(60),
+            drain_timeout: Duration::from_secs(30),
+            signals: true,
+        }
+    }
+}
+
+impl Builder {
+    /// Writes the PID of the serving process to `path` (atomically) once it
+    /// is ready; each new generation replaces it. Default: none.
+    pub fn pid_file(mut self, path: impl Into<PathBuf>) -> Self {
+        self.pid_file = Some(path.into());
+        self
+    }
+
+    /// How long a new process may take from start to `ready()` before it is
+    /// killed and the upgrade fails. Default: 60 s. Keep systemd's
+    /// `TimeoutStartSec=` above it.
+    pub fn upgrade_timeout(mut self, timeout: Duration) -> Self {
+        self.upgrade_timeout = timeout;
+        self
+    }
+
+    /// How long in-flight work may take after the drain starts before
+    /// [`Handover::wait`] returns anyway. Default: 30 s.
+    pub fn drain_timeout(mut self, timeout: Duration) -> Self {
+        self.drain_timeout = timeout;
+        self
+    }
+
+    /// Whether SIGHUP (upgrade) and SIGTERM/SIGINT (stop) are handled.
+    /// Default: true.
+    pub fn handle_signals(mut self, yes: bool) -> Self {
+        self.signals = yes;
+        self
+    }
+
+    /// Reads the inherited sockets, checks the PID file's directory and
+    /// installs the signal handlers. Must run inside a tokio runtime.
+    ///
+    /// Errors: a malformed activation environment (garbage `LISTEN_FDS`,
+    /// a name count that does not match, an fd that is not a socket), an
+    /// unusable PID file directory, a malformed `NOTIFY_SOCKET`. No inherited
+    /// fd is touched when it fails.
+    pub fn build(self) -> Result<Handover> {
+        if tokio::runtime::Handle::try_current().is_err() {
+            return Err(Error::NoRuntime);
+        }
+        let pid = std::process::id();
+        let env = |k: &str| std::env::var_os(k);
+        let (listen_pid, listen_fds, listen_fdnames, channel, generation) = (
+            env("LISTEN_PID"),
+            env("LISTEN_FDS"),
+            env("LISTEN_FDNAMES"),
+            env(activation::ENV_CHANNEL),
+            env(activation::ENV_GENERATION),
+        );
+        let vars = activation::Vars {
+            listen_pid: listen_pid.as_deref(),
+            listen_fds: listen_fds.as_deref(),
+            listen_fdnames: listen_fdnames.as_deref(),
+            channel: channel.as_deref(),
+            generation: generation.as_deref(),
+        };
+        let found = activation::read(vars, pid).inspect_err(|e| report_to_parent(vars, pid, e))?;
+        let (passed, link, generation, source) = match found {
+            Found::Nothing => (Vec::new(), None, 0, Source::Manager),
+            Found::NotOurs(why) => {
+                tracing::warn!("ignoring the socket activation environment: {why}");
+                (Vec::new(), None, 0, Source::Manager)
+            }
+            Found::Passed(p) => {
+                let raw: Vec<_> = p.fds.iter().map(|(fd, _)| *fd).chain(p.channel).collect();
+                let mut owned = sys::take_inherited(&raw).map_err(|e| Error::io("take inherited fds", e))?;
+                for fd in &owned {
+                    nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC))
+                        .map_err(|e| Error::io("set FD_CLOEXEC on inherited fds", e.into()))?;
+                }
+                let link = match p.channel {
+                    Some(_) => Some(owned.pop().expect("the channel is the last fd")),
+                    None => None,
+                };
+                let passed = owned
+                    .into_iter()
+                    .zip(p.fds)
+                    .map(|(fd, (number, name))| listeners::Passed { fd, number, name })
+                    .collect();
+                let source = if link.is_some() { Source::Parent } else { Source::Manager };
+                (passed, link, p.generation, source)
+            }
+        };
+        let link = link
+            .map(ParentLink::new)
+            .transpose()
+            .map_err(|e| Error::io("handoff channel", e))?;
+        let fail = |e: Error| {
+            if let Some(l) = &link {
+                l.fail(&e.to_string());
+            }
+            e
+        };
+        let notify = Notifier::from_env().map_err(fail)?;
+        if let Some(p) = &self.pid_file {
+            pidfile::check(p).map_err(fail)?;
+        }
+        let drain = Drain::new();
+        let (phase, _) = watch::channel(Phase::Starting);
+        let inner = Arc::new(Inner {
+            exe: Executable::current(),
+            generation,
+            notify,
+            listeners: Mutex::new(Listeners::new(passed, source)),
+            parent: tokio::sync::Mutex::new(link),
+            drain,
+            phase,
+            pending_upgrade: AtomicBool::new(false),
+            ready_called: AtomicBool::new(false),
+            last_error: Mutex::new(None),
+            config: self,
+        });
+        if inner.config.signals {
+            let weak = Arc::downgrade(&inner);
+            signals::spawn(move |req, name| on_signal(&weak, req, name)).map_err(|e| Error::io("install signal handlers", e))?;
+        }
+        tracing::debug!(generation, pid, exe = %inner.exe.path.display(), "handover built");
+        Ok(Handover { inner })
+    }
+}
+
+/// A child whose environment is broken still tells its parent why, if it
+/// can find the channel at all.
+fn report_to_parent(vars: activation::Vars<'_>, pid: u32, e: &Error) {
+    let ours = vars
+        .listen_pid
+        .and_then(|p| p.to_str())
+        .and_then(|p| p.parse::<u32>().ok())
+        == Some(pid);
+    let fd = vars.channel.and_then(|c| c.to_str()).and_then(|c| c.parse::<i32>().ok());
+    if let (true, Some(fd)) = (ours, fd) {
+        let _ = sys::with_borrowed(fd, |fd| handoff::fail_raw(fd, &e.to_string()));
+    }
+}
+
+fn on_signal(weak: &Weak<Inner>, req: signals::Request, name: &'static str) -> bool {
+    let Some(inner) = weak.upgrade() else { return false };
+    let handover = Handover { inner };
+    match req {
+        signals::Request::Stop => {
+            tracing::info!(signal = name, "stop requested");
+            handover.stop();
+        }
+        signals::Request::Upgrade => match handover.phase() {
+            Phase::Starting => {
+                tracing::info!(signal = name, "upgrade requested before ready(); it will run once ready");
+                handover.inner.pending_upgrade.store(true, Ordering::Release);
+            }
+            Phase::Ready => {
+                tokio::spawn(async move {
+                    let _ = handover.upgrade().await;
+                });
+            }
+            Phase::Upgrading => tracing::info!(signal = name, "an upgrade is already running; coalesced"),
+            Phase::Draining => tracing::info!(signal = name, "draining; upgrade request ignored"),
+        },
+    }
+    true
+}
+
+#[derive(Debug)]
+struct Inner {
+    config: Builder,
+    exe: Executable,
+    generation: u32,
+    notify: Option<Notifier>,
+    listeners: Mutex<Listeners>,
+    parent: tokio::sync::Mutex<Option<ParentLink>>,
+    drain: Drain,
+    phase: watch::Sender<Phase>,
+    pending_upgrade: AtomicBool,
+    ready_called: AtomicBool,
+    last_error: Mutex<Option<String>>,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        // A new process that gives up before ready() tells its parent why:
+        // under a service manager the parent cannot see its exit status.
+        if let Some(link) = self.parent.get_mut().as_ref() {
+            let why = self.last_error.get_mut().map(|e| e.take()).ok().flatten();
+            link.fail(&why.unwrap_or_else(|| "exited before it was ready".into()));
+        }
+    }
+}
+
+/// How a process's service ended; returned by [`Handover::wait`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Exit {
+    /// Handed over to a new process, or stopped.
+    pub reason: DrainReason,
+    /// In-flight work still running when the drain timeout expired (0 when
+    /// everything finished).
+    pub unfinished: usize,
+}
+
+/// The handle on one process's part in the service's life. Cheap to clone;
+/// all clones are the same process.
+///
+/// See the [crate documentation](crate) for a complete program.
+#[derive(Debug, Clone)]
+pub struct Handover {
+    inner: Arc<Inner>,
+}
+
+impl Handover {
+    /// A [`Builder`] with the defaults.
+    pub fn builder() -> Builder {
+        Builder::default()
+    }
+
+    fn record<T>(&self, r: Result<T>) -> Result<T> {
+        if let Err(e) = &r {
+            if let Ok(mut last) = self.inner.last_error.lock() {
+                *last = Some(e.to_string());
+            }
+        }
+        r
+    }
+
+    fn listeners(&self) -> std::sync::MutexGuard<'_, Listeners> {
+        self.inner.listeners.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A TCP listener named `name`: the inherited one with that name (or the
+    /// next unnamed one) if this process was given sockets, else bound on
+    /// `addr`. The name travels to the next generation in `LISTEN_FDNAMES`;
+    /// under systemd it is the `.socket` unit's `FileDescriptorName=`.
+    ///
+    /// ```no_run
+    /// # async fn f(handover: handover::Handover) -> handover::Result<()> {
+    /// let listener = handover.listen_tcp("http", "127.0.0.1:8081")?;
+    /// # Ok(()) }
+    /// ```
+    pub fn listen_tcp(&self, name: &str, addr: impl ToSocketAddrs) -> Result<tokio::net::TcpListener> {
+        let r = resolve(name, addr).and_then(|addr| {
+            let l = self.listeners().tcp(name, addr)?;
+            l.set_nonblocking(true).map_err(|e| Error::io("set O_NONBLOCK", e))?;
+            tokio::net::TcpListener::from_std(l).map_err(|e| Error::io("register listener", e))
+        });
+        self.record(r)
+    }
+
+    /// A UDP socket named `name`; see [`listen_tcp`](Self::listen_tcp).
+    pub fn listen_udp(&self, name: &str, addr: impl ToSocketAddrs) -> Result<tokio::net::UdpSocket> {
+        let r = resolve(name, addr).and_then(|addr| {
+            let s = self.listeners().udp(name, addr)?;
+            s.set_nonblocking(true).map_err(|e| Error::io("set O_NONBLOCK", e))?;
+            tokio::net::UdpSocket::from_std(s).map_err(|e| Error::io("register socket", e))
+        });
+        self.record(r)
+    }
+
+    /// A Unix stream listener named `name` at `path`; see
+    /// [`listen_tcp`](Self::listen_tcp). A stale socket file (nobody
+    /// listening) is replaced; a live one is an error.
+    pub fn listen_unix(&self, name: &str, path: impl AsRef<Path>) -> Result<tokio::net::UnixListener> {
+        let r = self.listeners().unix(name, path.as_ref()).and_then(|l| {
+            l.set_nonblocking(true).map_err(|e| Error::io("set O_NONBLOCK", e))?;
+            tokio::net::UnixListener::from_std(l).map_err(|e| Error::io("register listener", e))
+        });
+        self.record(r)
+    }
+
+    /// A Unix datagram socket named `name` at `path`; see
+    /// [`listen_unix`](Self::listen_unix).
+    pub fn listen_unix_datagram(&self, name: &str, path: impl AsRef<Path>) -> Result<tokio::net::UnixDatagram> {
+        let r = self.listeners().unix_datagram(name, path.as_ref()).and_then(|s| {
+            s.set_nonblocking(true).map_err(|e| Error::io("set O_NONBLOCK", e))?;
+            tokio::net::UnixDatagram::from_std(s).map_err(|e| Error::io("register socket", e))
+        });
+        self.record(r)
+    }
+
+    /// The drain signal and in-flight counter shared by this process's
+    /// accept loops and connections.
+    pub fn drain(&self) -> Drain {
+        self.inner.drain.clone()
+    }
+
+    /// Where this process is in its life.
+    pub fn phase(&self) -> Phase {
+        *self.inner.phase.borrow()
+    }
+
+    /// 0 for a process started by hand or by systemd; the parent's plus one
+    /// for a process started by an upgrade.
+    pub fn generation(&self) -> u32 {
+        self.inner.generation
+    }
+
+    /// Whether this process was started by an upgrade (tableflip's
+    /// `HasParent`).
+    pub fn has_parent(&self) -> bool {
+        self.inner.generation > 0
+    }
+
+    /// Declares this process initialised: every listener it needs is set up.
+    ///
+    /// A process started by an upgrade tells its parent and waits until the
+    /// parent has made it the service's main process; then it writes the
+    /// PID file and accepts upgrades itself. A first process writes the PID
+    /// file and sends `READY=1`. Passed fds that no `listen_*` call claimed
+    /// are closed. Calling it again does nothing.
+    pub async fn ready(&self) -> Result<()> {
+        if self.inner.ready_called.swap(true, Ordering::AcqRel) {
+            return Ok(());
+        }
+        let pid = std::process::id();
+        let link = self.inner.parent.lock().await.take();
+        let mut announced_by_parent = false;
+        if let Some(mut link) = link {
+            match link.ready().await {
+                Ok(true) => announced_by_parent = true,
+                Ok(false) => tracing::warn!("the parent went away before handing over; taking over anyway"),
+                Err(e) => tracing::warn!(error = %e, "handoff channel failed; taking over anyway"),
+            }
+        }
+        let unclaimed = self.listeners().close_unclaimed();
+        if !unclaimed.is_empty() {
+            tracing::info!(?unclaimed, "closed passed sockets that no listen_* call claimed");
+        }
+        if let Some(path) = &self.inner.config.pid_file {
+            self.record(pidfile::write(path, pid))?;
+        }
+        let generation = self.inner.generation;
+        let status = status_text(&format!("serving, generation {generation}, pid {pid}"));
+        if let Some(n) = &self.inner.notify {
+            let msg = if announced_by_parent {
+                format!("STATUS={status}")
+            } else {
+                format!("READY=1\nSTATUS={status}")
+            };
+            let r = n.send(&msg).map_err(|source| Error::Notify {
+                socket: n.socket_name().to_owned(),
+                source,
+            });
+            self.record(r)?;
+        }
+        self.start_watchdog();
+        self.inner.phase.send_if_modified(|p| {
+            let starting = *p == Phase::Starting;
+            if starting {
+                *p = Phase::Ready;
+            }
+            starting
+        });
+        tracing::info!(generation, pid, "ready");
+        if self.inner.pending_upgrade.swap(false, Ordering::AcqRel) {
+            let h = self.clone();
+            tokio::spawn(async move {
+                let _ = h.upgrade().await;
+            });
+        }
+        Ok(())
+    }
+
+    fn start_watchdog(&self) {
+        let Some(usec) = std::env::var("WATCHDOG_USEC").ok().and_then(|v| v.parse::<u64>().ok()) else {
+            return;
+        };
+        let for_us = std::env::var("WATCHDOG_PID")
+            .ok()
+            .and_then(|p| p.parse::<u32>().ok())
+            .is_none_or(|p| p == std::process::id());
+        if usec == 0 || !for_us || self.inner.notify.is_none() {
+            return;
+        }
+        let weak = Arc::downgrade(&self.inner);
+        let period = Duration::from_micros(usec / 2);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(period);
+            loop {
+                tick.tick().await;
+                let Some(inner) = weak.upgrade() else { break };
+                // After a handoff the pings are the new process's job.
+                if inner.drain.reason() == Some(DrainReason::Upgraded) {
+                    break;
+                }
+                if let Some(n) = &inner.notify {
+                    if let Err(e) = n.send("WATCHDOG=1") {
+                        tracing::warn!(error = %e, "watchdog ping failed");
+                    }
+                }
+            }
+        });
+    }
+
+    /// Starts the new version of this program, hands it every listener, and
+    /// waits until it is ready (at most the upgrade timeout). On success it
+    /// returns the new process's pid, and this process starts draining: let
+    /// [`wait`](Self::wait) finish. On failure the new process has been
+    /// killed and reaped, this process keeps serving, and the error says
+    /// why. This is what SIGHUP does.
+    ///
+    /// ```no_run
+    /// # async fn f(handover: handover::Handover) {
+    /// match handover.upgrade().await {
+    ///     Ok(pid) => tracing::info!(pid, "handed over"),
+    ///     Err(e) => tracing::error!("still serving: {e}"),
+    /// }
+    /// # }
+    /// ```
+    pub async fn upgrade(&self) -> Result<u32, UpgradeError> {
+        let mut refused = None;
+        self.inner.phase.send_if_modified(|p| match p {
+            Phase::Ready => {
+                *p = Phase::Upgrading;
+                true
+            }
+            Phase::Starting => {
+                refused = Some(UpgradeError::NotReady);
+                false
+            }
+            Phase::Upgrading => {
+                refused = Some(UpgradeError::InProgress);
+                false
+            }
+            Phase::Draining => {
+                refused = Some(UpgradeError::Draining);
+                false
+            }
+        });
+        if let Some(e) = refused {
+            return Err(e);
+        }
+        let result = self.run_upgrade().await;
+        let next = if result.is_ok() || self.inner.drain.is_draining() {
+            Phase::Draining
+        } else {
+            Phase::Ready
+        };
+        self.inner.phase.send_replace(next);
+        result
+    }
+
+    async fn run_upgrade(&self) -> Result<u32, UpgradeError> {
+        let inner = &*self.inner;
+        let started = Instant::now();
+        let old_pid = std::process::id();
+        let generation = inner.generation + 1;
+        let timeout = inner.config.upgrade_timeout;
+        tracing::info!(generation, old_pid, exe = %inner.exe.path.display(), "upgrade started");
+        if let Some(n) = &inner.notify {
+            let extend = timeout + BARRIER_TIMEOUT;
+            let msg = format!(
+                "RELOADING=1\nMONOTONIC_USEC={}\nEXTEND_TIMEOUT_USEC={}\nSTATUS={}",
+                notify::monotonic_usec(),
+                extend.as_micros(),
+                status_text(&format!("upgrading to generation {generation}")),
+            );
+            if let Err(e) = n.send(&msg) {
+                tracing::warn!(error = %e, "cannot send RELOADING=1");
+            }
+        }
+        let result = self.handoff(generation, timeout).await;
+        let elapsed_ms = started.elapsed().as_millis() as u64;
+        match &result {
+            Ok(new_pid) => {
+                tracing::info!(generation, old_pid, new_pid, elapsed_ms, outcome = "ok", "upgrade complete; draining");
+            }
+            Err(e) => {
+                tracing::error!(generation, old_pid, elapsed_ms, outcome = "failed", reason = %e, "upgrade failed; still serving");
+                if let Some(n) = &inner.notify {
+                    if !inner.drain.is_draining() {
+                        let status = status_text(&format!("upgrade to generation {generation} failed: {e}; still serving, pid {old_pid}"));
+                        if let Err(e) = n.send(&format!("READY=1\nSTATUS={status}")) {
+                            tracing::warn!(error = %e, "cannot send READY=1 after the failed upgrade");
+                        }
+                    }
+                }
+            }
+        }
+        result
+    }
+
+    async fn handoff(&self, generation: u32, timeout: Duration) -> Result<u32, UpgradeError> {
+        let inner = &*self.inner;
+        let reparent = inner.notify.is_some();
+        let mut child = {
+            let listeners = self.listeners();
+            handoff::start(&inner.exe, &listeners.for_handoff(), generation, reparent)?
+        };
+        let new_pid = child.pid;
+        tracing::info!(generation, new_pid, "new process started; waiting for it to be ready");
+        tokio::select! {
+            r = child.wait_ready(&inner.exe.path, timeout) => r?,
+            _ = inner.drain.draining() => {
+                child.kill().await;
+                return Err(UpgradeError::Stopped);
+            }
+        }
+        if let Some(n) = &inner.notify {
+            let status = status_text(&format!("serving, generation {generation}, pid {new_pid}"));
+            if let Err(source) = n.send(&format!("MAINPID={new_pid}\nREADY=1\nSTATUS={status}")) {
+                child.kill().await;
+                return Err(UpgradeError::Announce { pid: new_pid, source });
+            }
+            if let Err(e) = n.barrier(BARRIER_TIMEOUT).await {
+                tracing::warn!(error = %e, "the manager did not confirm MAINPID=; handing over anyway");
+            }
+        }
+        if let Err(e) = child.confirm_main().await {
+            // It died right after saying ready: take the service back.
+            if let Some(n) = &inner.notify {
+                let _ = n.send(&format!("MAINPID={}\nREADY=1", std::process::id()));
+            }
+            child.kill().await;
+            return Err(UpgradeError::Channel(e));
+        }
+        inner.drain.start(DrainReason::Upgraded);
+        self.listeners().clear();
+        child.reap_in_background();
+        Ok(new_pid)
+    }
+
+    /// Starts a graceful stop: `STOPPING=1`, stop accepting, finish
+    /// in-flight work. This is what SIGTERM and SIGINT do. After a handoff
+    /// it does nothing more (the service lives on in the new process, and
+    /// `STOPPING=1` from us would stop it).
+    pub fn stop(&self) {
+        if !self.inner.drain.start(DrainReason::Stopped) {
+            return;
+        }
+        self.inner.phase.send_replace(Phase::Draining);
+        if let Some(n) = &self.inner.notify {
+            if let Err(e) = n.send("STOPPING=1\nSTATUS=stopping") {
+                tracing::warn!(error = %e, "cannot send STOPPING=1");
+            }
+        }
+        self.listeners().clear();
+    }
+
+    /// Resolves when this process should exit: the drain started (handoff
+    /// or stop) and every [`DrainGuard`] is gone, or the drain timeout
+    /// expired. On a stop it also removes the PID file if it still holds
+    /// this process's PID.
+    pub async fn wait(&self) -> Exit {
+        let drain = &self.inner.drain;
+        let reason = drain.draining().await;
+        let started = Instant::now();
+        let unfinished = drain.finished(self.inner.config.drain_timeout).await;
+        if reason == DrainReason::Stopped {
+            if let Some(path) = &self.inner.config.pid_file {
+                if let Err(e) = pidfile::remove_if_ours(path, std::process::id()) {
+                    tracing::warn!(error = %e, "cannot remove the PID file");
+                }
+            }
+        }
+        let drain_ms = started.elapsed().as_millis() as u64;
+        if unfinished > 0 {
+            tracing::warn!(?reason, unfinished, drain_ms, "drain timeout expired; exiting with work in flight");
+        } else {
+            tracing::info!(?reason, drain_ms, "drained; exiting");
+        }
+        Exit { reason, unfinished }
+    }
+}
+
+fn resolve(name: &str, addr: impl ToSocketAddrs) -> Result<SocketAddr> {
+    let bind_err = |source| Error::Bind {
+        name: name.to_owned(),
+        addr: "the given address".into(),
+        source,
+    };
+    addr.to_socket_addrs()
+        .map_err(bind_err)?
+        .next()
+        .ok_or_else(|| bind_err(std::io::Error::new(std::io::ErrorKind::InvalidInput, "no address")))
+}

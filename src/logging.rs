@@ -1,0 +1,53 @@
+//! Logging set-up: journald's native protocol under systemd, stderr
+//! otherwise.
+//!
+//! Under systemd, stdout and stderr lines carry the PID of the process that
+//! opened the stream (the first generation), which is wrong after a
+//! handoff; native journald entries carry the true `_PID`. "Under systemd"
+//! means `JOURNAL_STREAM` or `INVOCATION_ID` is set: journald's socket also
+//! exists when the program is run by hand on a systemd host, and then the
+//! person running it expects its output on the terminal.
+
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::EnvFilter;
+
+/// Where [`init`] sent the logs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Destination {
+    /// journald, through its native socket.
+    Journald,
+    /// Standard error.
+    Stderr,
+}
+
+/// Whether this process was started by systemd with its output connected
+/// to the journal.
+pub fn under_systemd() -> bool {
+    std::env::var_os("JOURNAL_STREAM").is_some() || std::env::var_os("INVOCATION_ID").is_some()
+}
+
+/// Installs a global `tracing` subscriber, filtered by `RUST_LOG` (default
+/// `info`). Journald fields are written without prefix, so a query reads
+/// `journalctl NEW_PID=1234`.
+///
+/// # Example
+///
+/// ```no_run
+/// let dest = handover::logging::init();
+/// tracing::info!(?dest, "logging set up");
+/// ```
+pub fn init() -> Destination {
+    let filter = || EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    if under_systemd() {
+        if let Ok(layer) = tracing_journald::layer() {
+            let layer = layer.with_field_prefix(None);
+            if tracing_subscriber::registry().with(filter()).with(layer).try_init().is_ok() {
+                return Destination::Journald;
+            }
+        }
+    }
+    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    let _ = tracing_subscriber::registry().with(filter()).with(fmt).try_init();
+    Destination::Stderr
+}

@@ -1,0 +1,447 @@
+//! Every `unsafe` block of the crate lives here.
+//!
+//! Three jobs need raw system calls: taking ownership of the fds a parent or
+//! systemd passed us, starting the new process (`clone3` + `execve`, with
+//! only async-signal-safe work in between), and watching or killing that
+//! process through its pidfd. Each is a small function with a `// SAFETY:`
+//! note; the rest of the crate calls them as safe functions.
+
+use std::ffi::{CString, OsStr};
+use std::io;
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::raw::c_char;
+use std::os::unix::ffi::OsStrExt;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+const CLONE_PIDFD: u64 = 0x0000_1000;
+const CLONE_PARENT: u64 = 0x0000_8000;
+const P_PIDFD: libc::idtype_t = 3;
+const CLD_EXITED: i32 = 1;
+const CLD_KILLED: i32 = 2;
+const CLD_DUMPED: i32 = 3;
+
+/// Whether `fd` is an open file descriptor of this process.
+pub(crate) fn fd_is_open(fd: RawFd) -> bool {
+    // SAFETY: F_GETFD only reads the descriptor table; an fd number that is
+    // not open yields EBADF and nothing else happens.
+    unsafe { libc::fcntl(fd, libc::F_GETFD) != -1 }
+}
+
+/// Whether the open fd `fd` is a socket (`S_ISSOCK`).
+pub(crate) fn fd_is_socket(fd: RawFd) -> io::Result<bool> {
+    // SAFETY: `st` is a plain C struct that fstat fills in; a zeroed value is
+    // a valid initial state, and the pointer is valid for the call.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: see above; fstat does not take ownership of `fd`.
+    if unsafe { libc::fstat(fd, &mut st) } == -1 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(st.st_mode & libc::S_IFMT == libc::S_IFSOCK)
+}
+
+static TAKEN: AtomicBool = AtomicBool::new(false);
+
+/// Takes ownership of the fds passed to this process (by systemd or by our
+/// parent). Succeeds once per process; the caller has checked that each fd
+/// is open.
+pub(crate) fn take_inherited(fds: &[RawFd]) -> io::Result<Vec<OwnedFd>> {
+    if TAKEN.swap(true, Ordering::AcqRel) {
+        return Err(io::Error::new(
+            io::ErrorKind::AlreadyExists,
+            "the inherited fds were taken already",
+        ));
+    }
+    for &fd in fds {
+        if !fd_is_open(fd) {
+            return Err(io::Error::from_raw_os_error(libc::EBADF));
+        }
+    }
+    Ok(fds
+        .iter()
+        // SAFETY: the activation protocol hands these fds to this process;
+        // nothing in the process owned them before (the crate takes them
+        // once, guarded by TAKEN), and each was checked to be open.
+        .map(|&fd| unsafe { OwnedFd::from_raw_fd(fd) })
+        .collect())
+}
+
+/// Everything `execve` needs, prepared before the fork so that the child
+/// allocates nothing.
+pub(crate) struct ExecImage {
+    path: CString,
+    _argv: Vec<CString>,
+    argv_ptrs: Vec<*const c_char>,
+    _env: Vec<CString>,
+    envp_ptrs: Vec<*const c_char>,
+    /// `LISTEN_PID=` followed by room for the digits, filled in the child.
+    listen_pid: Box<[u8; 32]>,
+    listen_pid_slot: usize,
+    /// The fds to hand over, each at or above `3 + fds.len()`, close-on-exec.
+    /// The child moves `fds[i]` to `3 + i`.
+    fds: Vec<OwnedFd>,
+}
+
+const LISTEN_PID_PREFIX: &[u8] = b"LISTEN_PID=";
+
+impl ExecImage {
+    /// Prepares the image. `env` must not contain `LISTEN_PID`; the image
+    /// adds it with the child's pid. `fds` are duplicated above the target
+    /// range, so the caller keeps its own.
+    pub(crate) fn new<'a>(
+        path: &OsStr,
+        argv: &[std::ffi::OsString],
+        env: impl IntoIterator<Item = (&'a OsStr, &'a OsStr)>,
+        fds: &[BorrowedFd<'_>],
+    ) -> io::Result<ExecImage> {
+        let cstr = |b: &[u8]| {
+            CString::new(b).map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL byte"))
+        };
+        let path = cstr(path.as_bytes())?;
+        let argv: Vec<CString> = argv
+            .iter()
+            .map(|a| cstr(a.as_bytes()))
+            .collect::<io::Result<_>>()?;
+        let mut env_c = Vec::new();
+        for (k, v) in env {
+            let mut kv = k.as_bytes().to_vec();
+            kv.push(b'=');
+            kv.extend_from_slice(v.as_bytes());
+            env_c.push(cstr(&kv)?);
+        }
+        let min = 3 + fds.len() as i32;
+        let fds = fds
+            .iter()
+            .map(|fd| nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_DUPFD_CLOEXEC(min)))
+            .map(|r| {
+                // SAFETY: F_DUPFD_CLOEXEC returned a new fd that nothing else owns.
+                r.map(|fd| unsafe { OwnedFd::from_raw_fd(fd) })
+                    .map_err(io::Error::from)
+            })
+            .collect::<io::Result<Vec<_>>>()?;
+        let mut listen_pid = Box::new([0u8; 32]);
+        listen_pid[..LISTEN_PID_PREFIX.len()].copy_from_slice(LISTEN_PID_PREFIX);
+        let mut argv_ptrs: Vec<*const c_char> = argv.iter().map(|a| a.as_ptr()).collect();
+        argv_ptrs.push(std::ptr::null());
+        let mut envp_ptrs: Vec<*const c_char> = env_c.iter().map(|e| e.as_ptr()).collect();
+        let listen_pid_slot = envp_ptrs.len();
+        envp_ptrs.push(std::ptr::null()); // the LISTEN_PID slot, set in the child
+        envp_ptrs.push(std::ptr::null());
+        Ok(ExecImage {
+            path,
+            _argv: argv,
+            argv_ptrs,
+            _env: env_c,
+            envp_ptrs,
+            listen_pid,
+            listen_pid_slot,
+            fds,
+        })
+    }
+}
+
+/// A started child: its pid and a pidfd that refers to it for good.
+#[derive(Debug)]
+pub(crate) struct Spawned {
+    pub(crate) pid: u32,
+    pub(crate) pidfd: OwnedFd,
+}
+
+/// Starts `image` as a new process with `clone3(CLONE_PIDFD)`.
+///
+/// With `reparent`, `CLONE_PARENT` makes the new process a child of our
+/// own parent (the service manager), which then supervises and reaps it;
+/// otherwise it is our child and [`reap`] collects it. The child writes
+/// `spawn <errno>\n` or `exec <errno>\n` to the fd that ends up at
+/// `3 + n - 1` (the last fd, by convention the handoff channel) if it cannot
+/// exec.
+pub(crate) fn spawn(image: &mut ExecImage, reparent: bool) -> io::Result<Spawned> {
+    let mut pidfd: RawFd = -1;
+    let mut args = CloneArgs {
+        flags: CLONE_PIDFD | if reparent { CLONE_PARENT } else { 0 },
+        pidfd: &mut pidfd as *mut RawFd as u64,
+        child_tid: 0,
+        parent_tid: 0,
+        // The kernel refuses any other exit signal with CLONE_PARENT.
+        exit_signal: if reparent { 0 } else { libc::SIGCHLD as u64 },
+        stack: 0,
+        stack_size: 0,
+        tls: 0,
+    };
+    let raw_fds: Vec<RawFd> = image.fds.iter().map(|f| f.as_raw_fd()).collect();
+
+    // SAFETY: sigset_t is a plain C bitset; sigfillset/sigemptyset initialise it.
+    let mut all: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: as above.
+    let mut none: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: as above.
+    let mut old: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: the pointers are valid sigset_t values owned by this frame.
+    unsafe {
+        libc::sigfillset(&mut all);
+        libc::sigemptyset(&mut none);
+        libc::pthread_sigmask(libc::SIG_SETMASK, &all, &mut old);
+    }
+
+    // SAFETY: clone3 without CLONE_VM gives the child a copy-on-write copy
+    // of this address space, like fork(). `args` is a valid clone_args of the
+    // version-0 size. Signals are blocked in this thread so that no handler
+    // runs in the child before exec.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_clone3,
+            &mut args as *mut CloneArgs,
+            std::mem::size_of::<CloneArgs>(),
+        )
+    };
+    if ret == 0 {
+        // SAFETY: we are the child of a (possibly multi-threaded) process;
+        // `child_exec` only makes async-signal-safe system calls on memory
+        // prepared before the clone, and never returns.
+        unsafe { child_exec(image, &raw_fds, &none) }
+    }
+    let err = io::Error::last_os_error();
+    // SAFETY: restores this thread's mask saved above.
+    unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut()) };
+    if ret < 0 {
+        return Err(err);
+    }
+    Ok(Spawned {
+        pid: ret as u32,
+        // SAFETY: the kernel stored a new pidfd, owned by nobody else, in `pidfd`.
+        pidfd: unsafe { OwnedFd::from_raw_fd(pidfd) },
+    })
+}
+
+#[repr(C)]
+struct CloneArgs {
+    flags: u64,
+    pidfd: u64,
+    child_tid: u64,
+    parent_tid: u64,
+    exit_signal: u64,
+    stack: u64,
+    stack_size: u64,
+    tls: u64,
+}
+
+/// The child's side of [`spawn`]: async-signal-safe only. No allocation, no
+/// locks, no logging.
+///
+/// # Safety
+/// Call only in the child right after the clone.
+unsafe fn child_exec(image: &mut ExecImage, raw_fds: &[RawFd], empty: &libc::sigset_t) -> ! {
+    let n = raw_fds.len() as i32;
+    let report = 3 + n - 1;
+
+    // LISTEN_PID=<our pid>: digits written backwards into a stack buffer.
+    let pid = libc::syscall(libc::SYS_getpid) as u64;
+    let mut digits = [0u8; 20];
+    let mut len = 0;
+    let mut p = pid;
+    loop {
+        digits[len] = b'0' + (p % 10) as u8;
+        len += 1;
+        p /= 10;
+        if p == 0 {
+            break;
+        }
+    }
+    let slot = &mut image.listen_pid;
+    let mut at = LISTEN_PID_PREFIX.len();
+    for i in (0..len).rev() {
+        slot[at] = digits[i];
+        at += 1;
+    }
+    slot[at] = 0;
+    image.envp_ptrs[image.listen_pid_slot] = slot.as_ptr() as *const c_char;
+
+    for (i, &fd) in raw_fds.iter().enumerate() {
+        let target = 3 + i as i32;
+        // Every source is >= 3 + n, so no dup2 overwrites a later source.
+        if libc::dup2(fd, target) == -1 || libc::fcntl(target, libc::F_SETFD, 0) == -1 {
+            fail(report, b"spawn ");
+        }
+    }
+
+    // Rust's runtime ignores SIGPIPE; the new program expects the default,
+    // as std::process::Command arranges. Then unblock everything.
+    libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    libc::pthread_sigmask(libc::SIG_SETMASK, empty, std::ptr::null_mut());
+
+    libc::execve(
+        image.path.as_ptr(),
+        image.argv_ptrs.as_ptr(),
+        image.envp_ptrs.as_ptr(),
+    );
+    fail(report, b"exec ")
+}
+
+/// Writes `<what><errno>\n` to `fd` and exits 127. Async-signal-safe.
+unsafe fn fail(fd: RawFd, what: &[u8]) -> ! {
+    let errno = *libc::__errno_location();
+    let mut buf = [0u8; 32];
+    let mut len = 0;
+    while len < what.len() {
+        buf[len] = what[len];
+        len += 1;
+    }
+    let mut digits = [0u8; 12];
+    let mut d = 0;
+    let mut e = errno.unsigned_abs();
+    loop {
+        digits[d] = b'0' + (e % 10) as u8;
+        d += 1;
+        e /= 10;
+        if e == 0 {
+            break;
+        }
+    }
+    while d > 0 {
+        d -= 1;
+        buf[len] = digits[d];
+        len += 1;
+    }
+    buf[len] = b'\n';
+    len += 1;
+    libc::write(fd, buf.as_ptr() as *const libc::c_void, len);
+    libc::_exit(127)
+}
+
+/// Sends `signal` to the process behind `pidfd` (no pid reuse race).
+pub(crate) fn pidfd_signal(pidfd: BorrowedFd<'_>, signal: i32) -> io::Result<()> {
+    // SAFETY: pidfd_send_signal with a valid pidfd, a null siginfo and no
+    // flags; the fd is borrowed for the duration of the call.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_pidfd_send_signal,
+            pidfd.as_raw_fd(),
+            signal,
+            std::ptr::null::<libc::siginfo_t>(),
+            0,
+        )
+    };
+    if r == -1 {
+        let e = io::Error::last_os_error();
+        // ESRCH: it has exited already, which is what we wanted.
+        if e.raw_os_error() != Some(libc::ESRCH) {
+            return Err(e);
+        }
+    }
+    Ok(())
+}
+
+/// How a child ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ExitStatus {
+    /// `exit(code)`.
+    Code(i32),
+    /// Killed by a signal.
+    Signal(i32),
+}
+
+impl std::fmt::Display for ExitStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ExitStatus::Code(c) => write!(f, "exit status {c}"),
+            ExitStatus::Signal(s) => write!(f, "killed by signal {s}"),
+        }
+    }
+}
+
+/// Reaps our child behind `pidfd` if it has exited (`WNOHANG`). Returns
+/// `Ok(None)` while it runs. Fails with `ECHILD` if it is not our child (it
+/// was started with `reparent`, so the manager reaps it).
+pub(crate) fn reap(pidfd: BorrowedFd<'_>) -> io::Result<Option<ExitStatus>> {
+    // SAFETY: siginfo_t is a plain C struct filled in by waitid.
+    let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+    // SAFETY: waitid(P_PIDFD) with a valid, borrowed pidfd and a valid out pointer.
+    let r = unsafe {
+        libc::waitid(
+            P_PIDFD,
+            pidfd.as_raw_fd() as libc::id_t,
+            &mut info,
+            libc::WEXITED | libc::WNOHANG,
+        )
+    };
+    if r == -1 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: waitid filled `info` for a child state change (si_pid 0 means none).
+    let (pid, status) = unsafe { (info.si_pid(), info.si_status()) };
+    if pid == 0 {
+        return Ok(None);
+    }
+    Ok(Some(match info.si_code {
+        CLD_EXITED => ExitStatus::Code(status),
+        CLD_KILLED | CLD_DUMPED => ExitStatus::Signal(status),
+        _ => ExitStatus::Code(status),
+    }))
+}
+
+/// Registers an owned fd with tokio's reactor for readability.
+pub(crate) fn async_readable(fd: OwnedFd) -> io::Result<tokio::io::unix::AsyncFd<OwnedFd>> {
+    // SAFETY: an OwnedFd is open, owned by the AsyncFd from here on (so it
+    // stays open and the same description until the AsyncFd is dropped),
+    // and always returns the same number from as_raw_fd().
+    unsafe { tokio::io::unix::AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE) }
+        .map_err(|e| e.into_parts().1)
+}
+
+/// Borrows a raw fd that the caller knows to be open for the duration of
+/// `f`. Used only for fds this process inherited and has not taken yet.
+pub(crate) fn with_borrowed<T>(fd: RawFd, f: impl FnOnce(BorrowedFd<'_>) -> T) -> Option<T> {
+    if !fd_is_open(fd) {
+        return None;
+    }
+    // SAFETY: `fd` is open (checked just above) and stays open while `f`
+    // runs: this process does not close inherited fds it has not taken.
+    Some(f(unsafe { BorrowedFd::borrow_raw(fd) }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::fd::AsFd;
+
+    #[test]
+    fn spawns_with_fds_in_place_and_reaps() {
+        let (a, b) = std::os::unix::net::UnixStream::pair().unwrap();
+        let env = [(OsStr::new("PATH"), OsStr::new("/usr/bin:/bin"))];
+        let script = "test \"$LISTEN_PID\" = $$ && test -S /proc/self/fd/3 && exec 3>&- && exit 7";
+        let argv: Vec<std::ffi::OsString> = ["sh", "-c", script].iter().map(|s| s.into()).collect();
+        let mut image = ExecImage::new(OsStr::new("/bin/sh"), &argv, env, &[b.as_fd()]).unwrap();
+        drop(b);
+        let child = spawn(&mut image, false).unwrap();
+        drop(image);
+        // Wait for the exit by reading EOF on our end (the child's copy closes).
+        use std::io::Read;
+        let mut buf = Vec::new();
+        (&a).read_to_end(&mut buf).unwrap();
+        assert!(buf.is_empty(), "{}", String::from_utf8_lossy(&buf));
+        let mut fds = [nix::poll::PollFd::new(child.pidfd.as_fd(), nix::poll::PollFlags::POLLIN)];
+        assert_eq!(nix::poll::poll(&mut fds, 10_000u16).unwrap(), 1, "child did not exit in 10 s");
+        let status = reap(child.pidfd.as_fd()).unwrap();
+        assert_eq!(status, Some(ExitStatus::Code(7)));
+    }
+
+    #[test]
+    fn reports_exec_failure_through_the_last_fd() {
+        let (a, b) = std::os::unix::net::UnixStream::pair().unwrap();
+        let argv = vec![std::ffi::OsString::from("nope")];
+        let mut image = ExecImage::new(
+            OsStr::new("/nonexistent/binary"),
+            &argv,
+            std::iter::empty(),
+            &[b.as_fd()],
+        )
+        .unwrap();
+        drop(b);
+        let child = spawn(&mut image, false).unwrap();
+        drop(image);
+        use std::io::Read;
+        let mut buf = String::new();
+        (&a).read_to_string(&mut buf).unwrap();
+        assert_eq!(buf, format!("exec {}\n", libc::ENOENT));
+        pidfd_signal(child.pidfd.as_fd(), libc::SIGKILL).unwrap();
+    }
+}
