@@ -155,7 +155,11 @@ pub(crate) fn read(vars: Vars<'_>, pid: u32) -> Result<Found> {
         .enumerate()
         .map(|(i, name)| (FIRST_FD + i as RawFd, name))
         .collect();
-    for (fd, name) in fds.iter().map(|(fd, n)| (*fd, n.as_str())).chain(channel.map(|c| (c, "handoff channel"))) {
+    for (fd, name) in fds
+        .iter()
+        .map(|(fd, n)| (*fd, n.as_str()))
+        .chain(channel.map(|c| (c, "handoff channel")))
+    {
         if !sys::fd_is_open(fd) {
             return Err(Error::InheritedSocket {
                 name: name.to_owned(),
@@ -209,8 +213,18 @@ mod tests {
     #[test]
     fn another_pid_is_left_alone() {
         let found = read(vars("41", "garbage", None), 42).unwrap();
-        assert!(matches!(found, Found::NotOurs(ref why) if why.contains("41")), "{found:?}");
-        let found = read(Vars { listen_pid: None, ..vars("", "1", None) }, 42).unwrap();
+        assert!(
+            matches!(found, Found::NotOurs(ref why) if why.contains("41")),
+            "{found:?}"
+        );
+        let found = read(
+            Vars {
+                listen_pid: None,
+                ..vars("", "1", None)
+            },
+            42,
+        )
+        .unwrap();
         assert!(matches!(found, Found::NotOurs(_)));
     }
 
@@ -226,7 +240,10 @@ mod tests {
         ] {
             let err = read(vars(pid, fds, names), 42).unwrap_err();
             assert!(matches!(err, Error::Activation(_)), "{err:?}");
-            assert!(err.to_string().contains(want), "{err} should contain {want}");
+            assert!(
+                err.to_string().contains(want),
+                "{err} should contain {want}"
+            );
         }
     }
 
@@ -235,7 +252,11 @@ mod tests {
         let found = read(vars("42", "0", None), 42).unwrap();
         assert_eq!(
             found,
-            Found::Passed(Passed { fds: vec![], channel: None, generation: 0 })
+            Found::Passed(Passed {
+                fds: vec![],
+                channel: None,
+                generation: 0
+            })
         );
     }
 
@@ -244,7 +265,10 @@ mod tests {
     // non-socket at fd 3. Here: the channel must sit right after the fds.
     #[test]
     fn channel_must_follow_the_listeners() {
-        let v = Vars { channel: Some(OsStr::new("9")), ..vars("42", "0", None) };
+        let v = Vars {
+            channel: Some(OsStr::new("9")),
+            ..vars("42", "0", None)
+        };
         let err = read(v, 42).unwrap_err();
         assert!(err.to_string().contains("expected 3"), "{err}");
     }

@@ -67,7 +67,13 @@ fn resolve(argv0: &Path) -> Option<PathBuf> {
     std::env::split_paths(&path)
         .map(|dir| dir.join(argv0))
         .find(|p| is_executable(p))
-        .map(|p| if p.is_absolute() { p } else { std::env::current_dir().map(|d| d.join(&p)).unwrap_or(p) })
+        .map(|p| {
+            if p.is_absolute() {
+                p
+            } else {
+                std::env::current_dir().map(|d| d.join(&p)).unwrap_or(p)
+            }
+        })
 }
 
 fn is_executable(p: &Path) -> bool {
@@ -111,7 +117,11 @@ pub(crate) fn start(
     };
     let (ours_end, theirs) = std::os::unix::net::UnixStream::pair().map_err(spawn_err)?;
     let n = listeners.len();
-    let names = listeners.iter().map(|(n, _)| *n).collect::<Vec<_>>().join(":");
+    let names = listeners
+        .iter()
+        .map(|(n, _)| *n)
+        .collect::<Vec<_>>()
+        .join(":");
     let fixed = [
         ("LISTEN_FDS", n.to_string()),
         ("LISTEN_FDNAMES", names),
@@ -124,10 +134,15 @@ pub(crate) fn start(
     let env = inherited
         .iter()
         .map(|(k, v)| (k.as_os_str(), v.as_os_str()))
-        .chain(fixed.iter().map(|(k, v)| (OsStr::new(*k), OsStr::new(v.as_str()))));
+        .chain(
+            fixed
+                .iter()
+                .map(|(k, v)| (OsStr::new(*k), OsStr::new(v.as_str()))),
+        );
     let mut fds: Vec<BorrowedFd<'_>> = listeners.iter().map(|(_, fd)| *fd).collect();
     fds.push(theirs.as_fd());
-    let mut image = sys::ExecImage::new(exe.path.as_os_str(), &exe.argv, env, &fds).map_err(spawn_err)?;
+    let mut image =
+        sys::ExecImage::new(exe.path.as_os_str(), &exe.argv, env, &fds).map_err(spawn_err)?;
     let spawned = sys::spawn(&mut image, reparent).map_err(spawn_err)?;
     // Our copies of the child's fds go now, so that its exit shows as EOF.
     drop(image);
@@ -148,7 +163,11 @@ const KILL_WAIT: Duration = Duration::from_secs(5);
 impl Child {
     /// Waits for `ready`, at most `timeout`. On any failure the child is
     /// killed and (if ours) reaped before this returns.
-    pub(crate) async fn wait_ready(&mut self, exe: &Path, timeout: Duration) -> Result<(), UpgradeError> {
+    pub(crate) async fn wait_ready(
+        &mut self,
+        exe: &Path,
+        timeout: Duration,
+    ) -> Result<(), UpgradeError> {
         let pid = self.pid;
         let deadline = tokio::time::sleep(timeout);
         tokio::pin!(deadline);
@@ -205,7 +224,10 @@ impl Child {
         if let Err(e) = sys::pidfd_signal(self.pidfd.get_ref().as_fd(), libc::SIGKILL) {
             tracing::error!(pid = self.pid, error = %e, "cannot kill the new process");
         }
-        if tokio::time::timeout(KILL_WAIT, self.pidfd.readable()).await.is_err() {
+        if tokio::time::timeout(KILL_WAIT, self.pidfd.readable())
+            .await
+            .is_err()
+        {
             return "did not exit after SIGKILL".into();
         }
         self.reap_status()
@@ -309,7 +331,10 @@ mod tests {
     fn resolves_relative_and_bare_names() {
         let cwd = std::env::current_dir().unwrap();
         assert_eq!(resolve(Path::new("target/x")), Some(cwd.join("target/x")));
-        assert_eq!(resolve(Path::new("/bin/sh")), Some(PathBuf::from("/bin/sh")));
+        assert_eq!(
+            resolve(Path::new("/bin/sh")),
+            Some(PathBuf::from("/bin/sh"))
+        );
         let sh = resolve(Path::new("sh")).unwrap();
         assert!(sh.is_absolute() && sh.ends_with("sh"), "{sh:?}");
         assert_eq!(resolve(Path::new("")), None);
@@ -318,8 +343,15 @@ mod tests {
     #[test]
     fn failures_parse_to_typed_errors() {
         let exe = Path::new("/x");
-        assert!(matches!(parse_failure("exec 13", 1, exe), UpgradeError::Exec { ref source, .. } if source.raw_os_error() == Some(13)));
-        assert!(matches!(parse_failure("fail no config", 1, exe), UpgradeError::ChildFailed { ref reason, .. } if reason == "no config"));
-        assert!(matches!(parse_failure("bogus", 1, exe), UpgradeError::ChildFailed { .. }));
+        assert!(
+            matches!(parse_failure("exec 13", 1, exe), UpgradeError::Exec { ref source, .. } if source.raw_os_error() == Some(13))
+        );
+        assert!(
+            matches!(parse_failure("fail no config", 1, exe), UpgradeError::ChildFailed { ref reason, .. } if reason == "no config")
+        );
+        assert!(matches!(
+            parse_failure("bogus", 1, exe),
+            UpgradeError::ChildFailed { .. }
+        ));
     }
 }

@@ -47,7 +47,7 @@ mod activation;
 pub mod drain;
 mod error;
 mod handoff;
-// pub mod http;
+pub mod http;
 mod listeners;
 pub mod logging;
 pub mod notify;
@@ -184,21 +184,26 @@ impl Builder {
             }
             Found::Passed(p) => {
                 let raw: Vec<_> = p.fds.iter().map(|(fd, _)| *fd).chain(p.channel).collect();
-                let mut owned = sys::take_inherited(&raw).map_err(|e| Error::io("take inherited fds", e))?;
+                let mut owned =
+                    sys::take_inherited(&raw).map_err(|e| Error::io("take inherited fds", e))?;
                 for fd in &owned {
-                    nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC))
-                        .map_err(|e| Error::io("set FD_CLOEXEC on inherited fds", e.into()))?;
+                    nix::fcntl::fcntl(
+                        fd,
+                        nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
+                    )
+                    .map_err(|e| Error::io("set FD_CLOEXEC on inherited fds", e.into()))?;
                 }
-                let link = match p.channel {
-                    Some(_) => Some(owned.pop().expect("the channel is the last fd")),
-                    None => None,
-                };
+                let link = p.channel.map(|_| owned.pop().expect("the channel is the last fd"));
                 let passed = owned
                     .into_iter()
                     .zip(p.fds)
                     .map(|(fd, (number, name))| listeners::Passed { fd, number, name })
                     .collect();
-                let source = if link.is_some() { Source::Parent } else { Source::Manager };
+                let source = if link.is_some() {
+                    Source::Parent
+                } else {
+                    Source::Manager
+                };
                 (passed, link, p.generation, source)
             }
         };
@@ -233,7 +238,8 @@ impl Builder {
         });
         if inner.config.signals {
             let weak = Arc::downgrade(&inner);
-            signals::spawn(move |req, name| on_signal(&weak, req, name)).map_err(|e| Error::io("install signal handlers", e))?;
+            signals::spawn(move |req, name| on_signal(&weak, req, name))
+                .map_err(|e| Error::io("install signal handlers", e))?;
         }
         tracing::debug!(generation, pid, exe = %inner.exe.path.display(), "handover built");
         Ok(Handover { inner })
@@ -248,14 +254,19 @@ fn report_to_parent(vars: activation::Vars<'_>, pid: u32, e: &Error) {
         .and_then(|p| p.to_str())
         .and_then(|p| p.parse::<u32>().ok())
         == Some(pid);
-    let fd = vars.channel.and_then(|c| c.to_str()).and_then(|c| c.parse::<i32>().ok());
+    let fd = vars
+        .channel
+        .and_then(|c| c.to_str())
+        .and_then(|c| c.parse::<i32>().ok());
     if let (true, Some(fd)) = (ours, fd) {
         let _ = sys::with_borrowed(fd, |fd| handoff::fail_raw(fd, &e.to_string()));
     }
 }
 
 fn on_signal(weak: &Weak<Inner>, req: signals::Request, name: &'static str) -> bool {
-    let Some(inner) = weak.upgrade() else { return false };
+    let Some(inner) = weak.upgrade() else {
+        return false;
+    };
     let handover = Handover { inner };
     match req {
         signals::Request::Stop => {
@@ -264,15 +275,23 @@ fn on_signal(weak: &Weak<Inner>, req: signals::Request, name: &'static str) -> b
         }
         signals::Request::Upgrade => match handover.phase() {
             Phase::Starting => {
-                tracing::info!(signal = name, "upgrade requested before ready(); it will run once ready");
-                handover.inner.pending_upgrade.store(true, Ordering::Release);
+                tracing::info!(
+                    signal = name,
+                    "upgrade requested before ready(); it will run once ready"
+                );
+                handover
+                    .inner
+                    .pending_upgrade
+                    .store(true, Ordering::Release);
             }
             Phase::Ready => {
                 tokio::spawn(async move {
                     let _ = handover.upgrade().await;
                 });
             }
-            Phase::Upgrading => tracing::info!(signal = name, "an upgrade is already running; coalesced"),
+            Phase::Upgrading => {
+                tracing::info!(signal = name, "an upgrade is already running; coalesced")
+            }
             Phase::Draining => tracing::info!(signal = name, "draining; upgrade request ignored"),
         },
     }
@@ -340,7 +359,10 @@ impl Handover {
     }
 
     fn listeners(&self) -> std::sync::MutexGuard<'_, Listeners> {
-        self.inner.listeners.lock().unwrap_or_else(|p| p.into_inner())
+        self.inner
+            .listeners
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
     }
 
     /// A TCP listener named `name`: the inherited one with that name (or the
@@ -353,20 +375,30 @@ impl Handover {
     /// let listener = handover.listen_tcp("http", "127.0.0.1:8081")?;
     /// # Ok(()) }
     /// ```
-    pub fn listen_tcp(&self, name: &str, addr: impl ToSocketAddrs) -> Result<tokio::net::TcpListener> {
+    pub fn listen_tcp(
+        &self,
+        name: &str,
+        addr: impl ToSocketAddrs,
+    ) -> Result<tokio::net::TcpListener> {
         let r = resolve(name, addr).and_then(|addr| {
             let l = self.listeners().tcp(name, addr)?;
-            l.set_nonblocking(true).map_err(|e| Error::io("set O_NONBLOCK", e))?;
+            l.set_nonblocking(true)
+                .map_err(|e| Error::io("set O_NONBLOCK", e))?;
             tokio::net::TcpListener::from_std(l).map_err(|e| Error::io("register listener", e))
         });
         self.record(r)
     }
 
     /// A UDP socket named `name`; see [`listen_tcp`](Self::listen_tcp).
-    pub fn listen_udp(&self, name: &str, addr: impl ToSocketAddrs) -> Result<tokio::net::UdpSocket> {
+    pub fn listen_udp(
+        &self,
+        name: &str,
+        addr: impl ToSocketAddrs,
+    ) -> Result<tokio::net::UdpSocket> {
         let r = resolve(name, addr).and_then(|addr| {
             let s = self.listeners().udp(name, addr)?;
-            s.set_nonblocking(true).map_err(|e| Error::io("set O_NONBLOCK", e))?;
+            s.set_nonblocking(true)
+                .map_err(|e| Error::io("set O_NONBLOCK", e))?;
             tokio::net::UdpSocket::from_std(s).map_err(|e| Error::io("register socket", e))
         });
         self.record(r)
@@ -375,9 +407,14 @@ impl Handover {
     /// A Unix stream listener named `name` at `path`; see
     /// [`listen_tcp`](Self::listen_tcp). A stale socket file (nobody
     /// listening) is replaced; a live one is an error.
-    pub fn listen_unix(&self, name: &str, path: impl AsRef<Path>) -> Result<tokio::net::UnixListener> {
+    pub fn listen_unix(
+        &self,
+        name: &str,
+        path: impl AsRef<Path>,
+    ) -> Result<tokio::net::UnixListener> {
         let r = self.listeners().unix(name, path.as_ref()).and_then(|l| {
-            l.set_nonblocking(true).map_err(|e| Error::io("set O_NONBLOCK", e))?;
+            l.set_nonblocking(true)
+                .map_err(|e| Error::io("set O_NONBLOCK", e))?;
             tokio::net::UnixListener::from_std(l).map_err(|e| Error::io("register listener", e))
         });
         self.record(r)
@@ -385,11 +422,19 @@ impl Handover {
 
     /// A Unix datagram socket named `name` at `path`; see
     /// [`listen_unix`](Self::listen_unix).
-    pub fn listen_unix_datagram(&self, name: &str, path: impl AsRef<Path>) -> Result<tokio::net::UnixDatagram> {
-        let r = self.listeners().unix_datagram(name, path.as_ref()).and_then(|s| {
-            s.set_nonblocking(true).map_err(|e| Error::io("set O_NONBLOCK", e))?;
-            tokio::net::UnixDatagram::from_std(s).map_err(|e| Error::io("register socket", e))
-        });
+    pub fn listen_unix_datagram(
+        &self,
+        name: &str,
+        path: impl AsRef<Path>,
+    ) -> Result<tokio::net::UnixDatagram> {
+        let r = self
+            .listeners()
+            .unix_datagram(name, path.as_ref())
+            .and_then(|s| {
+                s.set_nonblocking(true)
+                    .map_err(|e| Error::io("set O_NONBLOCK", e))?;
+                tokio::net::UnixDatagram::from_std(s).map_err(|e| Error::io("register socket", e))
+            });
         self.record(r)
     }
 
@@ -433,13 +478,18 @@ impl Handover {
         if let Some(mut link) = link {
             match link.ready().await {
                 Ok(true) => announced_by_parent = true,
-                Ok(false) => tracing::warn!("the parent went away before handing over; taking over anyway"),
+                Ok(false) => {
+                    tracing::warn!("the parent went away before handing over; taking over anyway")
+                }
                 Err(e) => tracing::warn!(error = %e, "handoff channel failed; taking over anyway"),
             }
         }
         let unclaimed = self.listeners().close_unclaimed();
         if !unclaimed.is_empty() {
-            tracing::info!(?unclaimed, "closed passed sockets that no listen_* call claimed");
+            tracing::info!(
+                ?unclaimed,
+                "closed passed sockets that no listen_* call claimed"
+            );
         }
         if let Some(path) = &self.inner.config.pid_file {
             self.record(pidfile::write(path, pid))?;
@@ -477,7 +527,10 @@ impl Handover {
     }
 
     fn start_watchdog(&self) {
-        let Some(usec) = std::env::var("WATCHDOG_USEC").ok().and_then(|v| v.parse::<u64>().ok()) else {
+        let Some(usec) = std::env::var("WATCHDOG_USEC")
+            .ok()
+            .and_then(|v| v.parse::<u64>().ok())
+        else {
             return;
         };
         let for_us = std::env::var("WATCHDOG_PID")
@@ -578,7 +631,14 @@ impl Handover {
         let elapsed_ms = started.elapsed().as_millis() as u64;
         match &result {
             Ok(new_pid) => {
-                tracing::info!(generation, old_pid, new_pid, elapsed_ms, outcome = "ok", "upgrade complete; draining");
+                tracing::info!(
+                    generation,
+                    old_pid,
+                    new_pid,
+                    elapsed_ms,
+                    outcome = "ok",
+                    "upgrade complete; draining"
+                );
             }
             Err(e) => {
                 tracing::error!(generation, old_pid, elapsed_ms, outcome = "failed", reason = %e, "upgrade failed; still serving");
@@ -603,7 +663,11 @@ impl Handover {
             handoff::start(&inner.exe, &listeners.for_handoff(), generation, reparent)?
         };
         let new_pid = child.pid;
-        tracing::info!(generation, new_pid, "new process started; waiting for it to be ready");
+        tracing::info!(
+            generation,
+            new_pid,
+            "new process started; waiting for it to be ready"
+        );
         tokio::select! {
             r = child.wait_ready(&inner.exe.path, timeout) => r?,
             _ = inner.drain.draining() => {
@@ -615,7 +679,10 @@ impl Handover {
             let status = status_text(&format!("serving, generation {generation}, pid {new_pid}"));
             if let Err(source) = n.send(&format!("MAINPID={new_pid}\nREADY=1\nSTATUS={status}")) {
                 child.kill().await;
-                return Err(UpgradeError::Announce { pid: new_pid, source });
+                return Err(UpgradeError::Announce {
+                    pid: new_pid,
+                    source,
+                });
             }
             if let Err(e) = n.barrier(BARRIER_TIMEOUT).await {
                 tracing::warn!(error = %e, "the manager did not confirm MAINPID=; handing over anyway");
@@ -670,7 +737,12 @@ impl Handover {
         }
         let drain_ms = started.elapsed().as_millis() as u64;
         if unfinished > 0 {
-            tracing::warn!(?reason, unfinished, drain_ms, "drain timeout expired; exiting with work in flight");
+            tracing::warn!(
+                ?reason,
+                unfinished,
+                drain_ms,
+                "drain timeout expired; exiting with work in flight"
+            );
         } else {
             tracing::info!(?reason, drain_ms, "drained; exiting");
         }
@@ -687,5 +759,10 @@ fn resolve(name: &str, addr: impl ToSocketAddrs) -> Result<SocketAddr> {
     addr.to_socket_addrs()
         .map_err(bind_err)?
         .next()
-        .ok_or_else(|| bind_err(std::io::Error::new(std::io::ErrorKind::InvalidInput, "no address")))
+        .ok_or_else(|| {
+            bind_err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                "no address",
+            ))
+        })
 }

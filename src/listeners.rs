@@ -7,7 +7,9 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::os::unix::net::{UnixDatagram, UnixListener};
 use std::path::{Path, PathBuf};
 
-use nix::sys::socket::{self, sockopt, AddressFamily, SockFlag, SockType, SockaddrLike, SockaddrStorage};
+use nix::sys::socket::{
+    self, sockopt, AddressFamily, SockFlag, SockType, SockaddrLike, SockaddrStorage,
+};
 
 use crate::activation::UNNAMED;
 use crate::error::{Error, Result};
@@ -64,7 +66,8 @@ impl Address {
         match (self, actual) {
             (Address::Inet(want), Address::Inet(got)) => {
                 (want.port() == 0 || want.port() == got.port())
-                    && (want.ip() == got.ip() || (want.ip().is_unspecified() && got.ip().is_unspecified()))
+                    && (want.ip() == got.ip()
+                        || (want.ip().is_unspecified() && got.ip().is_unspecified()))
             }
             (Address::Unix(want), Address::Unix(got)) => want == got,
             _ => false,
@@ -102,7 +105,11 @@ pub(crate) struct Listeners {
 }
 
 fn check_name(name: &str) -> Result<()> {
-    if name.is_empty() || name.len() > 255 || name.contains(':') || name.chars().any(char::is_control) {
+    if name.is_empty()
+        || name.len() > 255
+        || name.contains(':')
+        || name.chars().any(char::is_control)
+    {
         return Err(Error::InvalidName(name.to_owned()));
     }
     Ok(())
@@ -130,14 +137,20 @@ fn inspect(fd: BorrowedFd<'_>, kind: Kind) -> std::result::Result<Address, Strin
     if ty != kind.sock_type() {
         return Err(format!("is {ty:?}, not {}", kind.describe()));
     }
-    if ty == SockType::Stream && !socket::getsockopt(&fd, sockopt::AcceptConn).map_err(|e| format!("SO_ACCEPTCONN: {e}"))? {
+    if ty == SockType::Stream
+        && !socket::getsockopt(&fd, sockopt::AcceptConn)
+            .map_err(|e| format!("SO_ACCEPTCONN: {e}"))?
+    {
         return Err(format!("is not listening, not {}", kind.describe()));
     }
     let addr = local_address(fd).map_err(|e| format!("getsockname: {e}"))?;
     match addr {
         Some(a @ Address::Inet(_)) if kind.is_inet() => Ok(a),
         Some(a @ Address::Unix(_)) if !kind.is_inet() => Ok(a),
-        _ => Err(format!("has the wrong address family for {}", kind.describe())),
+        _ => Err(format!(
+            "has the wrong address family for {}",
+            kind.describe()
+        )),
     }
 }
 
@@ -152,9 +165,14 @@ impl Listeners {
 
     /// Finds the passed fd for `name`: by name, else the first unnamed one.
     fn claim(&mut self, name: &str, kind: Kind, want: &Address) -> Result<Option<OwnedFd>> {
-        let by_name = self.passed.iter().position(|p| p.as_ref().is_some_and(|p| p.name == name));
+        let by_name = self
+            .passed
+            .iter()
+            .position(|p| p.as_ref().is_some_and(|p| p.name == name));
         let Some(i) = by_name.or_else(|| {
-            self.passed.iter().position(|p| p.as_ref().is_some_and(|p| p.name == UNNAMED))
+            self.passed
+                .iter()
+                .position(|p| p.as_ref().is_some_and(|p| p.name == UNNAMED))
         }) else {
             return Ok(None);
         };
@@ -199,11 +217,13 @@ impl Listeners {
     }
 
     pub(crate) fn tcp(&mut self, name: &str, addr: SocketAddr) -> Result<TcpListener> {
-        self.add(name, Kind::Tcp, Address::Inet(addr)).map(TcpListener::from)
+        self.add(name, Kind::Tcp, Address::Inet(addr))
+            .map(TcpListener::from)
     }
 
     pub(crate) fn udp(&mut self, name: &str, addr: SocketAddr) -> Result<UdpSocket> {
-        self.add(name, Kind::Udp, Address::Inet(addr)).map(UdpSocket::from)
+        self.add(name, Kind::Udp, Address::Inet(addr))
+            .map(UdpSocket::from)
     }
 
     pub(crate) fn unix(&mut self, name: &str, path: &Path) -> Result<UnixListener> {
@@ -223,7 +243,10 @@ impl Listeners {
 
     /// The listeners to hand to a new process, in order.
     pub(crate) fn for_handoff(&self) -> Vec<(&str, BorrowedFd<'_>)> {
-        self.active.iter().map(|(n, fd)| (n.as_str(), fd.as_fd())).collect()
+        self.active
+            .iter()
+            .map(|(n, fd)| (n.as_str(), fd.as_fd()))
+            .collect()
     }
 
     /// Forgets (closes our duplicates of) every listener: after a handoff or
@@ -240,7 +263,11 @@ fn bind(kind: Kind, addr: &Address) -> std::io::Result<OwnedFd> {
     let flags = SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK;
     let fd = match addr {
         Address::Inet(a) => {
-            let family = if a.is_ipv4() { AddressFamily::Inet } else { AddressFamily::Inet6 };
+            let family = if a.is_ipv4() {
+                AddressFamily::Inet
+            } else {
+                AddressFamily::Inet6
+            };
             let fd = socket::socket(family, kind.sock_type(), flags, None)?;
             if kind == Kind::Tcp {
                 socket::setsockopt(&fd, sockopt::ReuseAddr, &true)?;
@@ -256,7 +283,10 @@ fn bind(kind: Kind, addr: &Address) -> std::io::Result<OwnedFd> {
         }
     };
     if kind.sock_type() == SockType::Stream {
-        socket::listen(&fd, socket::Backlog::new(BACKLOG).unwrap_or(socket::Backlog::MAXCONN))?;
+        socket::listen(
+            &fd,
+            socket::Backlog::new(BACKLOG).unwrap_or(socket::Backlog::MAXCONN),
+        )?;
     }
     Ok(fd)
 }
@@ -266,13 +296,17 @@ fn bind(kind: Kind, addr: &Address) -> std::io::Result<OwnedFd> {
 /// `bind` to refuse.
 fn remove_stale(path: &Path, kind: Kind) {
     use std::os::unix::fs::FileTypeExt;
-    let Ok(meta) = std::fs::symlink_metadata(path) else { return };
+    let Ok(meta) = std::fs::symlink_metadata(path) else {
+        return;
+    };
     if !meta.file_type().is_socket() {
         return;
     }
     let refused = |r: std::io::Result<()>| matches!(r, Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused);
     let stale = match kind {
-        Kind::UnixDatagram => UnixDatagram::unbound().map(|s| refused(s.connect(path))).unwrap_or(false),
+        Kind::UnixDatagram => UnixDatagram::unbound()
+            .map(|s| refused(s.connect(path)))
+            .unwrap_or(false),
         _ => refused(std::os::unix::net::UnixStream::connect(path).map(drop)),
     };
     if stale {
@@ -286,7 +320,11 @@ mod tests {
     use super::*;
 
     fn passed(fd: OwnedFd, name: &str) -> Passed {
-        Passed { number: fd.as_raw_fd(), fd, name: name.into() }
+        Passed {
+            number: fd.as_raw_fd(),
+            fd,
+            name: name.into(),
+        }
     }
 
     #[test]
@@ -296,10 +334,20 @@ mod tests {
         let udp = l.udp("dns", "127.0.0.1:0".parse().unwrap()).unwrap();
         assert!(tcp.local_addr().unwrap().port() != 0);
         assert!(udp.local_addr().unwrap().port() != 0);
-        let names: Vec<_> = l.for_handoff().into_iter().map(|(n, _)| n.to_owned()).collect();
+        let names: Vec<_> = l
+            .for_handoff()
+            .into_iter()
+            .map(|(n, _)| n.to_owned())
+            .collect();
         assert_eq!(names, ["http", "dns"]);
-        assert!(matches!(l.tcp("http", "127.0.0.1:0".parse().unwrap()), Err(Error::DuplicateName(_))));
-        assert!(matches!(l.tcp("a:b", "127.0.0.1:0".parse().unwrap()), Err(Error::InvalidName(_))));
+        assert!(matches!(
+            l.tcp("http", "127.0.0.1:0".parse().unwrap()),
+            Err(Error::DuplicateName(_))
+        ));
+        assert!(matches!(
+            l.tcp("a:b", "127.0.0.1:0".parse().unwrap()),
+            Err(Error::InvalidName(_))
+        ));
     }
 
     #[test]
@@ -321,10 +369,22 @@ mod tests {
     #[test]
     fn a_passed_socket_of_the_wrong_kind_is_refused() {
         let udp = UdpSocket::bind("127.0.0.1:0").unwrap();
-        let unbound_tcp: OwnedFd = socket::socket(AddressFamily::Inet, SockType::Stream, SockFlag::SOCK_CLOEXEC, None).unwrap();
-        let mut l = Listeners::new(vec![passed(udp.into(), "http"), passed(unbound_tcp, "admin")], Source::Manager);
+        let unbound_tcp: OwnedFd = socket::socket(
+            AddressFamily::Inet,
+            SockType::Stream,
+            SockFlag::SOCK_CLOEXEC,
+            None,
+        )
+        .unwrap();
+        let mut l = Listeners::new(
+            vec![passed(udp.into(), "http"), passed(unbound_tcp, "admin")],
+            Source::Manager,
+        );
         let e = l.tcp("http", "127.0.0.1:0".parse().unwrap()).unwrap_err();
-        assert!(matches!(e, Error::InheritedSocket { ref problem, .. } if problem.contains("not a listening TCP")), "{e}");
+        assert!(
+            matches!(e, Error::InheritedSocket { ref problem, .. } if problem.contains("not a listening TCP")),
+            "{e}"
+        );
         let e = l.tcp("admin", "127.0.0.1:0".parse().unwrap()).unwrap_err();
         assert!(e.to_string().contains("not listening"), "{e}");
     }

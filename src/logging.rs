@@ -42,12 +42,23 @@ pub fn init() -> Destination {
     if under_systemd() {
         if let Ok(layer) = tracing_journald::layer() {
             let layer = layer.with_field_prefix(None);
-            if tracing_subscriber::registry().with(filter()).with(layer).try_init().is_ok() {
+            if tracing_subscriber::registry()
+                .with(filter())
+                .with(layer)
+                .try_init()
+                .is_ok()
+            {
                 return Destination::Journald;
             }
         }
     }
-    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
-    let _ = tracing_subscriber::registry().with(filter()).with(fmt).try_init();
+    use std::io::IsTerminal;
+    let fmt = tracing_subscriber::fmt::layer()
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal());
+    let _ = tracing_subscriber::registry()
+        .with(filter())
+        .with(fmt)
+        .try_init();
     Destination::Stderr
 }

@@ -106,7 +106,8 @@ impl Notifier {
     /// (`sd_notify_barrier(3)`): sends `BARRIER=1` with the write end of a
     /// fresh pipe and waits for the read end to see the hang-up.
     pub async fn barrier(&self, timeout: Duration) -> io::Result<()> {
-        let (read, write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC | nix::fcntl::OFlag::O_NONBLOCK)?;
+        let (read, write) =
+            nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC | nix::fcntl::OFlag::O_NONBLOCK)?;
         let fds = [write.as_fd().as_raw_fd()];
         self.send_with(b"BARRIER=1", &[ControlMessage::ScmRights(&fds)])?;
         drop(write);
@@ -176,7 +177,10 @@ mod tests {
 
     #[test]
     fn refuses_a_relative_socket_and_reports_a_dead_one() {
-        assert!(matches!(Notifier::new("relative/path"), Err(Error::Notify { .. })));
+        assert!(matches!(
+            Notifier::new("relative/path"),
+            Err(Error::Notify { .. })
+        ));
         let (_d, rx, path) = receiver();
         drop(rx);
         let n = Notifier::new(&path).unwrap();

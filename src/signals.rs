@@ -18,7 +18,9 @@ pub(crate) enum Request {
 
 /// Installs the handlers, then forwards each signal to `on` from a task.
 /// The task ends when `on` returns `false`.
-pub(crate) fn spawn(mut on: impl FnMut(Request, &'static str) -> bool + Send + 'static) -> io::Result<()> {
+pub(crate) fn spawn(
+    mut on: impl FnMut(Request, &'static str) -> bool + Send + 'static,
+) -> io::Result<()> {
     let mut hup = signal(SignalKind::hangup())?;
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;

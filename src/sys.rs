@@ -418,8 +418,15 @@ mod tests {
         let mut buf = Vec::new();
         (&a).read_to_end(&mut buf).unwrap();
         assert!(buf.is_empty(), "{}", String::from_utf8_lossy(&buf));
-        let mut fds = [nix::poll::PollFd::new(child.pidfd.as_fd(), nix::poll::PollFlags::POLLIN)];
-        assert_eq!(nix::poll::poll(&mut fds, 10_000u16).unwrap(), 1, "child did not exit in 10 s");
+        let mut fds = [nix::poll::PollFd::new(
+            child.pidfd.as_fd(),
+            nix::poll::PollFlags::POLLIN,
+        )];
+        assert_eq!(
+            nix::poll::poll(&mut fds, 10_000u16).unwrap(),
+            1,
+            "child did not exit in 10 s"
+        );
         let status = reap(child.pidfd.as_fd()).unwrap();
         assert_eq!(status, Some(ExitStatus::Code(7)));
     }
