@@ -3,15 +3,19 @@
 //! it to whatever binary is now at its path, without losing a request.
 //!
 //! ```text
-//! hello [--addr ADDR] [--pid-file PATH] [--upgrade-timeout SECS] [--drain-timeout SECS]
+//! hello [--addr ADDR] [--pid-file PATH] [--control-socket PATH]
+//!       [--upgrade-timeout SECS] [--drain-timeout SECS]
 //! ```
 //!
-//! Defaults: `--addr 127.0.0.1:8081`, no PID file. Under systemd or
+//! Defaults: `--addr 127.0.0.1:8081`, no PID file, a control socket only
+//! under systemd's `RuntimeDirectory=`. Under systemd or
 //! `systemd-socket-activate` it serves the passed socket instead of `--addr`.
-//! The greeting comes from `HELLO_GREETING` when set.
+//! The greeting comes from `HELLO_GREETING` when set. `GET /hits` counts the
+//! requests to it; the count survives upgrades (handed over as state).
 
 use std::convert::Infallible;
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -24,6 +28,7 @@ const DEFAULT_GREETING: &str = "Welcome to the Home Page!";
 struct Args {
     addr: String,
     pid_file: Option<String>,
+    control_socket: Option<String>,
     upgrade_timeout: Option<Duration>,
     drain_timeout: Option<Duration>,
 }
@@ -32,6 +37,7 @@ fn parse_args() -> Result<Args, String> {
     let mut args = Args {
         addr: "127.0.0.1:8081".into(),
         pid_file: None,
+        control_socket: None,
         upgrade_timeout: None,
         drain_timeout: None,
     };
@@ -48,10 +54,14 @@ fn parse_args() -> Result<Args, String> {
         match flag.as_str() {
             "--addr" => args.addr = value()?,
             "--pid-file" => args.pid_file = Some(value()?),
+            "--control-socket" => args.control_socket = Some(value()?),
             "--upgrade-timeout" => args.upgrade_timeout = Some(secs(value()?)?),
             "--drain-timeout" => args.drain_timeout = Some(secs(value()?)?),
             "-h" | "--help" => {
-                println!("usage: hello [--addr ADDR] [--pid-file PATH] [--upgrade-timeout SECS] [--drain-timeout SECS]");
+                println!(
+                    "usage: hello [--addr ADDR] [--pid-file PATH] [--control-socket PATH] \
+                     [--upgrade-timeout SECS] [--drain-timeout SECS]"
+                );
                 std::process::exit(0);
             }
             other => return Err(format!("unknown argument {other:?} (try --help)")),
@@ -65,6 +75,9 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     if let Some(p) = &args.pid_file {
         builder = builder.pid_file(p);
     }
+    if let Some(p) = &args.control_socket {
+        builder = builder.control_socket(p);
+    }
     if let Some(t) = args.upgrade_timeout {
         builder = builder.upgrade_timeout(t);
     }
@@ -75,14 +88,28 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     let listener = handover.listen_tcp("http", args.addr.as_str())?;
     tracing::info!(addr = %listener.local_addr()?, generation = handover.generation(), "listening");
 
+    // The /hits counter starts where the previous generation left it.
+    let start = handover
+        .take_state()
+        .and_then(|b| String::from_utf8(b).ok()?.parse().ok())
+        .unwrap_or(0);
+    let hits = Arc::new(AtomicU64::new(start));
+    let h = hits.clone();
+    handover.set_state(move || h.load(Ordering::SeqCst).to_string().into_bytes());
+
     let greeting: Arc<str> = std::env::var("HELLO_GREETING")
         .unwrap_or_else(|_| DEFAULT_GREETING.into())
         .into();
     let service = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
         let greeting = greeting.clone();
+        let hits = hits.clone();
         async move {
             let (status, body) = match req.uri().path() {
                 "/" => (StatusCode::OK, format!("{greeting}\n")),
+                "/hits" => (
+                    StatusCode::OK,
+                    format!("{}\n", hits.fetch_add(1, Ordering::SeqCst) + 1),
+                ),
                 _ => (StatusCode::NOT_FOUND, "Not Found\n".to_owned()),
             };
             let mut resp = Response::new(Full::new(Bytes::from(body)));

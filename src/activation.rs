@@ -27,6 +27,8 @@ pub(crate) const UNNAMED: &str = "unknown";
 
 /// Env var carrying the handoff channel's fd number (set by our parent).
 pub(crate) const ENV_CHANNEL: &str = "HANDOVER_FD";
+/// Env var carrying the length of the state that follows on the channel.
+pub(crate) const ENV_STATE_LEN: &str = "HANDOVER_STATE_LEN";
 /// Env var carrying the generation number (0 for a process nobody handed to).
 pub(crate) const ENV_GENERATION: &str = "HANDOVER_GENERATION";
 

@@ -25,7 +25,7 @@ use tokio::io::unix::AsyncFd;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixStream;
 
-use crate::activation::{ENV_CHANNEL, ENV_GENERATION};
+use crate::activation::{ENV_CHANNEL, ENV_GENERATION, ENV_STATE_LEN};
 use crate::error::UpgradeError;
 use crate::sys;
 
@@ -91,6 +91,7 @@ const PER_PROCESS: &[&str] = &[
     "WATCHDOG_PID",
     ENV_CHANNEL,
     ENV_GENERATION,
+    ENV_STATE_LEN,
 ];
 
 /// The new process, from the parent's side.
@@ -104,12 +105,54 @@ pub(crate) struct Child {
     ours: bool,
 }
 
-/// Starts `exe` with `listeners` handed over.
+/// Variables of the reload command's environment that describe that
+/// command, not the service: replaced by the old process's own.
+const FROM_OLD_PROCESS: &[&str] = &["NOTIFY_SOCKET", "JOURNAL_STREAM", "WATCHDOG_USEC"];
+/// Variables of the reload command's environment dropped outright.
+const RELOAD_COMMAND_ONLY: &[&str] = &["MAINPID", "MANAGERPID", "SYSTEMD_EXEC_PID"];
+
+/// The environment of the next generation: `base` (the old process's own,
+/// or the one a reload command sent) without the per-process variables,
+/// plus the handoff variables.
+fn child_env(
+    base: Option<&[(OsString, OsString)]>,
+    fixed: &[(&str, String)],
+) -> Vec<(OsString, OsString)> {
+    let is = |k: &OsStr, list: &[&str]| list.iter().any(|p| OsStr::new(p) == k);
+    let mut env: Vec<(OsString, OsString)> = match base {
+        None => std::env::vars_os()
+            .filter(|(k, _)| !is(k, PER_PROCESS))
+            .collect(),
+        Some(given) => {
+            let mut env: Vec<_> = given
+                .iter()
+                .filter(|(k, _)| {
+                    !is(k, PER_PROCESS) && !is(k, FROM_OLD_PROCESS) && !is(k, RELOAD_COMMAND_ONLY)
+                })
+                .cloned()
+                .collect();
+            env.extend(std::env::vars_os().filter(|(k, _)| is(k, FROM_OLD_PROCESS)));
+            env
+        }
+    };
+    env.extend(
+        fixed
+            .iter()
+            .map(|(k, v)| (OsString::from(k), OsString::from(v))),
+    );
+    env
+}
+
+/// Starts `exe` with `listeners` handed over. `env` replaces the old
+/// process's environment (see [`child_env`]); `state_len` bytes of state
+/// follow on the channel.
 pub(crate) fn start(
     exe: &Executable,
     listeners: &[(&str, BorrowedFd<'_>)],
     generation: u32,
     reparent: bool,
+    env: Option<&[(OsString, OsString)]>,
+    state_len: usize,
 ) -> Result<Child, UpgradeError> {
     let spawn_err = |source| UpgradeError::Spawn {
         exe: exe.path.display().to_string(),
@@ -122,23 +165,17 @@ pub(crate) fn start(
         .map(|(n, _)| *n)
         .collect::<Vec<_>>()
         .join(":");
-    let fixed = [
+    let mut fixed = vec![
         ("LISTEN_FDS", n.to_string()),
         ("LISTEN_FDNAMES", names),
         (ENV_CHANNEL, (3 + n).to_string()),
         (ENV_GENERATION, generation.to_string()),
     ];
-    let inherited: Vec<(OsString, OsString)> = std::env::vars_os()
-        .filter(|(k, _)| !PER_PROCESS.iter().any(|p| OsStr::new(p) == k))
-        .collect();
-    let env = inherited
-        .iter()
-        .map(|(k, v)| (k.as_os_str(), v.as_os_str()))
-        .chain(
-            fixed
-                .iter()
-                .map(|(k, v)| (OsStr::new(*k), OsStr::new(v.as_str()))),
-        );
+    if state_len > 0 {
+        fixed.push((ENV_STATE_LEN, state_len.to_string()));
+    }
+    let env = child_env(env, &fixed);
+    let env = env.iter().map(|(k, v)| (k.as_os_str(), v.as_os_str()));
     let mut fds: Vec<BorrowedFd<'_>> = listeners.iter().map(|(_, fd)| *fd).collect();
     fds.push(theirs.as_fd());
     let mut image =
@@ -159,6 +196,7 @@ pub(crate) fn start(
 }
 
 const KILL_WAIT: Duration = Duration::from_secs(5);
+const STATE_TIMEOUT: Duration = Duration::from_secs(30);
 
 impl Child {
     /// Waits for `ready`, at most `timeout`. On any failure the child is
@@ -167,10 +205,26 @@ impl Child {
         &mut self,
         exe: &Path,
         timeout: Duration,
+        state: &[u8],
     ) -> Result<(), UpgradeError> {
         let pid = self.pid;
         let deadline = tokio::time::sleep(timeout);
         tokio::pin!(deadline);
+        if !state.is_empty() {
+            // The child reads the state in build(), before anything else.
+            let written = tokio::select! {
+                r = self.channel.get_mut().write_all(state) => r.map_err(UpgradeError::Channel),
+                _ = &mut deadline => Err(UpgradeError::Timeout { pid, timeout }),
+            };
+            if let Err(e) = written {
+                // A child that died early shows as a broken pipe here: say so.
+                let status = self.kill().await;
+                return Err(match e {
+                    UpgradeError::Channel(_) => UpgradeError::ChildExited { pid, status },
+                    e => e,
+                });
+            }
+        }
         let mut line = String::new();
         let outcome = tokio::select! {
             r = self.channel.read_line(&mut line) => match r {
@@ -292,12 +346,21 @@ pub(crate) struct ParentLink {
 }
 
 impl ParentLink {
-    pub(crate) fn new(fd: OwnedFd) -> io::Result<ParentLink> {
+    /// Takes the channel; first reads `state_len` bytes of state the parent
+    /// sends right after the start (blocking, bounded by `STATE_TIMEOUT`).
+    pub(crate) fn new(fd: OwnedFd, state_len: usize) -> io::Result<(ParentLink, Vec<u8>)> {
         let std = std::os::unix::net::UnixStream::from(fd);
+        let mut state = vec![0; state_len];
+        if state_len > 0 {
+            use std::io::Read;
+            std.set_read_timeout(Some(STATE_TIMEOUT))?;
+            (&std).read_exact(&mut state)?;
+        }
         std.set_nonblocking(true)?;
-        Ok(ParentLink {
+        let link = ParentLink {
             stream: BufReader::new(UnixStream::from_std(std)?),
-        })
+        };
+        Ok((link, state))
     }
 
     /// Says `ready` and waits for `main`. Returns `false` when the parent

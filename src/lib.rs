@@ -44,6 +44,7 @@
 #![deny(unsafe_code)]
 
 mod activation;
+pub mod control;
 pub mod drain;
 mod error;
 mod handoff;
@@ -105,6 +106,8 @@ pub struct Builder {
     upgrade_timeout: Duration,
     drain_timeout: Duration,
     signals: bool,
+    control_socket: Option<PathBuf>,
+    state_limit: usize,
 }
 
 impl Default for Builder {
@@ -114,6 +117,11 @@ impl Default for Builder {
             upgrade_timeout: Duration::from_secs(60),
             drain_timeout: Duration::from_secs(30),
             signals: true,
+            control_socket: std::env::var_os("RUNTIME_DIRECTORY")
+                .and_then(|dirs| std::env::split_paths(&dirs).next())
+                .filter(|d| d.is_absolute())
+                .map(|d| d.join(CONTROL_SOCKET_FILE)),
+            state_limit: DEFAULT_STATE_LIMIT,
         }
     }
 }
@@ -138,6 +146,28 @@ impl Builder {
     /// [`Handover::wait`] returns anyway. Default: 30 s.
     pub fn drain_timeout(mut self, timeout: Duration) -> Self {
         self.drain_timeout = timeout;
+        self
+    }
+
+    /// Serves the control socket (see [`control`]) at `path`, for a reload
+    /// command that waits for the outcome. Default: `handover.sock` in
+    /// `$RUNTIME_DIRECTORY` when systemd sets it (`RuntimeDirectory=`),
+    /// else none.
+    pub fn control_socket(mut self, path: impl Into<PathBuf>) -> Self {
+        self.control_socket = Some(path.into());
+        self
+    }
+
+    /// No control socket, even under `RuntimeDirectory=`.
+    pub fn no_control_socket(mut self) -> Self {
+        self.control_socket = None;
+        self
+    }
+
+    /// The most state (see [`Handover::set_state`]) one upgrade may carry.
+    /// Default: 16 MiB.
+    pub fn state_limit(mut self, bytes: usize) -> Self {
+        self.state_limit = bytes;
         self
     }
 
@@ -193,7 +223,9 @@ impl Builder {
                     )
                     .map_err(|e| Error::io("set FD_CLOEXEC on inherited fds", e.into()))?;
                 }
-                let link = p.channel.map(|_| owned.pop().expect("the channel is the last fd"));
+                let link = p
+                    .channel
+                    .map(|_| owned.pop().expect("the channel is the last fd"));
                 let passed = owned
                     .into_iter()
                     .zip(p.fds)
@@ -207,10 +239,23 @@ impl Builder {
                 (passed, link, p.generation, source)
             }
         };
-        let link = link
-            .map(ParentLink::new)
-            .transpose()
-            .map_err(|e| Error::io("handoff channel", e))?;
+        let state_len = match (&link, std::env::var(activation::ENV_STATE_LEN)) {
+            (Some(_), Ok(v)) => v.parse::<usize>().map_err(|_| {
+                Error::Activation(format!(
+                    "{}={v:?} is not a number",
+                    activation::ENV_STATE_LEN
+                ))
+            })?,
+            _ => 0,
+        };
+        let (link, state) = match link {
+            Some(fd) => {
+                let (link, state) = ParentLink::new(fd, state_len)
+                    .map_err(|e| Error::io("read the handed-over state", e))?;
+                (Some(link), state)
+            }
+            None => (None, Vec::new()),
+        };
         let fail = |e: Error| {
             if let Some(l) = &link {
                 l.fail(&e.to_string());
@@ -221,13 +266,21 @@ impl Builder {
         if let Some(p) = &self.pid_file {
             pidfile::check(p).map_err(fail)?;
         }
+        let mut listeners = Listeners::new(passed, source);
+        let control = match &self.control_socket {
+            Some(path) => Some(control_listener(&mut listeners, path).map_err(fail)?),
+            None => None,
+        };
         let drain = Drain::new();
         let (phase, _) = watch::channel(Phase::Starting);
         let inner = Arc::new(Inner {
             exe: Executable::current(),
             generation,
             notify,
-            listeners: Mutex::new(Listeners::new(passed, source)),
+            listeners: Mutex::new(listeners),
+            control: Mutex::new(control),
+            state: Mutex::new((!state.is_empty()).then_some(state)),
+            state_provider: Mutex::new(None),
             parent: tokio::sync::Mutex::new(link),
             drain,
             phase,
@@ -245,6 +298,29 @@ impl Builder {
         Ok(Handover { inner })
     }
 }
+
+const CONTROL_SOCKET_FILE: &str = "handover.sock";
+const DEFAULT_STATE_LIMIT: usize = 16 << 20;
+
+fn control_listener(
+    listeners: &mut Listeners,
+    path: &Path,
+) -> Result<std::os::unix::net::UnixListener> {
+    let l = listeners.unix(listeners::CONTROL_NAME, path)?;
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(|source| {
+        Error::Bind {
+            name: listeners::CONTROL_NAME.into(),
+            addr: path.display().to_string(),
+            source,
+        }
+    })?;
+    l.set_nonblocking(true)
+        .map_err(|e| Error::io("set O_NONBLOCK", e))?;
+    Ok(l)
+}
+
+type StateProvider = Box<dyn Fn() -> Vec<u8> + Send + Sync>;
 
 /// A child whose environment is broken still tells its parent why, if it
 /// can find the channel at all.
@@ -298,19 +374,31 @@ fn on_signal(weak: &Weak<Inner>, req: signals::Request, name: &'static str) -> b
     true
 }
 
-#[derive(Debug)]
 struct Inner {
     config: Builder,
     exe: Executable,
     generation: u32,
     notify: Option<Notifier>,
     listeners: Mutex<Listeners>,
+    control: Mutex<Option<std::os::unix::net::UnixListener>>,
+    state: Mutex<Option<Vec<u8>>>,
+    state_provider: Mutex<Option<StateProvider>>,
     parent: tokio::sync::Mutex<Option<ParentLink>>,
     drain: Drain,
     phase: watch::Sender<Phase>,
     pending_upgrade: AtomicBool,
     ready_called: AtomicBool,
     last_error: Mutex<Option<String>>,
+}
+
+impl std::fmt::Debug for Inner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Inner")
+            .field("generation", &self.generation)
+            .field("exe", &self.exe)
+            .field("phase", &*self.phase.borrow())
+            .finish_non_exhaustive()
+    }
 }
 
 impl Drop for Inner {
@@ -509,6 +597,15 @@ impl Handover {
             self.record(r)?;
         }
         self.start_watchdog();
+        let control = self.inner.control.lock().ok().and_then(|mut c| c.take());
+        if let Some(l) = control {
+            match tokio::net::UnixListener::from_std(l) {
+                Ok(l) => {
+                    tokio::spawn(control::serve(l, self.clone()));
+                }
+                Err(e) => tracing::error!(error = %e, "cannot serve the control socket"),
+            }
+        }
         self.inner.phase.send_if_modified(|p| {
             let starting = *p == Phase::Starting;
             if starting {
@@ -576,6 +673,21 @@ impl Handover {
     /// # }
     /// ```
     pub async fn upgrade(&self) -> Result<u32, UpgradeError> {
+        self.upgrade_with_env(None).await
+    }
+
+    /// Like [`upgrade`](Self::upgrade), but the new process runs with `env`
+    /// instead of this process's environment (when `Some`). This is how
+    /// `systemctl reload` applies a changed `Environment=` or
+    /// `EnvironmentFile=`: the reload command sends the unit's current
+    /// environment. Taken from this process instead, whatever `env` says:
+    /// `NOTIFY_SOCKET`, `JOURNAL_STREAM`, `WATCHDOG_USEC` and the handoff's
+    /// own `LISTEN_*`/`HANDOVER_*`; dropped: `MAINPID`, `MANAGERPID`,
+    /// `SYSTEMD_EXEC_PID`, `WATCHDOG_PID`. The environment is never logged.
+    pub async fn upgrade_with_env(
+        &self,
+        env: Option<Vec<(std::ffi::OsString, std::ffi::OsString)>>,
+    ) -> Result<u32, UpgradeError> {
         let mut refused = None;
         self.inner.phase.send_if_modified(|p| match p {
             Phase::Ready => {
@@ -598,7 +710,7 @@ impl Handover {
         if let Some(e) = refused {
             return Err(e);
         }
-        let result = self.run_upgrade().await;
+        let result = self.run_upgrade(env.as_deref()).await;
         let next = if result.is_ok() || self.inner.drain.is_draining() {
             Phase::Draining
         } else {
@@ -608,7 +720,10 @@ impl Handover {
         result
     }
 
-    async fn run_upgrade(&self) -> Result<u32, UpgradeError> {
+    async fn run_upgrade(
+        &self,
+        env: Option<&[(std::ffi::OsString, std::ffi::OsString)]>,
+    ) -> Result<u32, UpgradeError> {
         let inner = &*self.inner;
         let started = Instant::now();
         let old_pid = std::process::id();
@@ -627,7 +742,7 @@ impl Handover {
                 tracing::warn!(error = %e, "cannot send RELOADING=1");
             }
         }
-        let result = self.handoff(generation, timeout).await;
+        let result = self.handoff(generation, timeout, env).await;
         let elapsed_ms = started.elapsed().as_millis() as u64;
         match &result {
             Ok(new_pid) => {
@@ -655,12 +770,38 @@ impl Handover {
         result
     }
 
-    async fn handoff(&self, generation: u32, timeout: Duration) -> Result<u32, UpgradeError> {
+    async fn handoff(
+        &self,
+        generation: u32,
+        timeout: Duration,
+        env: Option<&[(std::ffi::OsString, std::ffi::OsString)]>,
+    ) -> Result<u32, UpgradeError> {
         let inner = &*self.inner;
         let reparent = inner.notify.is_some();
+        let state = match &*inner
+            .state_provider
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+        {
+            Some(f) => f(),
+            None => Vec::new(),
+        };
+        if state.len() > inner.config.state_limit {
+            return Err(UpgradeError::StateTooLarge {
+                size: state.len(),
+                limit: inner.config.state_limit,
+            });
+        }
         let mut child = {
             let listeners = self.listeners();
-            handoff::start(&inner.exe, &listeners.for_handoff(), generation, reparent)?
+            handoff::start(
+                &inner.exe,
+                &listeners.for_handoff(),
+                generation,
+                reparent,
+                env,
+                state.len(),
+            )?
         };
         let new_pid = child.pid;
         tracing::info!(
@@ -669,7 +810,7 @@ impl Handover {
             "new process started; waiting for it to be ready"
         );
         tokio::select! {
-            r = child.wait_ready(&inner.exe.path, timeout) => r?,
+            r = child.wait_ready(&inner.exe.path, timeout, &state) => r?,
             _ = inner.drain.draining() => {
                 child.kill().await;
                 return Err(UpgradeError::Stopped);
@@ -700,6 +841,41 @@ impl Handover {
         self.listeners().clear();
         child.reap_in_background();
         Ok(new_pid)
+    }
+
+    /// Sets what the next upgrade hands to the new process: `provider` runs
+    /// at each upgrade, just before the new process starts, and its bytes
+    /// (at most the builder's [`state_limit`](Builder::state_limit)) travel
+    /// over the handoff channel only, never through the environment or to
+    /// any other child. The new process reads them with
+    /// [`take_state`](Self::take_state).
+    ///
+    /// ```no_run
+    /// # async fn f(handover: handover::Handover) {
+    /// use std::sync::atomic::{AtomicU64, Ordering};
+    /// use std::sync::Arc;
+    ///
+    /// let start = handover
+    ///     .take_state()
+    ///     .and_then(|b| String::from_utf8(b).ok()?.parse().ok())
+    ///     .unwrap_or(0);
+    /// let hits = Arc::new(AtomicU64::new(start));
+    /// let h = hits.clone();
+    /// handover.set_state(move || h.load(Ordering::SeqCst).to_string().into_bytes());
+    /// # }
+    /// ```
+    pub fn set_state(&self, provider: impl Fn() -> Vec<u8> + Send + Sync + 'static) {
+        *self
+            .inner
+            .state_provider
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = Some(Box::new(provider));
+    }
+
+    /// The state the parent handed over, once (`None` without a parent, or
+    /// when it handed none).
+    pub fn take_state(&self) -> Option<Vec<u8>> {
+        self.inner.state.lock().ok()?.take()
     }
 
     /// Starts a graceful stop: `STOPPING=1`, stop accepting, finish

@@ -104,6 +104,10 @@ pub(crate) struct Listeners {
     active: Vec<(String, OwnedFd)>,
 }
 
+/// The control socket's name in `LISTEN_FDNAMES`; no user listener may
+/// take it.
+pub(crate) const CONTROL_NAME: &str = "handover-control";
+
 fn check_name(name: &str) -> Result<()> {
     if name.is_empty()
         || name.len() > 255
@@ -200,6 +204,9 @@ impl Listeners {
 
     fn add(&mut self, name: &str, kind: Kind, want: Address) -> Result<OwnedFd> {
         check_name(name)?;
+        if name == CONTROL_NAME && kind != Kind::UnixStream {
+            return Err(Error::InvalidName(name.to_owned()));
+        }
         if self.active.iter().any(|(n, _)| n == name) {
             return Err(Error::DuplicateName(name.to_owned()));
         }

@@ -1,0 +1,65 @@
+//! `handover-reload`: the `ExecReload=` command that makes
+//! `systemctl reload` wait for the upgrade and tell the truth.
+//!
+//! ```text
+//! handover-reload [--socket PATH] [--timeout SECS] [--no-env]
+//! ```
+//!
+//! It asks the service's control socket (default:
+//! `$RUNTIME_DIRECTORY/handover.sock`) for an upgrade and exits 0 once the
+//! new process is the service's main process, printing its PID; on failure
+//! it exits 1 with the reason on stderr. It sends its own environment (the
+//! unit's current `Environment=`/`EnvironmentFile=`, as systemd runs
+//! `ExecReload=` with it) for the new process, unless `--no-env`.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+fn usage() -> ExitCode {
+    eprintln!("usage: handover-reload [--socket PATH] [--timeout SECS] [--no-env]");
+    ExitCode::from(2)
+}
+
+fn main() -> ExitCode {
+    let mut socket: Option<PathBuf> = std::env::var_os("RUNTIME_DIRECTORY")
+        .and_then(|d| std::env::split_paths(&d).next())
+        .map(|d| d.join("handover.sock"));
+    let mut timeout = Duration::from_secs(90);
+    let mut send_env = true;
+    let mut args = std::env::args().skip(1);
+    while let Some(a) = args.next() {
+        match a.as_str() {
+            "--socket" => match args.next() {
+                Some(p) => socket = Some(p.into()),
+                None => return usage(),
+            },
+            "--timeout" => match args
+                .next()
+                .and_then(|s| s.parse::<f64>().ok())
+                .filter(|s| s.is_finite() && *s > 0.0)
+            {
+                Some(s) => timeout = Duration::from_secs_f64(s),
+                None => return usage(),
+            },
+            "--no-env" => send_env = false,
+            _ => return usage(),
+        }
+    }
+    let Some(socket) = socket else {
+        eprintln!("handover-reload: no --socket and no $RUNTIME_DIRECTORY");
+        return ExitCode::from(2);
+    };
+    let env: Vec<_> = std::env::vars_os().collect();
+    let env = send_env.then_some(env.as_slice());
+    match handover::control::request_upgrade(&socket, env, timeout) {
+        Ok(pid) => {
+            println!("upgraded: main PID {pid}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("handover-reload: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
