@@ -3,7 +3,7 @@
 //! it to whatever binary is now at its path, without losing a request.
 //!
 //! ```text
-//! hello [--addr ADDR] [--pid-file PATH] [--control-socket PATH]
+//! hello [--addr ADDR] [--pid-file PATH] [--control-socket PATH] [--fd-store]
 //!       [--upgrade-timeout SECS] [--drain-timeout SECS]
 //! ```
 //!
@@ -29,6 +29,7 @@ struct Args {
     addr: String,
     pid_file: Option<String>,
     control_socket: Option<String>,
+    fd_store: bool,
     upgrade_timeout: Option<Duration>,
     drain_timeout: Option<Duration>,
 }
@@ -38,6 +39,7 @@ fn parse_args() -> Result<Args, String> {
         addr: "127.0.0.1:8081".into(),
         pid_file: None,
         control_socket: None,
+        fd_store: false,
         upgrade_timeout: None,
         drain_timeout: None,
     };
@@ -55,11 +57,12 @@ fn parse_args() -> Result<Args, String> {
             "--addr" => args.addr = value()?,
             "--pid-file" => args.pid_file = Some(value()?),
             "--control-socket" => args.control_socket = Some(value()?),
+            "--fd-store" => args.fd_store = true,
             "--upgrade-timeout" => args.upgrade_timeout = Some(secs(value()?)?),
             "--drain-timeout" => args.drain_timeout = Some(secs(value()?)?),
             "-h" | "--help" => {
                 println!(
-                    "usage: hello [--addr ADDR] [--pid-file PATH] [--control-socket PATH] \
+                    "usage: hello [--addr ADDR] [--pid-file PATH] [--control-socket PATH] [--fd-store] \
                      [--upgrade-timeout SECS] [--drain-timeout SECS]"
                 );
                 std::process::exit(0);
@@ -78,6 +81,7 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     if let Some(p) = &args.control_socket {
         builder = builder.control_socket(p);
     }
+    builder = builder.fd_store(args.fd_store);
     if let Some(t) = args.upgrade_timeout {
         builder = builder.upgrade_timeout(t);
     }

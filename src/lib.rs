@@ -58,6 +58,7 @@ mod signals;
 mod sys;
 
 use std::net::{SocketAddr, ToSocketAddrs};
+use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, Weak};
@@ -108,6 +109,7 @@ pub struct Builder {
     signals: bool,
     control_socket: Option<PathBuf>,
     state_limit: usize,
+    fd_store: bool,
 }
 
 impl Default for Builder {
@@ -122,6 +124,7 @@ impl Default for Builder {
                 .filter(|d| d.is_absolute())
                 .map(|d| d.join(CONTROL_SOCKET_FILE)),
             state_limit: DEFAULT_STATE_LIMIT,
+            fd_store: false,
         }
     }
 }
@@ -168,6 +171,17 @@ impl Builder {
     /// Default: 16 MiB.
     pub fn state_limit(mut self, bytes: usize) -> Self {
         self.state_limit = bytes;
+        self
+    }
+
+    /// Also pushes each socket this process binds itself to systemd's fd
+    /// store (`FDSTORE=1`, `FDNAME=<listener name>`; the unit needs
+    /// `FileDescriptorStoreMax=`), so that after a crash and
+    /// `Restart=on-failure` the service comes back on the same sockets, with
+    /// the connections that queued meanwhile. A safety net for crashes, not
+    /// the upgrade path. Default: off.
+    pub fn fd_store(mut self, yes: bool) -> Self {
+        self.fd_store = yes;
         self
     }
 
@@ -446,6 +460,21 @@ impl Handover {
         r
     }
 
+    /// Pushes a listener this process bound itself to the fd store, if
+    /// configured (see [`Builder::fd_store`]).
+    fn store(&self, name: &str, fd: std::os::fd::BorrowedFd<'_>) {
+        let (true, Some(n)) = (self.inner.config.fd_store, &self.inner.notify) else {
+            return;
+        };
+        if !self.listeners().bound_here(name) {
+            return;
+        }
+        match n.send_with_fds(&format!("FDSTORE=1\nFDNAME={name}"), &[fd]) {
+            Ok(()) => tracing::debug!(name, "listener pushed to the fd store"),
+            Err(e) => tracing::warn!(name, error = %e, "cannot push the listener to the fd store"),
+        }
+    }
+
     fn listeners(&self) -> std::sync::MutexGuard<'_, Listeners> {
         self.inner
             .listeners
@@ -472,6 +501,7 @@ impl Handover {
             let l = self.listeners().tcp(name, addr)?;
             l.set_nonblocking(true)
                 .map_err(|e| Error::io("set O_NONBLOCK", e))?;
+            self.store(name, l.as_fd());
             tokio::net::TcpListener::from_std(l).map_err(|e| Error::io("register listener", e))
         });
         self.record(r)
@@ -487,6 +517,7 @@ impl Handover {
             let s = self.listeners().udp(name, addr)?;
             s.set_nonblocking(true)
                 .map_err(|e| Error::io("set O_NONBLOCK", e))?;
+            self.store(name, s.as_fd());
             tokio::net::UdpSocket::from_std(s).map_err(|e| Error::io("register socket", e))
         });
         self.record(r)
@@ -503,6 +534,7 @@ impl Handover {
         let r = self.listeners().unix(name, path.as_ref()).and_then(|l| {
             l.set_nonblocking(true)
                 .map_err(|e| Error::io("set O_NONBLOCK", e))?;
+            self.store(name, l.as_fd());
             tokio::net::UnixListener::from_std(l).map_err(|e| Error::io("register listener", e))
         });
         self.record(r)
@@ -521,6 +553,7 @@ impl Handover {
             .and_then(|s| {
                 s.set_nonblocking(true)
                     .map_err(|e| Error::io("set O_NONBLOCK", e))?;
+                self.store(name, s.as_fd());
                 tokio::net::UnixDatagram::from_std(s).map_err(|e| Error::io("register socket", e))
             });
         self.record(r)

@@ -102,6 +102,8 @@ pub(crate) struct Listeners {
     source: Source,
     /// A duplicate of every listener in use, by name, for the next handoff.
     active: Vec<(String, OwnedFd)>,
+    /// The names of the listeners this process bound itself.
+    bound_here: Vec<String>,
 }
 
 /// The control socket's name in `LISTEN_FDNAMES`; no user listener may
@@ -164,6 +166,7 @@ impl Listeners {
             passed: passed.into_iter().map(Some).collect(),
             source,
             active: Vec::new(),
+            bound_here: Vec::new(),
         }
     }
 
@@ -212,11 +215,15 @@ impl Listeners {
         }
         let fd = match self.claim(name, kind, &want)? {
             Some(fd) => fd,
-            None => bind(kind, &want).map_err(|source| Error::Bind {
-                name: name.to_owned(),
-                addr: want.to_string(),
-                source,
-            })?,
+            None => {
+                let fd = bind(kind, &want).map_err(|source| Error::Bind {
+                    name: name.to_owned(),
+                    addr: want.to_string(),
+                    source,
+                })?;
+                self.bound_here.push(name.to_owned());
+                fd
+            }
         };
         let dup = fd.try_clone().map_err(|e| Error::io("dup listener", e))?;
         self.active.push((name.to_owned(), dup));
@@ -241,6 +248,11 @@ impl Listeners {
     pub(crate) fn unix_datagram(&mut self, name: &str, path: &Path) -> Result<UnixDatagram> {
         self.add(name, Kind::UnixDatagram, Address::Unix(path.to_owned()))
             .map(UnixDatagram::from)
+    }
+
+    /// Whether this process bound `name` itself (it was not passed in).
+    pub(crate) fn bound_here(&self, name: &str) -> bool {
+        self.bound_here.iter().any(|n| n == name)
     }
 
     /// Closes every passed fd no `listen_*` call claimed; returns their names.

@@ -84,6 +84,17 @@ impl Notifier {
         self.send_with(message.as_bytes(), &[])
     }
 
+    /// Sends `message` with `fds` attached (`SCM_RIGHTS`), as `FDSTORE=1`
+    /// needs.
+    pub fn send_with_fds(
+        &self,
+        message: &str,
+        fds: &[std::os::fd::BorrowedFd<'_>],
+    ) -> io::Result<()> {
+        let raw: Vec<_> = fds.iter().map(|f| f.as_raw_fd()).collect();
+        self.send_with(message.as_bytes(), &[ControlMessage::ScmRights(&raw)])
+    }
+
     fn send_with(&self, message: &[u8], cmsgs: &[ControlMessage<'_>]) -> io::Result<()> {
         let iov = [IoSlice::new(message)];
         let n = sendmsg(

@@ -48,6 +48,13 @@ pub struct Log {
 }
 
 impl Log {
+    /// Collects the lines of `stream` (a child's stderr) into a new log.
+    pub fn capture(stream: impl std::io::Read + Send + 'static) -> Log {
+        let log = Log::default();
+        log.collect(stream);
+        log
+    }
+
     fn collect(&self, stream: impl std::io::Read + Send + 'static) {
         let me = self.clone();
         std::thread::spawn(move || {
