@@ -290,9 +290,9 @@ impl Load {
         let shared = Arc::new(Shared::default());
         let started = Instant::now();
         let (tx, results) = mpsc::channel();
-        let kinds = std::iter::repeat(ClientKind::KeepAlive)
-            .take(cfg.keepalive_clients)
-            .chain(std::iter::repeat(ClientKind::PerRequest).take(cfg.per_request_clients));
+        let kinds = std::iter::repeat_n(ClientKind::KeepAlive, cfg.keepalive_clients).chain(
+            std::iter::repeat_n(ClientKind::PerRequest, cfg.per_request_clients),
+        );
         let threads = kinds
             .enumerate()
             .map(|(id, kind)| {
@@ -329,11 +329,17 @@ impl Load {
 
     /// Waits until at least `n` requests succeeded in all; false on timeout.
     pub fn wait_for_ok(&self, n: u64, timeout: Duration) -> bool {
+        self.wait_until(timeout, |ok, _| ok >= n)
+    }
+
+    /// Waits until `done(ok, errors)` holds for the totals so far (checked
+    /// after every request); false on timeout.
+    pub fn wait_until(&self, timeout: Duration, done: impl Fn(u64, u64) -> bool) -> bool {
         let deadline = Instant::now() + timeout;
         self.shared.waiters.fetch_add(1, Ordering::SeqCst);
         let mut g = self.shared.progress.lock().unwrap();
         let reached = loop {
-            if self.ok() >= n {
+            if done(self.ok(), self.errors()) {
                 break true;
             }
             let now = Instant::now();
