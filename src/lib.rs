@@ -42,6 +42,7 @@
 
 #![deny(missing_docs)]
 #![deny(unsafe_code)]
+#![deny(clippy::undocumented_unsafe_blocks)]
 
 mod activation;
 pub mod control;
@@ -595,6 +596,13 @@ impl Handover {
         }
         let pid = std::process::id();
         let link = self.inner.parent.lock().await.take();
+        if self.inner.drain.is_draining() {
+            // Stopped before it was ready: a parent must not hand over to us.
+            if let Some(link) = &link {
+                link.fail("stopped before it was ready");
+            }
+            return Ok(());
+        }
         let mut announced_by_parent = false;
         if let Some(mut link) = link {
             match link.ready().await {

@@ -155,6 +155,10 @@ pub(crate) struct Spawned {
 /// `3 + n - 1` (the last fd, by convention the handoff channel) if it cannot
 /// exec.
 pub(crate) fn spawn(image: &mut ExecImage, reparent: bool) -> io::Result<Spawned> {
+    spawn_with(image, reparent, false)
+}
+
+fn spawn_with(image: &mut ExecImage, reparent: bool, legacy: bool) -> io::Result<Spawned> {
     let mut pidfd: RawFd = -1;
     let mut args = CloneArgs {
         flags: CLONE_PIDFD | if reparent { CLONE_PARENT } else { 0 },
@@ -182,17 +186,27 @@ pub(crate) fn spawn(image: &mut ExecImage, reparent: bool) -> io::Result<Spawned
         libc::pthread_sigmask(libc::SIG_SETMASK, &all, &mut old);
     }
 
-    // SAFETY: clone3 without CLONE_VM gives the child a copy-on-write copy
-    // of this address space, like fork(). `args` is a valid clone_args of the
-    // version-0 size. Signals are blocked in this thread so that no handler
-    // runs in the child before exec.
-    let ret = unsafe {
-        libc::syscall(
-            libc::SYS_clone3,
-            &mut args as *mut CloneArgs,
-            std::mem::size_of::<CloneArgs>(),
-        )
+    let mut ret = if legacy {
+        -1
+    } else {
+        // SAFETY: clone3 without CLONE_VM gives the child a copy-on-write
+        // copy of this address space, like fork(). `args` is a valid
+        // clone_args of the version-0 size. Signals are blocked in this
+        // thread so that no handler runs in the child before exec.
+        unsafe {
+            libc::syscall(
+                libc::SYS_clone3,
+                &mut args as *mut CloneArgs,
+                std::mem::size_of::<CloneArgs>(),
+            )
+        }
     };
+    if legacy || (ret == -1 && io::Error::last_os_error().raw_os_error() == Some(libc::ENOSYS)) {
+        // clone3 filtered (seccomp) or missing: legacy clone(2) takes the
+        // same flags (CLONE_PIDFD since Linux 5.2) and stores the pidfd
+        // through its parent_tid argument.
+        ret = legacy_clone(args.flags | args.exit_signal, &mut pidfd);
+    }
     if ret == 0 {
         // SAFETY: we are the child of a (possibly multi-threaded) process;
         // `child_exec` only makes async-signal-safe system calls on memory
@@ -210,6 +224,38 @@ pub(crate) fn spawn(image: &mut ExecImage, reparent: bool) -> io::Result<Spawned
         // SAFETY: the kernel stored a new pidfd, owned by nobody else, in `pidfd`.
         pidfd: unsafe { OwnedFd::from_raw_fd(pidfd) },
     })
+}
+
+/// clone(2) with `flags`, no new stack: a fork with flags.
+#[cfg(any(
+    target_arch = "x86_64",
+    target_arch = "aarch64",
+    target_arch = "riscv64"
+))]
+fn legacy_clone(flags: u64, pidfd: &mut RawFd) -> libc::c_long {
+    // SAFETY: as for clone3 above (no CLONE_VM, stack 0 = the caller's,
+    // copy-on-write). On these architectures the argument order is
+    // (flags, newsp, parent_tid, child_tid, tls); with CLONE_PIDFD the
+    // kernel writes the pidfd to parent_tid, which points at `pidfd`.
+    unsafe {
+        libc::syscall(
+            libc::SYS_clone,
+            flags,
+            0usize,
+            pidfd as *mut RawFd,
+            0usize,
+            0usize,
+        )
+    }
+}
+
+#[cfg(not(any(
+    target_arch = "x86_64",
+    target_arch = "aarch64",
+    target_arch = "riscv64"
+)))]
+fn legacy_clone(_flags: u64, _pidfd: &mut RawFd) -> libc::c_long {
+    -1 // errno is still ENOSYS from clone3
 }
 
 #[repr(C)]
@@ -429,6 +475,43 @@ mod tests {
         );
         let status = reap(child.pidfd.as_fd()).unwrap();
         assert_eq!(status, Some(ExitStatus::Code(7)));
+    }
+
+    #[test]
+    fn the_legacy_clone_fallback_works_too() {
+        let (a, b) = std::os::unix::net::UnixStream::pair().unwrap();
+        let argv: Vec<std::ffi::OsString> = ["sh", "-c", "echo \"$LISTEN_PID $$\" >&3"]
+            .iter()
+            .map(|s| s.into())
+            .collect();
+        let mut image = ExecImage::new(
+            OsStr::new("/bin/sh"),
+            &argv,
+            std::iter::empty(),
+            &[b.as_fd()],
+        )
+        .unwrap();
+        drop(b);
+        let child = spawn_with(&mut image, false, true).unwrap();
+        drop(image);
+        use std::io::Read;
+        let mut out = String::new();
+        (&a).read_to_string(&mut out).unwrap();
+        let pids: Vec<&str> = out.split_whitespace().collect();
+        assert_eq!(
+            pids,
+            [child.pid.to_string(), child.pid.to_string()],
+            "{out}"
+        );
+        let mut fds = [nix::poll::PollFd::new(
+            child.pidfd.as_fd(),
+            nix::poll::PollFlags::POLLIN,
+        )];
+        assert_eq!(nix::poll::poll(&mut fds, 10_000u16).unwrap(), 1);
+        assert_eq!(
+            reap(child.pidfd.as_fd()).unwrap(),
+            Some(ExitStatus::Code(0))
+        );
     }
 
     #[test]
