@@ -21,7 +21,7 @@ use crate::error::Error;
 /// # Example
 ///
 /// ```no_run
-/// # async fn f() -> Result<(), handover::Error> {
+/// # async fn f() -> Result<(), Box<dyn std::error::Error>> {
 /// use handover::notify::Notifier;
 ///
 /// if let Some(n) = Notifier::from_env()? {
