@@ -31,6 +31,11 @@ pub(crate) const ENV_CHANNEL: &str = "HANDOVER_FD";
 pub(crate) const ENV_STATE_LEN: &str = "HANDOVER_STATE_LEN";
 /// Env var carrying the generation number (0 for a process nobody handed to).
 pub(crate) const ENV_GENERATION: &str = "HANDOVER_GENERATION";
+/// Env var naming (`:`-separated) the passed listeners whose address this
+/// program decided (bound from its configuration by some generation), as
+/// opposed to those whose address a `.socket` unit or
+/// `systemd-socket-activate` decided. Set by our parent.
+pub(crate) const ENV_BOUND: &str = "HANDOVER_BOUND";
 
 /// The activation variables as found in the environment.
 #[derive(Debug, Default, Clone, Copy)]

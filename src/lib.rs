@@ -59,7 +59,6 @@ mod signals;
 mod sys;
 
 use std::net::{SocketAddr, ToSocketAddrs};
-use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, Weak};
@@ -221,11 +220,11 @@ impl Builder {
             generation: generation.as_deref(),
         };
         let found = activation::read(vars, pid).inspect_err(|e| report_to_parent(vars, pid, e))?;
-        let (passed, link, generation, source) = match found {
-            Found::Nothing => (Vec::new(), None, 0, Source::Manager),
+        let (passed, link, generation) = match found {
+            Found::Nothing => (Vec::new(), None, 0),
             Found::NotOurs(why) => {
                 tracing::warn!("ignoring the socket activation environment: {why}");
-                (Vec::new(), None, 0, Source::Manager)
+                (Vec::new(), None, 0)
             }
             Found::Passed(p) => {
                 let raw: Vec<_> = p.fds.iter().map(|(fd, _)| *fd).chain(p.channel).collect();
@@ -241,17 +240,30 @@ impl Builder {
                 let link = p
                     .channel
                     .map(|_| owned.pop().expect("the channel is the last fd"));
+                // From our parent, the listeners it names in HANDOVER_BOUND
+                // were bound from the configuration; every other one (and
+                // all of them from systemd) has the address a socket unit
+                // decided, which a new generation keeps.
+                let bound = env(activation::ENV_BOUND).filter(|_| link.is_some());
+                let bound = bound.as_deref().and_then(|b| b.to_str()).unwrap_or("");
                 let passed = owned
                     .into_iter()
                     .zip(p.fds)
-                    .map(|(fd, (number, name))| listeners::Passed { fd, number, name })
+                    .map(|(fd, (number, name))| {
+                        let source = if bound.split(':').any(|b| b == name) {
+                            Source::Parent
+                        } else {
+                            Source::Manager
+                        };
+                        listeners::Passed {
+                            fd,
+                            number,
+                            name,
+                            source,
+                        }
+                    })
                     .collect();
-                let source = if link.is_some() {
-                    Source::Parent
-                } else {
-                    Source::Manager
-                };
-                (passed, link, p.generation, source)
+                (passed, link, p.generation)
             }
         };
         let state_len = match (&link, std::env::var(activation::ENV_STATE_LEN)) {
@@ -281,7 +293,8 @@ impl Builder {
         if let Some(p) = &self.pid_file {
             pidfile::check(p).map_err(fail)?;
         }
-        let mut listeners = Listeners::new(passed, source);
+        let first = link.is_none();
+        let mut listeners = Listeners::new(passed);
         let control = match &self.control_socket {
             Some(path) => Some(control_listener(&mut listeners, path).map_err(fail)?),
             None => None,
@@ -301,6 +314,7 @@ impl Builder {
             phase,
             pending_upgrade: AtomicBool::new(false),
             ready_called: AtomicBool::new(false),
+            is_main: AtomicBool::new(first),
             last_error: Mutex::new(None),
             config: self,
         });
@@ -403,6 +417,9 @@ struct Inner {
     phase: watch::Sender<Phase>,
     pending_upgrade: AtomicBool,
     ready_called: AtomicBool,
+    /// Whether the manager knows this process as the service's main one:
+    /// from the start for a first process, after the handoff for a new one.
+    is_main: AtomicBool,
     last_error: Mutex<Option<String>>,
 }
 
@@ -461,18 +478,23 @@ impl Handover {
         r
     }
 
-    /// Pushes a listener this process bound itself to the fd store, if
-    /// configured (see [`Builder::fd_store`]).
-    fn store(&self, name: &str, fd: std::os::fd::BorrowedFd<'_>) {
+    /// Pushes the listeners this process bound itself to the fd store, if
+    /// configured (see [`Builder::fd_store`]). Only the main process may.
+    fn push_to_fd_store(&self) {
         let (true, Some(n)) = (self.inner.config.fd_store, &self.inner.notify) else {
             return;
         };
-        if !self.listeners().bound_here(name) {
-            return;
-        }
-        match n.send_with_fds(&format!("FDSTORE=1\nFDNAME={name}"), &[fd]) {
-            Ok(()) => tracing::debug!(name, "listener pushed to the fd store"),
-            Err(e) => tracing::warn!(name, error = %e, "cannot push the listener to the fd store"),
+        let listeners = self.listeners();
+        for (name, fd) in listeners.for_handoff() {
+            if !listeners.bound_here(name) {
+                continue;
+            }
+            match n.send_with_fds(&format!("FDSTORE=1\nFDNAME={name}"), &[fd]) {
+                Ok(()) => tracing::debug!(name, "listener pushed to the fd store"),
+                Err(e) => {
+                    tracing::warn!(name, error = %e, "cannot push the listener to the fd store")
+                }
+            }
         }
     }
 
@@ -502,7 +524,6 @@ impl Handover {
             let l = self.listeners().tcp(name, addr)?;
             l.set_nonblocking(true)
                 .map_err(|e| Error::io("set O_NONBLOCK", e))?;
-            self.store(name, l.as_fd());
             tokio::net::TcpListener::from_std(l).map_err(|e| Error::io("register listener", e))
         });
         self.record(r)
@@ -518,7 +539,6 @@ impl Handover {
             let s = self.listeners().udp(name, addr)?;
             s.set_nonblocking(true)
                 .map_err(|e| Error::io("set O_NONBLOCK", e))?;
-            self.store(name, s.as_fd());
             tokio::net::UdpSocket::from_std(s).map_err(|e| Error::io("register socket", e))
         });
         self.record(r)
@@ -535,7 +555,6 @@ impl Handover {
         let r = self.listeners().unix(name, path.as_ref()).and_then(|l| {
             l.set_nonblocking(true)
                 .map_err(|e| Error::io("set O_NONBLOCK", e))?;
-            self.store(name, l.as_fd());
             tokio::net::UnixListener::from_std(l).map_err(|e| Error::io("register listener", e))
         });
         self.record(r)
@@ -554,7 +573,6 @@ impl Handover {
             .and_then(|s| {
                 s.set_nonblocking(true)
                     .map_err(|e| Error::io("set O_NONBLOCK", e))?;
-                self.store(name, s.as_fd());
                 tokio::net::UnixDatagram::from_std(s).map_err(|e| Error::io("register socket", e))
             });
         self.record(r)
@@ -637,6 +655,8 @@ impl Handover {
             });
             self.record(r)?;
         }
+        self.inner.is_main.store(true, Ordering::Release);
+        self.push_to_fd_store();
         self.start_watchdog();
         let control = self.inner.control.lock().ok().and_then(|mut c| c.take());
         if let Some(l) = control {
@@ -838,6 +858,7 @@ impl Handover {
             handoff::start(
                 &inner.exe,
                 &listeners.for_handoff(),
+                &listeners.configured(),
                 generation,
                 reparent,
                 env,
@@ -928,7 +949,10 @@ impl Handover {
             return;
         }
         self.inner.phase.send_replace(Phase::Draining);
-        if let Some(n) = &self.inner.notify {
+        // A new process that is not main yet must not: with
+        // NotifyAccess=all, STOPPING=1 would stop the whole service.
+        let main = self.inner.is_main.load(Ordering::Acquire);
+        if let (true, Some(n)) = (main, &self.inner.notify) {
             if let Err(e) = n.send("STOPPING=1\nSTATUS=stopping") {
                 tracing::warn!(error = %e, "cannot send STOPPING=1");
             }

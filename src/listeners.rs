@@ -82,16 +82,21 @@ pub(crate) struct Passed {
     /// The fd number it arrived at (for messages).
     pub(crate) number: RawFd,
     pub(crate) name: String,
+    /// Who decided its address.
+    pub(crate) source: Source,
 }
 
-/// Who passed the fds: that decides what an address mismatch means.
+/// Who decided a passed socket's address: that decides what an address
+/// mismatch means.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Source {
     /// systemd (or `systemd-socket-activate`): its `.socket` unit decides
-    /// the address, so a different one is only a warning.
+    /// the address, so a different one is only a warning. Also a socket our
+    /// parent got that way: the manager's decision outlives generations.
     Manager,
-    /// Our own parent: a different address means the configuration changed,
-    /// so the listener is bound anew and the old one closed after `ready()`.
+    /// Our own parent, which bound it from its configuration: a different
+    /// address means the configuration changed, so the listener is bound
+    /// anew and the old one closed after `ready()`.
     Parent,
 }
 
@@ -99,11 +104,13 @@ pub(crate) enum Source {
 #[derive(Debug)]
 pub(crate) struct Listeners {
     passed: Vec<Option<Passed>>,
-    source: Source,
     /// A duplicate of every listener in use, by name, for the next handoff.
     active: Vec<(String, OwnedFd)>,
     /// The names of the listeners this process bound itself.
     bound_here: Vec<String>,
+    /// The names of the listeners whose address this program decided: bound
+    /// here, or passed by a parent that had (`Source::Parent`).
+    configured: Vec<String>,
 }
 
 /// The control socket's name in `LISTEN_FDNAMES`; no user listener may
@@ -161,25 +168,39 @@ fn inspect(fd: BorrowedFd<'_>, kind: Kind) -> std::result::Result<Address, Strin
 }
 
 impl Listeners {
-    pub(crate) fn new(passed: Vec<Passed>, source: Source) -> Listeners {
+    pub(crate) fn new(passed: Vec<Passed>) -> Listeners {
         Listeners {
             passed: passed.into_iter().map(Some).collect(),
-            source,
             active: Vec::new(),
             bound_here: Vec::new(),
+            configured: Vec::new(),
         }
     }
 
     /// Finds the passed fd for `name`: by name, else the first unnamed one.
-    fn claim(&mut self, name: &str, kind: Kind, want: &Address) -> Result<Option<OwnedFd>> {
+    fn claim(
+        &mut self,
+        name: &str,
+        kind: Kind,
+        want: &Address,
+    ) -> Result<Option<(OwnedFd, Source)>> {
         let by_name = self
             .passed
             .iter()
             .position(|p| p.as_ref().is_some_and(|p| p.name == name));
-        let Some(i) = by_name.or_else(|| {
+        // Unnamed fds go to the user's listen_* calls in order, never to the
+        // control socket, which only ever takes its own name.
+        let unnamed = || {
             self.passed
                 .iter()
                 .position(|p| p.as_ref().is_some_and(|p| p.name == UNNAMED))
+        };
+        let Some(i) = by_name.or_else(|| {
+            if name == CONTROL_NAME {
+                None
+            } else {
+                unnamed()
+            }
         }) else {
             return Ok(None);
         };
@@ -190,7 +211,7 @@ impl Listeners {
             problem,
         })?;
         if !want.accepts(&actual) {
-            match self.source {
+            match p.source {
                 Source::Parent => {
                     tracing::info!(name, old = %actual, new = %want, "listener address changed; binding anew");
                     return Ok(None);
@@ -202,7 +223,7 @@ impl Listeners {
         }
         let p = self.passed[i].take().expect("found above");
         tracing::debug!(name, fd = p.number, address = %actual, "using inherited listener");
-        Ok(Some(p.fd))
+        Ok(Some((p.fd, p.source)))
     }
 
     fn add(&mut self, name: &str, kind: Kind, want: Address) -> Result<OwnedFd> {
@@ -214,7 +235,12 @@ impl Listeners {
             return Err(Error::DuplicateName(name.to_owned()));
         }
         let fd = match self.claim(name, kind, &want)? {
-            Some(fd) => fd,
+            Some((fd, source)) => {
+                if source == Source::Parent {
+                    self.configured.push(name.to_owned());
+                }
+                fd
+            }
             None => {
                 let fd = bind(kind, &want).map_err(|source| Error::Bind {
                     name: name.to_owned(),
@@ -222,6 +248,7 @@ impl Listeners {
                     source,
                 })?;
                 self.bound_here.push(name.to_owned());
+                self.configured.push(name.to_owned());
                 fd
             }
         };
@@ -258,6 +285,16 @@ impl Listeners {
     /// Closes every passed fd no `listen_*` call claimed; returns their names.
     pub(crate) fn close_unclaimed(&mut self) -> Vec<String> {
         self.passed.drain(..).flatten().map(|p| p.name).collect()
+    }
+
+    /// The names of the listeners in use whose address this program decided
+    /// (see [`Source`]), for the next generation's `HANDOVER_BOUND`.
+    pub(crate) fn configured(&self) -> Vec<&str> {
+        self.active
+            .iter()
+            .map(|(n, _)| n.as_str())
+            .filter(|n| self.configured.iter().any(|c| c == n))
+            .collect()
     }
 
     /// The listeners to hand to a new process, in order.
@@ -339,16 +376,21 @@ mod tests {
     use super::*;
 
     fn passed(fd: OwnedFd, name: &str) -> Passed {
+        from(fd, name, Source::Manager)
+    }
+
+    fn from(fd: OwnedFd, name: &str, source: Source) -> Passed {
         Passed {
             number: fd.as_raw_fd(),
             fd,
             name: name.into(),
+            source,
         }
     }
 
     #[test]
     fn binds_and_remembers_by_name() {
-        let mut l = Listeners::new(vec![], Source::Manager);
+        let mut l = Listeners::new(vec![]);
         let tcp = l.tcp("http", "127.0.0.1:0".parse().unwrap()).unwrap();
         let udp = l.udp("dns", "127.0.0.1:0".parse().unwrap()).unwrap();
         assert!(tcp.local_addr().unwrap().port() != 0);
@@ -374,10 +416,7 @@ mod tests {
         let a = TcpListener::bind("127.0.0.1:0").unwrap();
         let b = TcpListener::bind("127.0.0.1:0").unwrap();
         let (a_addr, b_addr) = (a.local_addr().unwrap(), b.local_addr().unwrap());
-        let mut l = Listeners::new(
-            vec![passed(a.into(), UNNAMED), passed(b.into(), "admin")],
-            Source::Manager,
-        );
+        let mut l = Listeners::new(vec![passed(a.into(), UNNAMED), passed(b.into(), "admin")]);
         let admin = l.tcp("admin", "127.0.0.1:0".parse().unwrap()).unwrap();
         assert_eq!(admin.local_addr().unwrap(), b_addr);
         let http = l.tcp("http", "127.0.0.1:0".parse().unwrap()).unwrap();
@@ -395,10 +434,10 @@ mod tests {
             None,
         )
         .unwrap();
-        let mut l = Listeners::new(
-            vec![passed(udp.into(), "http"), passed(unbound_tcp, "admin")],
-            Source::Manager,
-        );
+        let mut l = Listeners::new(vec![
+            passed(udp.into(), "http"),
+            passed(unbound_tcp, "admin"),
+        ]);
         let e = l.tcp("http", "127.0.0.1:0".parse().unwrap()).unwrap_err();
         assert!(
             matches!(e, Error::InheritedSocket { ref problem, .. } if problem.contains("not a listening TCP")),
@@ -412,10 +451,45 @@ mod tests {
     fn a_changed_address_from_the_parent_is_bound_anew() {
         let old = TcpListener::bind("127.0.0.1:0").unwrap();
         let old_addr = old.local_addr().unwrap();
-        let mut l = Listeners::new(vec![passed(old.into(), "http")], Source::Parent);
+        let mut l = Listeners::new(vec![from(old.into(), "http", Source::Parent)]);
         let new = l.tcp("http", "127.0.0.2:0".parse().unwrap()).unwrap();
         assert_ne!(new.local_addr().unwrap(), old_addr);
         assert_eq!(l.close_unclaimed(), ["http"]);
+        assert_eq!(l.configured(), ["http"]);
+    }
+
+    #[test]
+    fn the_managers_address_is_kept_across_generations() {
+        // A socket unit on another port than the program's default: the
+        // first process and every later one serve the socket unit's socket.
+        let unit = TcpListener::bind("127.0.0.1:0").unwrap();
+        let unit_addr = unit.local_addr().unwrap();
+        let mut l = Listeners::new(vec![from(unit.into(), "http", Source::Manager)]);
+        let ctl = l.tcp("admin", "127.0.0.1:0".parse().unwrap()).unwrap();
+        let http = l.tcp("http", "127.0.0.2:8081".parse().unwrap()).unwrap();
+        assert_eq!(http.local_addr().unwrap(), unit_addr);
+        assert_eq!(l.configured(), ["admin"]);
+        drop(ctl);
+        assert!(!l.bound_here("http") && l.bound_here("admin"));
+    }
+
+    #[test]
+    fn the_control_socket_never_takes_an_unnamed_fd() {
+        let dir = tempfile::tempdir().unwrap();
+        let user = UnixListener::bind(dir.path().join("user.sock")).unwrap();
+        let mut l = Listeners::new(vec![passed(user.into(), UNNAMED)]);
+        let ctl = l.unix(CONTROL_NAME, &dir.path().join("ctl.sock")).unwrap();
+        let addr = ctl.local_addr().unwrap();
+        assert_eq!(
+            addr.as_pathname(),
+            Some(dir.path().join("ctl.sock").as_path())
+        );
+        let user = l.unix("app", &dir.path().join("elsewhere.sock")).unwrap();
+        let addr = user.local_addr().unwrap();
+        assert_eq!(
+            addr.as_pathname(),
+            Some(dir.path().join("user.sock").as_path())
+        );
     }
 
     #[test]
@@ -423,9 +497,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("s.sock");
         drop(UnixListener::bind(&path).unwrap()); // leaves a stale file
-        let mut l = Listeners::new(vec![], Source::Manager);
+        let mut l = Listeners::new(vec![]);
         let live = l.unix("ctl", &path).unwrap();
-        let mut other = Listeners::new(vec![], Source::Manager);
+        let mut other = Listeners::new(vec![]);
         let e = other.unix("ctl", &path).unwrap_err();
         assert!(matches!(e, Error::Bind { .. }), "{e}");
         drop(live);
