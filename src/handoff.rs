@@ -25,7 +25,7 @@ use tokio::io::unix::AsyncFd;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixStream;
 
-use crate::activation::{ENV_CHANNEL, ENV_GENERATION, ENV_STATE_LEN};
+use crate::activation::{ENV_BOUND, ENV_CHANNEL, ENV_GENERATION, ENV_STATE_LEN};
 use crate::error::UpgradeError;
 use crate::sys;
 
@@ -89,9 +89,11 @@ const PER_PROCESS: &[&str] = &[
     "LISTEN_FDNAMES",
     "LISTEN_PIDFDID",
     "WATCHDOG_PID",
+    "SYSTEMD_EXEC_PID",
     ENV_CHANNEL,
     ENV_GENERATION,
     ENV_STATE_LEN,
+    ENV_BOUND,
 ];
 
 /// The new process, from the parent's side.
@@ -107,9 +109,14 @@ pub(crate) struct Child {
 
 /// Variables of the reload command's environment that describe that
 /// command, not the service: replaced by the old process's own.
-const FROM_OLD_PROCESS: &[&str] = &["NOTIFY_SOCKET", "JOURNAL_STREAM", "WATCHDOG_USEC"];
+const FROM_OLD_PROCESS: &[&str] = &[
+    "NOTIFY_SOCKET",
+    "JOURNAL_STREAM",
+    "WATCHDOG_USEC",
+    "MANAGERPID",
+];
 /// Variables of the reload command's environment dropped outright.
-const RELOAD_COMMAND_ONLY: &[&str] = &["MAINPID", "MANAGERPID", "SYSTEMD_EXEC_PID"];
+const RELOAD_COMMAND_ONLY: &[&str] = &["MAINPID", "SYSTEMD_EXEC_PID"];
 
 /// The environment of the next generation: `base` (the old process's own,
 /// or the one a reload command sent) without the per-process variables,
@@ -149,6 +156,7 @@ fn child_env(
 pub(crate) fn start(
     exe: &Executable,
     listeners: &[(&str, BorrowedFd<'_>)],
+    configured: &[&str],
     generation: u32,
     reparent: bool,
     env: Option<&[(OsString, OsString)]>,
@@ -170,6 +178,7 @@ pub(crate) fn start(
         ("LISTEN_FDNAMES", names),
         (ENV_CHANNEL, (3 + n).to_string()),
         (ENV_GENERATION, generation.to_string()),
+        (ENV_BOUND, configured.join(":")),
     ];
     if state_len > 0 {
         fixed.push((ENV_STATE_LEN, state_len.to_string()));
@@ -197,6 +206,8 @@ pub(crate) fn start(
 
 const KILL_WAIT: Duration = Duration::from_secs(5);
 const STATE_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long to read what a process that exited left on the channel.
+const EXIT_READ: Duration = Duration::from_secs(1);
 
 impl Child {
     /// Waits for `ready`, at most `timeout`. On any failure the child is
@@ -210,33 +221,45 @@ impl Child {
         let pid = self.pid;
         let deadline = tokio::time::sleep(timeout);
         tokio::pin!(deadline);
+        let mut line = String::new();
         if !state.is_empty() {
             // The child reads the state in build(), before anything else.
             let written = tokio::select! {
-                r = self.channel.get_mut().write_all(state) => r.map_err(UpgradeError::Channel),
-                _ = &mut deadline => Err(UpgradeError::Timeout { pid, timeout }),
+                r = self.channel.get_mut().write_all(state) => r,
+                _ = &mut deadline => {
+                    self.kill().await;
+                    return Err(UpgradeError::Timeout { pid, timeout });
+                }
             };
-            if let Err(e) = written {
-                // A child that died early shows as a broken pipe here: say so.
+            if written.is_err() {
+                // It died first (EPIPE): say why, if it left a reason.
+                let said = tokio::time::timeout(EXIT_READ, self.channel.read_line(&mut line)).await;
                 let status = self.kill().await;
-                return Err(match e {
-                    UpgradeError::Channel(_) => UpgradeError::ChildExited { pid, status },
-                    e => e,
+                return Err(match said {
+                    Ok(Ok(_)) if !line.trim().is_empty() => {
+                        parse_failure(line.trim_end(), pid, exe)
+                    }
+                    _ => UpgradeError::ChildExited { pid, status },
                 });
             }
         }
-        let mut line = String::new();
         let outcome = tokio::select! {
             r = self.channel.read_line(&mut line) => match r {
                 Ok(0) => Err(None),
                 Ok(_) => Ok(line.trim_end().to_owned()),
+                // It exited without reading the state we wrote: Linux then
+                // reports ECONNRESET instead of EOF (anything it wrote before
+                // was read first).
+                Err(e) if e.kind() == io::ErrorKind::ConnectionReset => Err(None),
                 Err(e) => Err(Some(UpgradeError::Channel(e))),
             },
             _ = self.pidfd.readable() => {
-                // It exited. Whatever it wrote before is in the socket buffer.
-                match self.buffered_line() {
-                    Some(l) => Ok(l),
-                    None => Err(None),
+                // It exited: whatever it wrote before is in the socket buffer
+                // (and partly in `line` already). Bounded, in case something
+                // it started still holds its end of the channel.
+                match tokio::time::timeout(EXIT_READ, self.channel.read_line(&mut line)).await {
+                    Ok(Ok(_)) if !line.trim().is_empty() => Ok(line.trim_end().to_owned()),
+                    _ => Err(None),
                 }
             }
             _ = &mut deadline => {
@@ -258,13 +281,6 @@ impl Child {
             UpgradeError::ChildExited { pid, .. } => UpgradeError::ChildExited { pid, status },
             e => e,
         })
-    }
-
-    fn buffered_line(&mut self) -> Option<String> {
-        let mut buf = [0u8; 4096];
-        let n = self.channel.get_ref().try_read(&mut buf).ok()?;
-        let text = String::from_utf8_lossy(&buf[..n]);
-        text.lines().next().map(str::to_owned)
     }
 
     /// Tells the child it is the main process now.

@@ -150,10 +150,9 @@ pub(crate) struct Spawned {
 ///
 /// With `reparent`, `CLONE_PARENT` makes the new process a child of our
 /// own parent (the service manager), which then supervises and reaps it;
-/// otherwise it is our child and [`reap`] collects it. The child writes
-/// `spawn <errno>\n` or `exec <errno>\n` to the fd that ends up at
-/// `3 + n - 1` (the last fd, by convention the handoff channel) if it cannot
-/// exec.
+/// otherwise it is our child and [`reap`] collects it. If the child cannot
+/// exec, it writes `spawn <errno>\n` or `exec <errno>\n` to the last fd (by
+/// convention the handoff channel). `image` must hold at least one fd.
 pub(crate) fn spawn(image: &mut ExecImage, reparent: bool) -> io::Result<Spawned> {
     spawn_with(image, reparent, false)
 }
@@ -172,6 +171,9 @@ fn spawn_with(image: &mut ExecImage, reparent: bool, legacy: bool) -> io::Result
         tls: 0,
     };
     let raw_fds: Vec<RawFd> = image.fds.iter().map(|f| f.as_raw_fd()).collect();
+    // The channel's source fd stays open in the child until a successful
+    // exec (it is close-on-exec), so failures are reported there.
+    let report = raw_fds.last().copied().unwrap_or(-1);
 
     // SAFETY: sigset_t is a plain C bitset; sigfillset/sigemptyset initialise it.
     let mut all: libc::sigset_t = unsafe { std::mem::zeroed() };
@@ -211,7 +213,7 @@ fn spawn_with(image: &mut ExecImage, reparent: bool, legacy: bool) -> io::Result
         // SAFETY: we are the child of a (possibly multi-threaded) process;
         // `child_exec` only makes async-signal-safe system calls on memory
         // prepared before the clone, and never returns.
-        unsafe { child_exec(image, &raw_fds, &none) }
+        unsafe { child_exec(image, &raw_fds, report, &none) }
     }
     let err = io::Error::last_os_error();
     // SAFETY: restores this thread's mask saved above.
@@ -275,10 +277,12 @@ struct CloneArgs {
 ///
 /// # Safety
 /// Call only in the child right after the clone.
-unsafe fn child_exec(image: &mut ExecImage, raw_fds: &[RawFd], empty: &libc::sigset_t) -> ! {
-    let n = raw_fds.len() as i32;
-    let report = 3 + n - 1;
-
+unsafe fn child_exec(
+    image: &mut ExecImage,
+    raw_fds: &[RawFd],
+    report: RawFd,
+    empty: &libc::sigset_t,
+) -> ! {
     // LISTEN_PID=<our pid>: digits written backwards into a stack buffer.
     let pid = libc::syscall(libc::SYS_getpid) as u64;
     let mut digits = [0u8; 20];

@@ -26,6 +26,45 @@ pub fn example(name: &str) -> PathBuf {
     path
 }
 
+/// Like [`example`], but refuses a binary older than the crate's sources or
+/// the example's own: `cargo test --test NAME` rebuilds the library, the
+/// binaries and that test, not the examples, so a test would silently run
+/// a stale server (run `cargo build --examples`, or plain `cargo test`).
+pub fn fresh_example(name: &str) -> PathBuf {
+    fn newest(dir: &Path, found: &mut Option<(std::time::SystemTime, PathBuf)>) {
+        for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+            let path = e.path();
+            if path.is_dir() {
+                newest(&path, found);
+            } else if let Ok(t) = e.metadata().and_then(|m| m.modified()) {
+                if found.as_ref().is_none_or(|(n, _)| t > *n) {
+                    *found = Some((t, path));
+                }
+            }
+        }
+    }
+    let path = example(name);
+    let built = std::fs::metadata(&path).and_then(|m| m.modified()).unwrap();
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut found = None;
+    newest(&root.join("src"), &mut found);
+    let source = root.join("examples").join(format!("{name}.rs"));
+    if let Ok(t) = std::fs::metadata(&source).and_then(|m| m.modified()) {
+        if found.as_ref().is_none_or(|(n, _)| t > *n) {
+            found = Some((t, source));
+        }
+    }
+    if let Some((t, newer)) = found {
+        assert!(
+            t <= built,
+            "{} is older than {}: run `cargo build --examples` (`cargo test --test ...` does not rebuild examples)",
+            path.display(),
+            newer.display()
+        );
+    }
+    path
+}
+
 /// Waits until `f` returns `Some`, polling every 5 ms, at most `timeout`.
 pub fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
     let end = Instant::now() + timeout;
@@ -126,12 +165,20 @@ impl Server {
         for (k, v) in envs {
             cmd.env(k, v);
         }
-        let mut child = cmd
-            .stdin(Stdio::null())
+        cmd.stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
+            .stderr(Stdio::piped());
+        // A binary the test has just written can be busy for a moment: a
+        // process another test thread forks meanwhile holds the writer's fd
+        // until its exec closes it (ETXTBSY).
+        let mut child = wait_for(
+            "the binary to be executable",
+            Duration::from_secs(10),
+            || match cmd.spawn() {
+                Err(e) if e.kind() == std::io::ErrorKind::ExecutableFileBusy => None,
+                r => Some(r.unwrap()),
+            },
+        );
         let log = Log::default();
         log.collect(child.stderr.take().unwrap());
         let server = Server {
@@ -292,4 +339,13 @@ pub fn get(addr: SocketAddr, path: &str) -> (u16, String) {
         .map(|(_, b)| b.to_owned())
         .unwrap_or_default();
     (status, body)
+}
+
+/// Replaces the file at `path` the way a deploy does (write aside, rename).
+pub fn deploy(path: &Path, contents: &[u8], mode: u32) {
+    use std::os::unix::fs::PermissionsExt;
+    let tmp = path.with_extension("new");
+    std::fs::write(&tmp, contents).unwrap();
+    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(mode)).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
 }
