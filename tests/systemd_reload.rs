@@ -1,0 +1,726 @@
+//! `systemctl reload` that tells the truth, environment changes applied by a
+//! reload, and the fd store as a crash safety net, all under a real private
+//! `systemd --user` manager (systemd 252 here).
+//!
+//! - **Truthful reload**: `ExecReload=handover-reload` (the crate's command)
+//!   with `RuntimeDirectory=hello`, so the service serves its control socket
+//!   at `$RUNTIME_DIRECTORY/handover.sock` and the command finds it there.
+//!   `systemctl reload` returns only once the new process is the main PID,
+//!   and fails (with the unit still active on the old process) when the new
+//!   binary is broken.
+//! - **Environment on reload**: a changed `Environment=` (drop-in plus
+//!   `daemon-reload`) or `EnvironmentFile=` (edited, no `daemon-reload`)
+//!   reaches the new process; the reload command's own `MAINPID` & co do not.
+//! - **fd store**: a service without a `.socket` unit, `--fd-store`,
+//!   `FileDescriptorStoreMax=`, `Restart=on-failure`: after `kill -9` the
+//!   restarted process serves the very same listening socket, and no client
+//!   is refused meanwhile.
+//!
+//! The tests need root and systemd; they skip otherwise (and fail under
+//! `CI=true`). Every wait is bounded and waits on a state or an event; every
+//! process is signalled by pid.
+
+#[path = "support/load.rs"]
+mod load;
+#[path = "support/server.rs"]
+mod server;
+#[path = "support/systemd.rs"]
+mod systemd;
+
+use std::collections::HashMap;
+use std::fs;
+use std::net::SocketAddr;
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::process::Output;
+use std::sync::Mutex;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+
+use server::example;
+use systemd::{pid_alive, JournalEntry, UserManager};
+
+/// Bound on every wait.
+const T: Duration = Duration::from_secs(30);
+/// The crate's `ExecReload=` command, built by cargo for integration tests.
+const RELOAD_CMD: &str = env!("CARGO_BIN_EXE_handover-reload");
+const GREETING: &str = "Welcome to the Home Page!";
+/// The reload command's lines in the journal.
+const RELOAD_ID: &str = "SYSLOG_IDENTIFIER=handover-reload";
+
+// ---------------------------------------------------------------------------------------------
+// helpers
+
+/// A free TCP port on 127.0.0.1 in 20000..32000, below the ephemeral range
+/// (32768-60999 here), so no load client's own outgoing port collides with
+/// it. Never hands out the same port twice in one test process.
+fn free_port() -> u16 {
+    static TAKEN: Mutex<Vec<u16>> = Mutex::new(Vec::new());
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64;
+    let mut x = (nanos ^ (u64::from(std::process::id()) << 32)) | 1;
+    for _ in 0..1000 {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        let port = 20000 + (x % 12000) as u16;
+        let mut taken = TAKEN.lock().unwrap();
+        if taken.contains(&port) {
+            continue;
+        }
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            taken.push(port);
+            return port;
+        }
+    }
+    panic!("no free port in 20000..32000");
+}
+
+/// `GET /` on a fresh connection; the body of a 200 answer.
+fn greeting(addr: SocketAddr) -> String {
+    let (status, body) = server::get(addr, "/");
+    assert_eq!(status, 200, "GET / answered {status}: {body:?}");
+    body.trim_end().to_owned()
+}
+
+/// Waits until the load has completed `n` more requests: traffic flows now.
+fn traffic_flows(load: &load::Load, n: u64) {
+    let want = load.ok() + n;
+    assert!(
+        load.wait_for_ok(want, T),
+        "requests stopped flowing ({} ok, {} errors)",
+        load.ok(),
+        load.errors()
+    );
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+fn message(e: &JournalEntry) -> &str {
+    e.get("MESSAGE").map(String::as_str).unwrap_or("")
+}
+
+/// The inode of the socket listening on 127.0.0.1:`port` (`/proc/net/tcp`,
+/// state `0A`), if any.
+fn listening_inode(port: u16) -> Option<u64> {
+    let table = fs::read_to_string("/proc/net/tcp").unwrap();
+    let local = format!("0100007F:{port:04X}");
+    table.lines().skip(1).find_map(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        (f.len() > 9 && f[1] == local && f[3] == "0A")
+            .then(|| f[9].parse().ok())
+            .flatten()
+    })
+}
+
+/// The socket inodes among `pid`'s open fds.
+fn socket_inodes(pid: u32) -> Vec<u64> {
+    let Ok(dir) = fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return Vec::new();
+    };
+    dir.flatten()
+        .filter_map(|e| fs::read_link(e.path()).ok())
+        .filter_map(|t| {
+            t.to_str()?
+                .strip_prefix("socket:[")?
+                .strip_suffix(']')?
+                .parse()
+                .ok()
+        })
+        .collect()
+}
+
+/// `/proc/<pid>/environ` as a map.
+fn environ(pid: u32) -> HashMap<String, String> {
+    let raw = fs::read(format!("/proc/{pid}/environ"))
+        .unwrap_or_else(|e| panic!("/proc/{pid}/environ: {e}"));
+    raw.split(|b| *b == 0)
+        .filter(|e| !e.is_empty())
+        .filter_map(|e| {
+            let s = String::from_utf8_lossy(e);
+            let (k, v) = s.split_once('=')?;
+            Some((k.to_owned(), v.to_owned()))
+        })
+        .collect()
+}
+
+/// Replaces `path` the way a deploy tool does: write aside, then rename.
+fn replace_file(path: &Path, contents: &[u8], mode: u32) {
+    let aside = path.with_extension("new");
+    fs::write(&aside, contents).unwrap();
+    fs::set_permissions(&aside, fs::Permissions::from_mode(mode)).unwrap();
+    fs::rename(&aside, path).unwrap();
+}
+
+/// A unit file from `units/`.
+fn repo_unit(name: &str) -> String {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("units")
+        .join(name);
+    fs::read_to_string(&path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()))
+}
+
+/// Replaces the value of every (uncommented) `key=` line whose value is not
+/// empty (an empty one resets a list in a drop-in); at least one must exist.
+fn set_key(unit: &str, key: &str, value: &str) -> String {
+    let prefix = format!("{key}=");
+    let mut found = false;
+    let mut out: String = unit
+        .lines()
+        .map(|l| match l.trim_start().strip_prefix(&prefix) {
+            Some(v) if !v.trim().is_empty() => {
+                found = true;
+                format!("{prefix}{value}")
+            }
+            _ => l.to_owned(),
+        })
+        .collect::<Vec<_>>()
+        .join("\n");
+    out.push('\n');
+    assert!(found, "no {key}= line in the unit:\n{unit}");
+    out
+}
+
+/// The value of the last non-empty `key=` line.
+fn get_key<'a>(unit: &'a str, key: &str) -> Option<&'a str> {
+    let prefix = format!("{key}=");
+    unit.lines()
+        .rev()
+        .filter_map(|l| l.trim_start().strip_prefix(prefix.as_str()))
+        .find(|v| !v.trim().is_empty())
+}
+
+/// Installs the shipped `units/hello.socket` (on 127.0.0.1:`port`),
+/// `units/hello.service` (running `exe` with `args`) and its drop-in
+/// `units/hello.service.d/truthful-reload.conf` (`RuntimeDirectory=hello`,
+/// `ExecReload=handover-reload`, pointed at the built command with its
+/// arguments kept), plus `extra` as another drop-in when not empty.
+fn install_truthful(m: &UserManager, exe: &Path, args: &str, port: u16, extra: &str) -> SocketAddr {
+    let socket = set_key(
+        &repo_unit("hello.socket"),
+        "ListenStream",
+        &format!("127.0.0.1:{port}"),
+    );
+    let service = repo_unit("hello.service");
+    let timeout: u64 = get_key(&service, "TimeoutStartSec")
+        .and_then(|v| v.trim().parse().ok())
+        .expect("hello.service sets TimeoutStartSec= in seconds");
+    let service = set_key(&service, "ExecStart", &format!("{} {args}", exe.display()));
+    let dropin = repo_unit("hello.service.d/truthful-reload.conf");
+    assert_eq!(get_key(&dropin, "RuntimeDirectory"), Some("hello"));
+    let reload = get_key(&dropin, "ExecReload").expect("the drop-in sets ExecReload=");
+    let (program, reload_args) = reload.split_once(' ').unwrap_or((reload, ""));
+    assert!(program.ends_with("/handover-reload"), "ExecReload={reload}");
+    // The command's own timeout must stay below the manager's.
+    let reload_timeout: u64 = reload_args
+        .split_whitespace()
+        .skip_while(|a| *a != "--timeout")
+        .nth(1)
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(90);
+    assert!(
+        reload_timeout < timeout,
+        "handover-reload --timeout {reload_timeout} must be below TimeoutStartSec={timeout}"
+    );
+    let dropin = set_key(
+        &dropin,
+        "ExecReload",
+        &format!("{RELOAD_CMD} {reload_args}"),
+    );
+    m.install_unit("hello.socket", &socket);
+    m.install_unit("hello.service", &service);
+    m.install_unit("hello.service.d/truthful-reload.conf", &dropin);
+    m.install_unit(
+        "hello.service.d/00-test.conf",
+        &format!("[Service]\nEnvironment=RUST_LOG=info\n{extra}"),
+    );
+    m.daemon_reload();
+    SocketAddr::from(([127, 0, 0, 1], port))
+}
+
+/// `install_truthful` with `--addr` matching the socket unit and short
+/// upgrade and drain timeouts.
+fn install_hello(m: &UserManager, exe: &Path, extra: &str) -> SocketAddr {
+    let port = free_port();
+    install_truthful(
+        m,
+        exe,
+        &format!("--addr 127.0.0.1:{port} --upgrade-timeout 10 --drain-timeout 5"),
+        port,
+        extra,
+    )
+}
+
+/// Starts the socket and the service (no activation by a request: `start`
+/// waits for `READY=1`); returns the main pid.
+fn start_truthful(m: &UserManager) -> u32 {
+    m.systemctl_ok(&["start", "hello.socket"]);
+    m.systemctl_ok(&["start", "hello.service"]);
+    assert_eq!(m.show("hello.service", "ActiveState"), "active");
+    let pid = m.main_pid("hello.service");
+    assert_ne!(pid, 0);
+    let sock = m.runtime_dir().join("hello/handover.sock");
+    assert!(sock.exists(), "no control socket at {}", sock.display());
+    pid
+}
+
+/// `systemctl reload hello.service` with the truthful `ExecReload=`: when it
+/// exits 0, `MainPID` is already the new process, which is alive and
+/// serving the control socket. Returns the new pid and how long the command
+/// took.
+fn truthful_reload(m: &UserManager, old: u32) -> (u32, Duration) {
+    let t = Instant::now();
+    let out = m.systemctl(&["reload", "hello.service"]);
+    let took = t.elapsed();
+    assert!(
+        out.status.success(),
+        "systemctl reload failed ({}): {}{}\n{}",
+        out.status,
+        stdout(&out),
+        stderr(&out),
+        unit_log(m)
+    );
+    // No waiting: the very next look must see the new process.
+    let new = m.main_pid("hello.service");
+    assert!(
+        new != 0 && new != old,
+        "systemctl reload returned, MainPID still {new} (was {old})"
+    );
+    assert!(pid_alive(new), "the new main process {new} is not alive");
+    assert_eq!(m.show("hello.service", "ActiveState"), "active");
+    assert_eq!(m.show("hello.service", "SubState"), "running");
+    assert_eq!(m.show("hello.service", "ReloadResult"), "success");
+    // The control socket now answers from the new process.
+    let status = handover::control::request_status(
+        &m.runtime_dir().join("hello/handover.sock"),
+        Duration::from_secs(5),
+    )
+    .expect("control socket status");
+    assert!(
+        status.starts_with("Ready ") && status.ends_with(&format!(" pid={new}")),
+        "status {status:?}, main pid {new}"
+    );
+    (new, took)
+}
+
+/// The unit's journal, one line per entry, for panic messages.
+fn unit_log(m: &UserManager) -> String {
+    m.unit_journal("hello.service")
+        .iter()
+        .map(|e| {
+            format!(
+                "{} [{}] {}",
+                e.get("__MONOTONIC_TIMESTAMP")
+                    .map(String::as_str)
+                    .unwrap_or(""),
+                e.get("_PID").map(String::as_str).unwrap_or(""),
+                message(e)
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// Waits until `pid` is gone (reaped by the manager).
+fn wait_gone(m: &UserManager, pid: u32) {
+    m.wait_until(&format!("process {pid} to exit"), T, || !pid_alive(pid));
+}
+
+// ---------------------------------------------------------------------------------------------
+// issue 4.1: a truthful reload
+
+#[test]
+fn truthful_reload_waits_for_the_new_main_pid_and_reports_failure() {
+    let Some(m) = UserManager::boot_or_skip("truthful") else {
+        return;
+    };
+    let t0 = Instant::now();
+    // A copy of hello, so the test can deploy a broken build over it.
+    let dir = tempfile::tempdir().unwrap();
+    let bin = dir.path().join("hello");
+    fs::copy(example("hello"), &bin).unwrap();
+    let addr = install_hello(&m, &bin, "");
+    let first = start_truthful(&m);
+    assert_eq!(greeting(addr), GREETING);
+
+    let load = load::Load::start(
+        addr,
+        load::LoadConfig {
+            keepalive_clients: 4,
+            per_request_clients: 4,
+            ..Default::default()
+        },
+    );
+    traffic_flows(&load, 50);
+    let mut pids = vec![first];
+    let mut took = Vec::new();
+    let mut unattributed = 0;
+    for i in 1..=5 {
+        let old = *pids.last().unwrap();
+        let (new, d) = truthful_reload(&m, old);
+        assert!(!pids.contains(&new), "reload {i}: pid {new} seen before");
+        pids.push(new);
+        took.push(d);
+        // The command's own report, in the journal. Matched by its
+        // identifier: journald may fail to attribute a line of a process
+        // that has already exited to its unit (no `_SYSTEMD_CGROUP`).
+        let want = format!("upgraded: main PID {new}");
+        let e = m.wait_for_journal(&[RELOAD_ID], T, |e| message(e) == want);
+        if !e.contains_key("_SYSTEMD_CGROUP") {
+            unattributed += 1;
+        }
+        traffic_flows(&load, 20);
+    }
+    eprintln!(
+        "5 truthful reloads, systemctl reload took {took:.2?}; pids {pids:?}; \
+         {unattributed} of the command's lines had no _SYSTEMD_CGROUP"
+    );
+
+    // A broken build: the reload fails, and says so.
+    let serving = *pids.last().unwrap();
+    wait_gone(&m, pids[pids.len() - 2]);
+    replace_file(&bin, b"#!/bin/sh\nexit 3\n", 0o755);
+    let t = Instant::now();
+    let out = m.systemctl(&["reload", "hello.service"]);
+    eprintln!(
+        "broken build: systemctl reload {} after {:.2?}; stdout {:?} stderr {:?}",
+        out.status,
+        t.elapsed(),
+        stdout(&out),
+        stderr(&out)
+    );
+    assert!(
+        !out.status.success(),
+        "the reload of a broken build succeeded"
+    );
+    assert!(
+        stderr(&out).contains("hello.service failed"),
+        "systemctl says: {}",
+        stderr(&out)
+    );
+    assert_eq!(m.main_pid("hello.service"), serving, "MainPID unchanged");
+    assert!(pid_alive(serving));
+    assert_eq!(m.show("hello.service", "ActiveState"), "active");
+    assert_eq!(m.show("hello.service", "SubState"), "running");
+    assert_eq!(m.show("hello.service", "ReloadResult"), "exit-code");
+    assert_eq!(m.show("hello.service", "NRestarts"), "0");
+    assert_eq!(greeting(addr), GREETING, "still serving");
+    let e = m.wait_for_journal(&[RELOAD_ID], T, |e| {
+        message(e).starts_with("handover-reload: upgrade failed")
+    });
+    eprintln!(
+        "journal: {:?} (_PID {:?}, _SYSTEMD_CGROUP {:?}, PRIORITY {:?})",
+        message(&e),
+        e.get("_PID"),
+        e.get("_SYSTEMD_CGROUP"),
+        e.get("PRIORITY")
+    );
+    // The old process's reason, relayed: the new one ran `exit 3`.
+    assert!(
+        message(&e).starts_with("handover-reload: upgrade failed: new process ")
+            && message(&e).contains("exited before it was ready"),
+        "{e:?}"
+    );
+    traffic_flows(&load, 20);
+
+    // Fixed build: the next reload succeeds.
+    replace_file(&bin, &fs::read(example("hello")).unwrap(), 0o755);
+    let (new, _) = truthful_reload(&m, serving);
+    assert_eq!(m.show("hello.service", "ReloadResult"), "success");
+    wait_gone(&m, serving);
+    traffic_flows(&load, 20);
+    let report = load.stop();
+    eprintln!("6 reloads + 1 failed in {:.2?}; {report}", t0.elapsed());
+    report.assert_no_errors();
+    assert_eq!(m.main_pid("hello.service"), new);
+    assert!(m
+        .show("hello.service", "StatusText")
+        .contains(&format!("generation 6, pid {new}")));
+}
+
+/// The `.socket` unit decides the address: when it differs from the
+/// program's own `--addr`, the first process serves the socket unit's socket
+/// (with a warning), and so must every later generation, on the same socket.
+#[test]
+fn a_socket_unit_address_other_than_addr_is_kept_across_reloads() {
+    let Some(m) = UserManager::boot_or_skip("sockaddr") else {
+        return;
+    };
+    let (port, other) = (free_port(), free_port());
+    let addr = install_truthful(
+        &m,
+        &example("hello"),
+        &format!("--addr 127.0.0.1:{other} --upgrade-timeout 10 --drain-timeout 5"),
+        port,
+        "",
+    );
+    let first = start_truthful(&m);
+    assert_eq!(greeting(addr), GREETING);
+    let inode = listening_inode(port).expect("the socket unit listens");
+    assert!(socket_inodes(first).contains(&inode));
+    let (new, _) = truthful_reload(&m, first);
+    wait_gone(&m, first);
+    let bound = listening_inode(other);
+    assert!(
+        socket_inodes(new).contains(&inode) && bound.is_none(),
+        "after the reload, pid {new} does not serve the socket unit's socket {inode} on port \
+         {port} (it bound --addr port {other} anew: {bound:?}); connections to {addr} now queue \
+         with nobody accepting them\n{}",
+        unit_log(&m)
+    );
+    assert_eq!(greeting(addr), GREETING);
+}
+
+// ---------------------------------------------------------------------------------------------
+// issue 7.1: the environment is applied on reload
+
+/// Reloads under `load`, waits until the old process is gone, and checks
+/// that from then on only `want` is served: the old greeting's last
+/// response arrived before that moment, and 20 fresh requests all say
+/// `want`. Returns the new pid.
+fn reload_to_greeting(
+    m: &UserManager,
+    load: &load::Load,
+    load_t0: Instant,
+    addr: SocketAddr,
+    old: u32,
+    want: &str,
+) -> (u32, Duration) {
+    let (new, _) = truthful_reload(m, old);
+    wait_gone(m, old);
+    let gone_at = load_t0.elapsed();
+    for i in 0..20 {
+        assert_eq!(greeting(addr), want, "fresh request {i} after {old} exited");
+    }
+    traffic_flows(load, 50);
+    (new, gone_at)
+}
+
+#[test]
+fn environment_changes_apply_on_reload() {
+    let Some(m) = UserManager::boot_or_skip("reloadenv") else {
+        return;
+    };
+    let t0 = Instant::now();
+    let env_file = m.runtime_dir().join("hello.env");
+    fs::write(&env_file, "UNRELATED=1\n").unwrap();
+    let addr = install_hello(
+        &m,
+        &example("hello"),
+        &format!(
+            "Environment=HELLO_GREETING=one\nEnvironmentFile={}\n",
+            env_file.display()
+        ),
+    );
+    let first = start_truthful(&m);
+    assert_eq!(greeting(addr), "one");
+    let env0 = environ(first);
+
+    // `started` of the load lies between these two instants.
+    let before_load = Instant::now();
+    let load = load::Load::start(
+        addr,
+        load::LoadConfig {
+            keepalive_clients: 4,
+            per_request_clients: 4,
+            ..Default::default()
+        },
+    );
+    traffic_flows(&load, 50);
+
+    // 1. A drop-in + daemon-reload.
+    m.install_unit(
+        "hello.service.d/greeting.conf",
+        "[Service]\nEnvironment=HELLO_GREETING=two\n",
+    );
+    m.daemon_reload();
+    let (second, one_gone) = reload_to_greeting(&m, &load, before_load, addr, first, "two");
+
+    // 2. EnvironmentFile= edited, no daemon-reload: systemd reads the file
+    //    again for every command it runs, ExecReload= included.
+    replace_file(&env_file, b"HELLO_GREETING=three\n", 0o644);
+    let (third, two_gone) = reload_to_greeting(&m, &load, before_load, addr, second, "three");
+    let report = load.stop();
+    eprintln!("environment reloads in {:.2?}; {report}", t0.elapsed());
+    report.assert_no_errors();
+    let body = |g: &str| {
+        report
+            .body(&format!("{g}\n"))
+            .unwrap_or_else(|| panic!("the load never saw {g:?}:\n{report}"))
+    };
+    // Responses read before the poll saw the old process gone; the load's
+    // clock started after `before_load`, so these bounds are safe.
+    assert!(
+        body("one").last_at <= one_gone,
+        "\"one\" after its process was gone:\n{report}"
+    );
+    assert!(
+        body("two").last_at <= two_gone,
+        "\"two\" after its process was gone:\n{report}"
+    );
+    assert!(body("three").count > 0);
+    assert_eq!(report.bodies.len(), 3, "{report}");
+
+    // What the reload command's environment left in the new process.
+    let env = environ(third);
+    let keys = |e: &HashMap<String, String>| {
+        let mut k: Vec<_> = e.keys().cloned().collect();
+        k.sort();
+        k.join(" ")
+    };
+    eprintln!("first process env keys: {}", keys(&env0));
+    eprintln!("third process env keys: {}", keys(&env));
+    assert_eq!(env.get("HELLO_GREETING").map(String::as_str), Some("three"));
+    assert_eq!(
+        env.get("UNRELATED"),
+        None,
+        "the old file's variable is gone"
+    );
+    assert_eq!(env.get("MAINPID"), None, "MAINPID leaked: {env:?}");
+    // The manager is the same for the reload command and the service:
+    // MANAGERPID comes from the old process, as the first one had it.
+    assert_eq!(env.get("MANAGERPID"), env0.get("MANAGERPID"), "{env:?}");
+    assert_eq!(
+        env.get("SYSTEMD_EXEC_PID"),
+        None,
+        "SYSTEMD_EXEC_PID leaked: {env:?}"
+    );
+    assert_eq!(env.get("LISTEN_PID"), Some(&third.to_string()));
+    // The socket unit's listener and the control socket, handed over.
+    let names: Vec<&str> = env["LISTEN_FDNAMES"].split(':').collect();
+    assert!(names.contains(&"http"), "{names:?}");
+    assert!(names.contains(&"handover-control"), "{names:?}");
+    assert_eq!(env.get("LISTEN_FDS"), Some(&names.len().to_string()));
+    assert!(env.contains_key("NOTIFY_SOCKET"), "{env:?}");
+    assert_eq!(env.get("NOTIFY_SOCKET"), env0.get("NOTIFY_SOCKET"));
+    // The service's journal stream, not the reload command's own.
+    assert_eq!(env.get("JOURNAL_STREAM"), env0.get("JOURNAL_STREAM"));
+    assert_eq!(env.get("INVOCATION_ID"), env0.get("INVOCATION_ID"));
+    assert_eq!(env.get("RUNTIME_DIRECTORY"), env0.get("RUNTIME_DIRECTORY"));
+    // What the first process had from the manager, for the record.
+    assert_eq!(env0.get("SYSTEMD_EXEC_PID"), Some(&first.to_string()));
+    assert_eq!(env0.get("MAINPID"), None);
+}
+
+// ---------------------------------------------------------------------------------------------
+// issue 4.3: the fd store keeps a self-bound socket across a crash restart
+
+#[test]
+fn fd_store_keeps_the_socket_across_a_crash_restart() {
+    let Some(m) = UserManager::boot_or_skip("fdstore") else {
+        return;
+    };
+    let t0 = Instant::now();
+    let port = free_port();
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    m.install_unit(
+        "hello.service",
+        &format!(
+            "[Service]\nType=notify\n\
+             ExecStart={} --addr {addr} --fd-store\n\
+             FileDescriptorStoreMax=4\n\
+             Restart=on-failure\nRestartSec=100ms\n\
+             Environment=RUST_LOG=info,handover=debug\n",
+            example("hello").display()
+        ),
+    );
+    m.daemon_reload();
+    m.systemctl_ok(&["start", "hello.service"]);
+    let first = m.main_pid("hello.service");
+    assert_ne!(first, 0);
+    assert_eq!(greeting(addr), GREETING);
+    let inode = listening_inode(port).expect("hello listens");
+    assert!(
+        socket_inodes(first).contains(&inode),
+        "pid {first} does not hold the listening socket {inode}"
+    );
+    m.wait_until("the listener in the fd store", T, || {
+        m.show("hello.service", "NFileDescriptorStore") == "1"
+    });
+    let pushed = m.wait_for_journal(&[&format!("_PID={first}")], T, |e| {
+        message(e).contains("fd store")
+    });
+    eprintln!("journal: {:?}", message(&pushed));
+
+    let load = load::Load::start(
+        addr,
+        load::LoadConfig {
+            keepalive_clients: 0,
+            per_request_clients: 4,
+            ..Default::default()
+        },
+    );
+    traffic_flows(&load, 50);
+    let killed_at = Instant::now();
+    kill(Pid::from_raw(first as i32), Signal::SIGKILL).unwrap();
+    let mut second = 0;
+    m.wait_until("the restarted service to be active", T, || {
+        second = m.main_pid("hello.service");
+        second != 0 && second != first && m.show("hello.service", "ActiveState") == "active"
+    });
+    let restart = killed_at.elapsed();
+    assert_eq!(m.show("hello.service", "NRestarts"), "1");
+    assert!(!pid_alive(first));
+    assert_eq!(
+        listening_inode(port),
+        Some(inode),
+        "the restarted service listens on another socket"
+    );
+    assert!(
+        socket_inodes(second).contains(&inode),
+        "the restarted pid {second} does not hold socket {inode}"
+    );
+    assert_eq!(m.show("hello.service", "NFileDescriptorStore"), "1");
+    let env = environ(second);
+    assert_eq!(env.get("LISTEN_FDNAMES").map(String::as_str), Some("http"));
+    assert_eq!(env.get("LISTEN_PID"), Some(&second.to_string()));
+    let manager = m.manager_pid().to_string();
+    let e = m.wait_for_journal(&[&format!("_PID={manager}")], T, |e| {
+        message(e).contains("restart counter is at 1")
+    });
+    eprintln!("manager: {:?}", message(&e));
+    traffic_flows(&load, 100);
+    let report = load.stop();
+    eprintln!(
+        "fd store: crash restart in {restart:.2?} (total {:.2?}); {report}",
+        t0.elapsed()
+    );
+    let refused = report.errors.get(&load::ErrorKind::Refused).copied();
+    let connect = report.errors.get(&load::ErrorKind::Connect).copied();
+    assert_eq!(
+        refused, None,
+        "connections refused during the restart:\n{report}"
+    );
+    assert_eq!(
+        connect, None,
+        "connects failed during the restart:\n{report}"
+    );
+    // Requests the killed process had already accepted die with it: that is
+    // the crash, not a loss of the restart.
+    eprintln!(
+        "fd store: {} requests lost with the crashed process ({:?}), {} refused",
+        report.errors_total(),
+        report.errors,
+        refused.unwrap_or(0)
+    );
+    assert!(
+        report.errors_total() <= 4,
+        "more failures than the 4 clients could have had in flight:\n{report}"
+    );
+
+    // The store is a crash safety net only: a stop empties it and closes
+    // the socket.
+    m.systemctl_ok(&["stop", "hello.service"]);
+    assert_eq!(m.show("hello.service", "NFileDescriptorStore"), "0");
+    assert_eq!(listening_inode(port), None, "the socket outlived the stop");
+}
