@@ -150,10 +150,21 @@ fn child_env(
     env
 }
 
-/// Starts `exe` with `listeners` handed over. `env` replaces the old
-/// process's environment (see [`child_env`]); `state_len` bytes of state
-/// follow on the channel.
-pub(crate) fn start(
+/// Everything needed to start the new process, prepared on the caller's
+/// thread (cheap); [`Launch::run`] then clones on a blocking thread, so the
+/// copy of the page tables does not stall a runtime thread that serves.
+pub(crate) struct Launch {
+    image: sys::ExecImage,
+    ours_end: std::os::unix::net::UnixStream,
+    theirs: std::os::unix::net::UnixStream,
+    reparent: bool,
+    exe: PathBuf,
+}
+
+/// Prepares to start `exe` with `listeners` handed over. `env` replaces the
+/// old process's environment (see [`child_env`]); `state_len` bytes of
+/// state follow on the channel.
+pub(crate) fn prepare(
     exe: &Executable,
     listeners: &[(&str, BorrowedFd<'_>)],
     configured: &[&str],
@@ -161,7 +172,7 @@ pub(crate) fn start(
     reparent: bool,
     env: Option<&[(OsString, OsString)]>,
     state_len: usize,
-) -> Result<Child, UpgradeError> {
+) -> Result<Launch, UpgradeError> {
     let spawn_err = |source| UpgradeError::Spawn {
         exe: exe.path.display().to_string(),
         source,
@@ -187,21 +198,48 @@ pub(crate) fn start(
     let env = env.iter().map(|(k, v)| (k.as_os_str(), v.as_os_str()));
     let mut fds: Vec<BorrowedFd<'_>> = listeners.iter().map(|(_, fd)| *fd).collect();
     fds.push(theirs.as_fd());
-    let mut image =
+    let image =
         sys::ExecImage::new(exe.path.as_os_str(), &exe.argv, env, &fds).map_err(spawn_err)?;
-    let spawned = sys::spawn(&mut image, reparent).map_err(spawn_err)?;
-    // Our copies of the child's fds go now, so that its exit shows as EOF.
-    drop(image);
-    drop(theirs);
-    ours_end.set_nonblocking(true).map_err(spawn_err)?;
-    let channel = UnixStream::from_std(ours_end).map_err(spawn_err)?;
-    let pidfd = sys::async_readable(spawned.pidfd).map_err(spawn_err)?;
-    Ok(Child {
-        pid: spawned.pid,
-        pidfd,
-        channel: BufReader::new(channel),
-        ours: !reparent,
+    Ok(Launch {
+        image,
+        ours_end,
+        theirs,
+        reparent,
+        exe: exe.path.clone(),
     })
+}
+
+impl Launch {
+    /// Starts the new process.
+    pub(crate) async fn run(self) -> Result<Child, UpgradeError> {
+        let Launch {
+            mut image,
+            ours_end,
+            theirs,
+            reparent,
+            exe,
+        } = self;
+        let spawn_err = |source| UpgradeError::Spawn {
+            exe: exe.display().to_string(),
+            source,
+        };
+        let spawned = tokio::task::spawn_blocking(move || sys::spawn(&mut image, reparent))
+            .await
+            .map_err(|e| spawn_err(io::Error::other(e)))?
+            .map_err(spawn_err)?;
+        // Our copies of the child's fds are gone with the image; the
+        // channel's end goes now, so that the child's exit shows as EOF.
+        drop(theirs);
+        ours_end.set_nonblocking(true).map_err(spawn_err)?;
+        let channel = UnixStream::from_std(ours_end).map_err(spawn_err)?;
+        let pidfd = sys::async_readable(spawned.pidfd).map_err(spawn_err)?;
+        Ok(Child {
+            pid: spawned.pid,
+            pidfd,
+            channel: BufReader::new(channel),
+            ours: !reparent,
+        })
+    }
 }
 
 const KILL_WAIT: Duration = Duration::from_secs(5);

@@ -853,9 +853,9 @@ impl Handover {
                 limit: inner.config.state_limit,
             });
         }
-        let mut child = {
+        let launch = {
             let listeners = self.listeners();
-            handoff::start(
+            handoff::prepare(
                 &inner.exe,
                 &listeners.for_handoff(),
                 &listeners.configured(),
@@ -865,6 +865,7 @@ impl Handover {
                 state.len(),
             )?
         };
+        let mut child = launch.run().await?;
         let new_pid = child.pid;
         tracing::info!(
             generation,

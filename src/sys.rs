@@ -81,6 +81,11 @@ pub(crate) struct ExecImage {
     fds: Vec<OwnedFd>,
 }
 
+// SAFETY: the raw pointers point into heap data the image owns (the
+// CStrings and the boxed LISTEN_PID slot), which moves with it; nothing
+// else refers to them, so the image may move to another thread.
+unsafe impl Send for ExecImage {}
+
 const LISTEN_PID_PREFIX: &[u8] = b"LISTEN_PID=";
 
 impl ExecImage {
