@@ -12,7 +12,10 @@
 //!   a connection that stays idle (no request in progress, no request bytes
 //!   read) for the *idle grace* after the drain started, or after its last
 //!   response, whichever is later, is closed.
-//! - **HTTP/2**: the connection gets `GOAWAY`; open streams complete.
+//! - **HTTP/2**: the connection gets `GOAWAY`; open streams complete. A
+//!   connection that has not opened a stream yet gets it only once its first
+//!   stream arrives or after the idle grace, so that first request is
+//!   served (a client does not retry a request refused on a new connection).
 //! - A connection still sending its first bytes (protocol detection) is not
 //!   cancelled: it finishes detection and follows the rules above; one that
 //!   sends nothing for the idle grace is closed.
@@ -505,7 +508,7 @@ where
     };
     match protocol {
         Protocol::Http1 => serve_h1(io, prefix, service, drain, &cfg, accepted, drain_at).await,
-        Protocol::Http2 => serve_h2(io, prefix, service, drain).await,
+        Protocol::Http2 => serve_h2(io, prefix, service, drain, &cfg, accepted, drain_at).await,
     }
 }
 
@@ -587,7 +590,15 @@ where
     .await
 }
 
-async fn serve_h2<I, S, B>(io: I, prefix: Prefix, service: S, drain: Drain) -> Result<(), BoxError>
+async fn serve_h2<I, S, B>(
+    io: I,
+    prefix: Prefix,
+    service: S,
+    drain: Drain,
+    cfg: &Server,
+    accepted: Instant,
+    mut drain_at: Option<Instant>,
+) -> Result<(), BoxError>
 where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     S: Service<Request<Incoming>, Response = Response<B>> + Send + 'static,
@@ -602,6 +613,11 @@ where
         inner: io,
         state: None,
     };
+    let opened = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let service = H2Service {
+        inner: service,
+        opened: opened.clone(),
+    };
     let builder = {
         let mut b = http2::Builder::new(TokioExecutor::new());
         b.timer(TokioTimer::new());
@@ -609,13 +625,33 @@ where
     };
     let mut conn = pin!(builder.serve_connection(TokioIo::new(io), service));
     let mut draining = pin!(drain.draining());
+    let mut timer = None;
     let mut closing = false;
     poll_fn(|cx| loop {
+        // Streams are accepted (and `opened` set) inside this call.
         if let Poll::Ready(r) = conn.as_mut().poll(cx) {
             return Poll::Ready(r.map_err(BoxError::from));
         }
-        if closing || draining.as_mut().poll(cx).is_pending() {
+        if closing {
             return Poll::Pending;
+        }
+        if drain_at.is_none() {
+            if draining.as_mut().poll(cx).is_pending() {
+                return Poll::Pending;
+            }
+            drain_at = Some(Instant::now());
+        }
+        // A connection that has not opened a stream yet was accepted just
+        // before the drain: its first request is on its way. A GOAWAY now
+        // would refuse it before it is sent, and clients retry such a
+        // request only on a connection that served one before (hyper-util
+        // never on a fresh one). As for HTTP/1, wait for it, up to the idle
+        // grace.
+        if !opened.load(std::sync::atomic::Ordering::Acquire) {
+            let deadline = drain_at.expect("set above").max(accepted) + cfg.idle_grace;
+            if poll_timer(&mut timer, deadline, cx).is_pending() {
+                return Poll::Pending;
+            }
         }
         // GOAWAY (hyper sends it in two steps, so streams the client opened
         // before seeing it are still served); open streams complete.
@@ -623,6 +659,27 @@ where
         closing = true;
     })
     .await
+}
+
+/// Notes that the client opened a stream.
+struct H2Service<S> {
+    inner: S,
+    opened: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl<S, R> Service<R> for H2Service<S>
+where
+    S: Service<R>,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = S::Future;
+
+    fn call(&self, req: R) -> Self::Future {
+        self.opened
+            .store(true, std::sync::atomic::Ordering::Release);
+        self.inner.call(req)
+    }
 }
 
 /// What an HTTP/1 connection is doing, as seen by its service, response
@@ -1203,6 +1260,45 @@ mod tests {
             assert_eq!((status, &body[..]), (StatusCode::OK, &b"released"[..]));
         }
         // The server went away: the client connection ends by itself.
+        timeout(T, conn)
+            .await
+            .expect("server closes")
+            .unwrap()
+            .unwrap();
+        s.idle().await;
+    }
+
+    /// (d') An HTTP/2 connection accepted before the drain whose first
+    /// request comes after the drain started (a client that connected, then
+    /// took a moment) is served, like an HTTP/1 connection in the same
+    /// state: a GOAWAY before any stream would refuse a request the client
+    /// has not sent yet, and clients do not retry a request refused on a
+    /// fresh connection (hyper-util's legacy client returns `Canceled`).
+    #[tokio::test]
+    async fn http2_first_request_after_the_drain_is_served() {
+        let (g, _) = gate();
+        let mut s = start(grace(5_000), app("hello", g)).await;
+        let tcp = TcpStream::connect(s.addr).await.unwrap();
+        let (mut sender, conn) =
+            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
+                .await
+                .unwrap();
+        let conn = tokio::spawn(conn);
+        s.wait_accepted(1).await;
+        s.drain().await;
+        // The client's think time, well within the idle grace.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let req = Request::get("http://test/")
+            .body(http_body_util::Empty::<Bytes>::new())
+            .unwrap();
+        let res = timeout(T, sender.send_request(req))
+            .await
+            .unwrap()
+            .expect("the first request is served");
+        assert_eq!(res.status(), StatusCode::OK);
+        let body = res.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(&body[..], b"hello");
+        // Then the GOAWAY: the connection ends.
         timeout(T, conn)
             .await
             .expect("server closes")

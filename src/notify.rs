@@ -3,8 +3,9 @@
 //!
 //! `sd-notify` 0.5 has neither the barrier nor abstract sockets, and writes
 //! `STATUS=` text raw (a newline would inject other fields), so the crate
-//! speaks the protocol itself here, on `nix`. The messages are the same
-//! bytes `sd-notify` sends; `tests/interop.rs` checks that.
+//! speaks the protocol itself here, on `nix`. The messages carry the same
+//! assignments as `sd-notify`'s, in the same order (`sd-notify` also ends
+//! the last one with a newline); `tests/interop.rs` checks that.
 
 use std::io::{self, IoSlice};
 use std::os::fd::{AsFd, AsRawFd};
