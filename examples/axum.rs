@@ -1,0 +1,53 @@
+//! An [axum](https://docs.rs/axum) app on handover: `GET /` answers
+//! `Welcome to the Home Page!`, `GET /pid` the pid of the process that
+//! served it. `kill -HUP` (or `systemctl reload`) upgrades it to whatever
+//! binary is now at its path, without losing a request.
+//!
+//! ```text
+//! cargo build --example axum
+//! target/debug/examples/axum --addr 127.0.0.1:8081 --pid-file /tmp/axum.pid &
+//! curl http://127.0.0.1:8081/pid          # the first pid
+//! cargo build --example axum              # after a change, or not
+//! kill -HUP "$(cat /tmp/axum.pid)"        # the upgrade
+//! curl http://127.0.0.1:8081/pid          # a new pid; nothing was refused
+//! kill "$(cat /tmp/axum.pid)"             # a graceful stop
+//! ```
+//!
+//! Defaults: `--addr 127.0.0.1:8081`, no PID file. Under systemd or
+//! `systemd-socket-activate` it serves the passed socket instead of `--addr`.
+//! The app is a plain `Router`; handover owns the accept loop and each
+//! connection's drain, so it is served with [`handover::http::serve`], not
+//! `axum::serve`.
+
+use axum::{routing::get, Router};
+use hyper_util::service::TowerToHyperService;
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    handover::logging::init();
+    let (mut addr, mut builder) = ("127.0.0.1:8081".to_owned(), handover::Handover::builder());
+    let mut args = std::env::args().skip(1);
+    while let Some(flag) = args.next() {
+        match (flag.as_str(), args.next()) {
+            ("--addr", Some(a)) => addr = a,
+            ("--pid-file", Some(p)) => builder = builder.pid_file(p),
+            _ => return Err("usage: axum [--addr ADDR] [--pid-file PATH]".into()),
+        }
+    }
+    let handover = builder.build()?;
+    let listener = handover.listen_tcp("http", addr.as_str())?;
+    tracing::info!(addr = %listener.local_addr()?, generation = handover.generation(), "listening");
+
+    let app = Router::new()
+        .route("/", get(|| async { "Welcome to the Home Page!\n" }))
+        .route(
+            "/pid",
+            get(|| async { format!("{}\n", std::process::id()) }),
+        );
+    let app = TowerToHyperService::new(app);
+    tokio::spawn(handover::http::serve(listener, app, handover.drain()));
+
+    handover.ready().await?;
+    handover.wait().await;
+    Ok(())
+}
