@@ -33,13 +33,15 @@ pub(crate) fn check(path: &Path) -> Result<()> {
 }
 
 /// Writes `pid` to `path` atomically: a temporary file in the same
-/// directory, then `rename`, so a reader never sees a partial PID.
+/// directory, then `rename`, so a reader never sees a partial PID. No
+/// `fsync`: a PID file describes a running system and means nothing after
+/// a crash of the machine, and an fsync on a busy disk would delay every
+/// handoff.
 pub(crate) fn write(path: &Path, pid: u32) -> Result<()> {
     let tmp = temp_path(path, pid).map_err(|e| err(path, e))?;
     let result = (|| {
         let mut f = std::fs::File::create(&tmp)?;
         writeln!(f, "{pid}")?;
-        f.sync_all()?;
         std::fs::rename(&tmp, path)
     })();
     if result.is_err() {
