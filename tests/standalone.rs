@@ -11,7 +11,9 @@ use std::time::Duration;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
-use server::{alive, become_subreaper, example, fd_kinds, reap, wait_for, zombie_children, Server};
+use server::{
+    alive, become_subreaper, deploy, example, fd_kinds, reap, wait_for, zombie_children, Server,
+};
 
 const T: Duration = Duration::from_secs(30);
 
@@ -76,15 +78,6 @@ fn twenty_sighup_upgrades_under_load_lose_nothing() {
         server.pid().is_none(),
         "the PID file is removed on a real stop"
     );
-}
-
-/// Replaces the file at `path` the way a deploy does (write aside, rename).
-fn deploy(path: &std::path::Path, contents: &[u8], mode: u32) {
-    use std::os::unix::fs::PermissionsExt;
-    let tmp = path.with_extension("new");
-    std::fs::write(&tmp, contents).unwrap();
-    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(mode)).unwrap();
-    std::fs::rename(&tmp, path).unwrap();
 }
 
 #[test]

@@ -23,8 +23,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::Mutex;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use nix::sys::signal::{kill, Signal};
 use nix::sys::socket::{
@@ -32,7 +31,7 @@ use nix::sys::socket::{
 };
 use nix::unistd::Pid;
 
-use server::{become_subreaper, fresh_example, reap, wait_for, Log, Server};
+use server::{become_subreaper, free_port, fresh_example, reap, wait_for, Log, Server};
 use systemd::{pid_alive, JournalEntry, UserManager};
 
 /// Bound on every wait.
@@ -79,33 +78,6 @@ fn state_of(m: &UserManager) -> String {
         "{}\njournal tail:\n{journal}",
         String::from_utf8_lossy(&show.stdout)
     )
-}
-
-/// A free TCP port on 127.0.0.1 in 20000..32000, below the ephemeral range
-/// (32768-60999 here), so no load client's own outgoing port collides with
-/// it. Never hands out the same port twice in one test process.
-fn free_port() -> u16 {
-    static TAKEN: Mutex<Vec<u16>> = Mutex::new(Vec::new());
-    let nanos = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_nanos() as u64;
-    let mut x = (nanos ^ (u64::from(std::process::id()) << 32)) | 1;
-    for _ in 0..1000 {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        let port = 20000 + (x % 12000) as u16;
-        let mut taken = TAKEN.lock().unwrap();
-        if taken.contains(&port) {
-            continue;
-        }
-        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
-            taken.push(port);
-            return port;
-        }
-    }
-    panic!("no free port in 20000..32000");
 }
 
 /// `GET /` with `Connection: close`; returns the body of a 200 answer.

@@ -33,13 +33,12 @@ use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::process::Output;
-use std::sync::Mutex;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
-use server::example;
+use server::{example, free_port};
 use systemd::{pid_alive, JournalEntry, UserManager};
 
 /// Bound on every wait.
@@ -52,33 +51,6 @@ const RELOAD_ID: &str = "SYSLOG_IDENTIFIER=handover-reload";
 
 // ---------------------------------------------------------------------------------------------
 // helpers
-
-/// A free TCP port on 127.0.0.1 in 20000..32000, below the ephemeral range
-/// (32768-60999 here), so no load client's own outgoing port collides with
-/// it. Never hands out the same port twice in one test process.
-fn free_port() -> u16 {
-    static TAKEN: Mutex<Vec<u16>> = Mutex::new(Vec::new());
-    let nanos = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_nanos() as u64;
-    let mut x = (nanos ^ (u64::from(std::process::id()) << 32)) | 1;
-    for _ in 0..1000 {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        let port = 20000 + (x % 12000) as u16;
-        let mut taken = TAKEN.lock().unwrap();
-        if taken.contains(&port) {
-            continue;
-        }
-        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
-            taken.push(port);
-            return port;
-        }
-    }
-    panic!("no free port in 20000..32000");
-}
 
 /// `GET /` on a fresh connection; the body of a 200 answer.
 fn greeting(addr: SocketAddr) -> String {
