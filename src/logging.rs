@@ -10,7 +10,7 @@
 
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
-use tracing_subscriber::EnvFilter;
+use tracing_subscriber::filter::{LevelFilter, Targets};
 
 /// Where [`init`] sent the logs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -28,7 +28,7 @@ pub fn under_systemd() -> bool {
 }
 
 /// Installs a global `tracing` subscriber, filtered by `RUST_LOG` (default
-/// `info`). Journald fields are written without prefix, so a query reads
+/// `info`; the `Targets` syntax: `debug`, or `info,handover=debug`). Journald fields are written without prefix, so a query reads
 /// `journalctl NEW_PID=1234`.
 ///
 /// # Example
@@ -38,7 +38,14 @@ pub fn under_systemd() -> bool {
 /// tracing::info!(?dest, "logging set up");
 /// ```
 pub fn init() -> Destination {
-    let filter = || EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    // `Targets`, not `EnvFilter`: the same syntax for levels and targets,
+    // without a regex engine in every service's binary and memory.
+    let filter = || {
+        std::env::var("RUST_LOG")
+            .ok()
+            .and_then(|v| v.parse::<Targets>().ok())
+            .unwrap_or_else(|| Targets::new().with_default(LevelFilter::INFO))
+    };
     if under_systemd() {
         if let Ok(layer) = tracing_journald::layer() {
             let layer = layer.with_field_prefix(None);
