@@ -187,3 +187,57 @@ fn an_upgrade_during_an_upgrade_is_coalesced() {
         "one SIGHUP during an upgrade must not start a second one"
     );
 }
+
+/// A new process can upgrade again as soon as it is ready, while an older
+/// generation still drains a slow request (tableflip refuses this, its
+/// issue 52); each generation drains on its own clock.
+#[test]
+fn a_new_process_upgrades_again_while_its_parent_still_drains() {
+    use std::io::{Read, Write};
+    become_subreaper();
+    let server = Server::start(&example("hello"), &["--addr", "127.0.0.1:0"], &[]);
+    let addr = server.addr();
+    let first = server.pid().unwrap();
+    // A keep-alive connection served by the first process (the only one so
+    // far), then half of its next request: work in flight there.
+    let mut slow = std::net::TcpStream::connect(addr).unwrap();
+    slow.set_read_timeout(Some(T)).unwrap();
+    slow.write_all(b"GET / HTTP/1.1\r\nHost: test\r\n\r\n")
+        .unwrap();
+    let mut first_response = Vec::new();
+    while !first_response.ends_with(b"Welcome to the Home Page!\n") {
+        let mut buf = [0; 1024];
+        let n = slow.read(&mut buf).unwrap();
+        assert!(
+            n > 0,
+            "closed early: {}",
+            String::from_utf8_lossy(&first_response)
+        );
+        first_response.extend_from_slice(&buf[..n]);
+    }
+    slow.write_all(b"GET / HTTP/1.1\r\nHost: test\r\n").unwrap();
+
+    let (_, second) = server.upgrade(T);
+    let (old, third) = server.upgrade(T);
+    assert_eq!(old, second);
+    // The second generation is the first one's child, which reaps it.
+    wait_for("the second generation to exit", T, || {
+        (!alive(second)).then_some(())
+    });
+    assert!(
+        alive(first),
+        "the first generation still drains its slow request"
+    );
+
+    // The slow request completes on the first process, which then exits.
+    slow.write_all(b"\r\n").unwrap();
+    let mut response = String::new();
+    slow.read_to_string(&mut response).unwrap();
+    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+    assert!(
+        response.to_ascii_lowercase().contains("connection: close"),
+        "{response}"
+    );
+    assert_eq!(reap(first, T), 0);
+    assert_eq!(server.pid(), Some(third));
+}
