@@ -8,9 +8,9 @@
 //! exists when the program is run by hand on a systemd host, and then the
 //! person running it expects its output on the terminal.
 
+use tracing_subscriber::filter::{LevelFilter, Targets};
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
-use tracing_subscriber::filter::{LevelFilter, Targets};
 
 /// Where [`init`] sent the logs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
