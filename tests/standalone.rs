@@ -80,18 +80,29 @@ fn twenty_sighup_upgrades_under_load_lose_nothing() {
     );
 }
 
-#[test]
-fn failed_upgrades_keep_the_old_process_serving() {
+/// hello run from a copy in a temporary directory (so the test can replace
+/// the binary on disk), with the given upgrade timeout in seconds.
+fn hello_from_a_copy(
+    upgrade_timeout: &str,
+) -> (tempfile::TempDir, std::path::PathBuf, Vec<u8>, Server) {
     become_subreaper();
     let dir = tempfile::tempdir().unwrap();
     let exe = dir.path().join("hello");
     let real = std::fs::read(example("hello")).unwrap();
     deploy(&exe, &real, 0o755);
-    let server = Server::start(
-        &exe,
-        &["--addr", "127.0.0.1:0", "--upgrade-timeout", "1"],
-        &[],
-    );
+    let args = [
+        "--addr",
+        "127.0.0.1:0",
+        "--upgrade-timeout",
+        upgrade_timeout,
+    ];
+    let server = Server::start(&exe, &args, &[]);
+    (dir, exe, real, server)
+}
+
+#[test]
+fn failed_upgrades_keep_the_old_process_serving() {
+    let (_dir, exe, real, server) = hello_from_a_copy("1");
     let addr = server.addr();
     let pid = server.pid().unwrap();
     let load = load::Load::start(addr, load_config());
@@ -157,16 +168,7 @@ fn failed_upgrades_keep_the_old_process_serving() {
 
 #[test]
 fn an_upgrade_during_an_upgrade_is_coalesced() {
-    become_subreaper();
-    let dir = tempfile::tempdir().unwrap();
-    let exe = dir.path().join("hello");
-    let real = std::fs::read(example("hello")).unwrap();
-    deploy(&exe, &real, 0o755);
-    let server = Server::start(
-        &exe,
-        &["--addr", "127.0.0.1:0", "--upgrade-timeout", "2"],
-        &[],
-    );
+    let (_dir, exe, _real, server) = hello_from_a_copy("2");
     let pid = server.pid().unwrap();
     deploy(&exe, b"#!/bin/sh\nexec sleep 30\n", 0o755);
     let from = server.log.len();

@@ -14,6 +14,8 @@ mod load;
 mod server;
 #[path = "support/systemd.rs"]
 mod systemd;
+#[path = "support/units.rs"]
+mod units;
 
 use std::fs;
 use std::io::{IoSliceMut, Read, Write};
@@ -33,6 +35,7 @@ use nix::unistd::Pid;
 
 use server::{become_subreaper, free_port, fresh_example, reap, wait_for, Log, Server};
 use systemd::{pid_alive, JournalEntry, UserManager};
+use units::{repo_unit, set_key};
 
 /// Bound on every wait.
 const T: Duration = Duration::from_secs(30);
@@ -104,36 +107,6 @@ fn get_within(addr: SocketAddr, timeout: Duration) -> Result<String, String> {
         .split_once("\r\n\r\n")
         .map(|(_, b)| b.to_owned())
         .unwrap_or_default())
-}
-
-/// A unit file from `units/`.
-fn repo_unit(name: &str) -> String {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("units")
-        .join(name);
-    fs::read_to_string(&path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()))
-}
-
-/// Replaces the value of every (uncommented) `key=` line; at least one must
-/// exist.
-fn set_key(unit: &str, key: &str, value: &str) -> String {
-    let prefix = format!("{key}=");
-    let mut found = false;
-    let mut out: String = unit
-        .lines()
-        .map(|l| {
-            if l.trim_start().starts_with(&prefix) {
-                found = true;
-                format!("{prefix}{value}")
-            } else {
-                l.to_owned()
-            }
-        })
-        .collect::<Vec<_>>()
-        .join("\n");
-    out.push('\n');
-    assert!(found, "no {key}= line in the unit:\n{unit}");
-    out
 }
 
 /// The value of the first `key=` line.

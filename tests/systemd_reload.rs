@@ -26,6 +26,8 @@ mod load;
 mod server;
 #[path = "support/systemd.rs"]
 mod systemd;
+#[path = "support/units.rs"]
+mod units;
 
 use std::collections::HashMap;
 use std::fs;
@@ -40,6 +42,7 @@ use nix::unistd::Pid;
 
 use server::{example, free_port};
 use systemd::{pid_alive, JournalEntry, UserManager};
+use units::{repo_unit, set_key};
 
 /// Bound on every wait.
 const T: Duration = Duration::from_secs(30);
@@ -132,35 +135,6 @@ fn replace_file(path: &Path, contents: &[u8], mode: u32) {
     fs::write(&aside, contents).unwrap();
     fs::set_permissions(&aside, fs::Permissions::from_mode(mode)).unwrap();
     fs::rename(&aside, path).unwrap();
-}
-
-/// A unit file from `units/`.
-fn repo_unit(name: &str) -> String {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("units")
-        .join(name);
-    fs::read_to_string(&path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()))
-}
-
-/// Replaces the value of every (uncommented) `key=` line whose value is not
-/// empty (an empty one resets a list in a drop-in); at least one must exist.
-fn set_key(unit: &str, key: &str, value: &str) -> String {
-    let prefix = format!("{key}=");
-    let mut found = false;
-    let mut out: String = unit
-        .lines()
-        .map(|l| match l.trim_start().strip_prefix(&prefix) {
-            Some(v) if !v.trim().is_empty() => {
-                found = true;
-                format!("{prefix}{value}")
-            }
-            _ => l.to_owned(),
-        })
-        .collect::<Vec<_>>()
-        .join("\n");
-    out.push('\n');
-    assert!(found, "no {key}= line in the unit:\n{unit}");
-    out
 }
 
 /// The value of the last non-empty `key=` line.
