@@ -34,11 +34,13 @@
 //! }
 //! ```
 //!
-//! Where each behaviour lives: [`activation`](crate) reads `LISTEN_*`
-//! strictly, `listeners` takes or binds sockets, `handoff` starts the new
-//! process and speaks the handoff channel, [`notify`] talks to systemd,
-//! [`drain`] counts in-flight work, `pidfile` and `signals` do what they
-//! say, and `sys` holds every `unsafe` block.
+//! Where each behaviour lives (one module per concept): `activation` reads
+//! `LISTEN_*` strictly, `listeners` takes or binds sockets, `handoff` starts
+//! the new process and speaks the handoff channel, [`notify`] talks to
+//! systemd, [`drain`] counts in-flight work, [`http`] serves and drains
+//! HTTP/1 and HTTP/2, [`control`] is the control socket for a truthful
+//! reload, `pidfile` and `signals` do what they say, and `sys` holds every
+//! `unsafe` block.
 
 #![deny(missing_docs)]
 #![deny(unsafe_code)]
