@@ -346,8 +346,6 @@ fn control_listener(
             source,
         }
     })?;
-    l.set_nonblocking(true)
-        .map_err(|e| Error::io("set O_NONBLOCK", e))?;
     Ok(l)
 }
 
@@ -524,8 +522,6 @@ impl Handover {
     ) -> Result<tokio::net::TcpListener> {
         let r = resolve(name, addr).and_then(|addr| {
             let l = self.listeners().tcp(name, addr)?;
-            l.set_nonblocking(true)
-                .map_err(|e| Error::io("set O_NONBLOCK", e))?;
             tokio::net::TcpListener::from_std(l).map_err(|e| Error::io("register listener", e))
         });
         self.record(r)
@@ -539,8 +535,6 @@ impl Handover {
     ) -> Result<tokio::net::UdpSocket> {
         let r = resolve(name, addr).and_then(|addr| {
             let s = self.listeners().udp(name, addr)?;
-            s.set_nonblocking(true)
-                .map_err(|e| Error::io("set O_NONBLOCK", e))?;
             tokio::net::UdpSocket::from_std(s).map_err(|e| Error::io("register socket", e))
         });
         self.record(r)
@@ -555,8 +549,6 @@ impl Handover {
         path: impl AsRef<Path>,
     ) -> Result<tokio::net::UnixListener> {
         let r = self.listeners().unix(name, path.as_ref()).and_then(|l| {
-            l.set_nonblocking(true)
-                .map_err(|e| Error::io("set O_NONBLOCK", e))?;
             tokio::net::UnixListener::from_std(l).map_err(|e| Error::io("register listener", e))
         });
         self.record(r)
@@ -573,8 +565,6 @@ impl Handover {
             .listeners()
             .unix_datagram(name, path.as_ref())
             .and_then(|s| {
-                s.set_nonblocking(true)
-                    .map_err(|e| Error::io("set O_NONBLOCK", e))?;
                 tokio::net::UnixDatagram::from_std(s).map_err(|e| Error::io("register socket", e))
             });
         self.record(r)

@@ -252,6 +252,13 @@ impl Listeners {
                 fd
             }
         };
+        // tokio needs O_NONBLOCK; an inherited fd may lack it (it lives on
+        // the shared open file description, so every holder sees it).
+        let flags = nix::fcntl::fcntl(&fd, nix::fcntl::FcntlArg::F_GETFL)
+            .map_err(|e| Error::io("read fd flags", e.into()))?;
+        let flags = nix::fcntl::OFlag::from_bits_truncate(flags) | nix::fcntl::OFlag::O_NONBLOCK;
+        nix::fcntl::fcntl(&fd, nix::fcntl::FcntlArg::F_SETFL(flags))
+            .map_err(|e| Error::io("set O_NONBLOCK", e.into()))?;
         let dup = fd.try_clone().map_err(|e| Error::io("dup listener", e))?;
         self.active.push((name.to_owned(), dup));
         Ok(fd)
@@ -421,6 +428,12 @@ mod tests {
         assert_eq!(admin.local_addr().unwrap(), b_addr);
         let http = l.tcp("http", "127.0.0.1:0".parse().unwrap()).unwrap();
         assert_eq!(http.local_addr().unwrap(), a_addr);
+        let flags = nix::fcntl::fcntl(&http, nix::fcntl::FcntlArg::F_GETFL).unwrap();
+        assert_ne!(
+            flags & libc::O_NONBLOCK,
+            0,
+            "a passed blocking socket is made non-blocking"
+        );
         assert!(l.close_unclaimed().is_empty());
     }
 
