@@ -614,6 +614,7 @@ impl Handover {
             return Ok(());
         }
         let mut announced_by_parent = false;
+        let had_parent = link.is_some();
         if let Some(mut link) = link {
             match link.ready().await {
                 Ok(true) => announced_by_parent = true,
@@ -630,11 +631,24 @@ impl Handover {
                 "closed passed sockets that no listen_* call claimed"
             );
         }
-        if let Some(path) = &self.inner.config.pid_file {
-            self.record(pidfile::write(path, pid))?;
-        }
         let generation = self.inner.generation;
-        let status = status_text(&format!("serving, generation {generation}, pid {pid}"));
+        let mut status = format!("serving, generation {generation}, pid {pid}");
+        if let Some(path) = &self.inner.config.pid_file {
+            match pidfile::write(path, pid) {
+                Ok(()) => {}
+                // A first process fails before it serves: nothing is lost.
+                Err(e) if !had_parent => return self.record(Err(e)),
+                // A new process: its parent has let go and is draining. An
+                // error now would take the whole service down; serve without
+                // the PID file instead, and make sure it names nobody else.
+                Err(e) => {
+                    let stale = pidfile::remove_if_other(path, pid);
+                    tracing::error!(error = %e, removed_stale = ?stale, "cannot write the PID file; serving without it");
+                    status.push_str(&format!("; {e}"));
+                }
+            }
+        }
+        let status = status_text(&status);
         if let Some(n) = &self.inner.notify {
             let msg = if announced_by_parent {
                 format!("STATUS={status}")
