@@ -337,15 +337,18 @@ fn control_listener(
     listeners: &mut Listeners,
     path: &Path,
 ) -> Result<std::os::unix::net::UnixListener> {
-    let l = listeners.unix(listeners::CONTROL_NAME, path)?;
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(|source| {
-        Error::Bind {
-            name: listeners::CONTROL_NAME.into(),
-            addr: path.display().to_string(),
-            source,
-        }
-    })?;
+    // Bound here: created with mode 0600. Inherited: as the first
+    // generation created it. Never chmod by path: in a directory others can
+    // write to, the path may name another file by now.
+    let l = listeners.control(path)?;
+    use std::os::unix::fs::FileTypeExt;
+    let is_socket = std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_socket());
+    if !is_socket {
+        tracing::warn!(
+            path = %path.display(),
+            "the control socket's file is gone or was replaced; reload commands cannot reach this service there"
+        );
+    }
     Ok(l)
 }
 
