@@ -16,7 +16,7 @@
 
 use std::ffi::{OsStr, OsString};
 use std::io;
-use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -402,19 +402,38 @@ pub(crate) struct ParentLink {
 impl ParentLink {
     /// Takes the channel; first reads `state_len` bytes of state the parent
     /// sends right after the start (blocking, bounded by `STATE_TIMEOUT`).
-    pub(crate) fn new(fd: OwnedFd, state_len: usize) -> io::Result<(ParentLink, Vec<u8>)> {
+    /// On failure the fd comes back (when it can), to report the error on.
+    pub(crate) fn new(
+        fd: OwnedFd,
+        state_len: usize,
+    ) -> Result<(ParentLink, Vec<u8>), (io::Error, Option<OwnedFd>)> {
         let std = std::os::unix::net::UnixStream::from(fd);
-        let mut state = vec![0; state_len];
-        if state_len > 0 {
-            use std::io::Read;
-            std.set_read_timeout(Some(STATE_TIMEOUT))?;
-            (&std).read_exact(&mut state)?;
-        }
-        std.set_nonblocking(true)?;
-        let link = ParentLink {
-            stream: BufReader::new(UnixStream::from_std(std)?),
+        let setup = (|| {
+            let mut state = vec![0; state_len];
+            if state_len > 0 {
+                use std::io::Read;
+                std.set_read_timeout(Some(STATE_TIMEOUT))?;
+                (&std).read_exact(&mut state)?;
+            }
+            std.set_nonblocking(true)?;
+            Ok(state)
+        })();
+        let state = match setup {
+            Ok(state) => state,
+            Err(e) => return Err((e, Some(std.into()))),
         };
-        Ok((link, state))
+        // from_std gives nothing back on failure: keep a copy to report on.
+        let copy = std.try_clone().ok();
+        let stream = match UnixStream::from_std(std) {
+            Ok(stream) => stream,
+            Err(e) => return Err((e, copy.map(OwnedFd::from))),
+        };
+        Ok((
+            ParentLink {
+                stream: BufReader::new(stream),
+            },
+            state,
+        ))
     }
 
     /// Says `ready` and waits for `main`. Returns `false` when the parent
@@ -426,18 +445,52 @@ impl ParentLink {
         Ok(line.trim_end() == "main")
     }
 
-    /// Reports a failure without blocking (from `Drop` or an error path).
+    /// Reports a failure (from `Drop` or an error path): one line, written
+    /// on the raw fd, waiting (bounded) until it is in the socket. tokio's
+    /// `try_write` on a stream that the reactor has not seen writable yet
+    /// writes nothing, and the parent would then only see the exit.
     pub(crate) fn fail(&self, reason: &str) {
-        let line = format!("fail {}\n", crate::notify::status_text(reason));
-        let _ = self.stream.get_ref().try_write(line.as_bytes());
+        fail_raw(self.stream.get_ref().as_fd(), reason);
     }
 }
 
-/// Reports `reason` on a channel fd we could not take properly (the
-/// environment around it was invalid).
+/// How long a failing child waits for room in the channel for its reason.
+const FAIL_WRITE: Duration = Duration::from_secs(1);
+
+/// Reports `reason` on the channel `fd`: `fail <reason>`, one line.
 pub(crate) fn fail_raw(fd: BorrowedFd<'_>, reason: &str) {
     let line = format!("fail {}\n", crate::notify::status_text(reason));
-    let _ = nix::unistd::write(fd, line.as_bytes());
+    if let Err(e) = write_blocking(fd, line.as_bytes(), FAIL_WRITE) {
+        tracing::debug!(error = %e, "cannot tell the parent why");
+    }
+}
+
+/// Writes all of `buf` to the socket `fd`, blocking or not, waiting for room
+/// at most `timeout`; never raises SIGPIPE.
+pub(crate) fn write_blocking(fd: BorrowedFd<'_>, mut buf: &[u8], timeout: Duration) -> io::Result<()> {
+    use nix::errno::Errno;
+    use nix::sys::socket::{send, MsgFlags};
+    let end = std::time::Instant::now() + timeout;
+    while !buf.is_empty() {
+        match send(fd.as_raw_fd(), buf, MsgFlags::MSG_NOSIGNAL | MsgFlags::MSG_DONTWAIT) {
+            Ok(n) => buf = buf.get(n..).unwrap_or_default(),
+            Err(Errno::EINTR) => {}
+            Err(Errno::EAGAIN) => {
+                let left = end.saturating_duration_since(std::time::Instant::now());
+                if left.is_zero() {
+                    return Err(io::Error::from(io::ErrorKind::TimedOut));
+                }
+                let ms = u16::try_from(left.as_millis()).unwrap_or(u16::MAX);
+                let mut fds = [nix::poll::PollFd::new(fd, nix::poll::PollFlags::POLLOUT)];
+                match nix::poll::poll(&mut fds, ms) {
+                    Ok(_) | Err(Errno::EINTR) => {}
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]

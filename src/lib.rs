@@ -207,12 +207,13 @@ impl Builder {
         }
         let pid = std::process::id();
         let env = |k: &str| std::env::var_os(k);
-        let (listen_pid, listen_fds, listen_fdnames, channel, generation) = (
+        let (listen_pid, listen_fds, listen_fdnames, channel, generation, state_len) = (
             env("LISTEN_PID"),
             env("LISTEN_FDS"),
             env("LISTEN_FDNAMES"),
             env(activation::ENV_CHANNEL),
             env(activation::ENV_GENERATION),
+            env(activation::ENV_STATE_LEN),
         );
         let vars = activation::Vars {
             listen_pid: listen_pid.as_deref(),
@@ -220,28 +221,40 @@ impl Builder {
             listen_fdnames: listen_fdnames.as_deref(),
             channel: channel.as_deref(),
             generation: generation.as_deref(),
+            state_len: state_len.as_deref(),
         };
-        let found = activation::read(vars, pid).inspect_err(|e| report_to_parent(vars, pid, e))?;
-        let (passed, link, generation) = match found {
-            Found::Nothing => (Vec::new(), None, 0),
+        // Everything is validated before any inherited fd is touched.
+        let found = activation::read(vars, pid, self.state_limit)
+            .inspect_err(|e| report_to_parent(vars, pid, e))?;
+        let (passed, link, generation, state_len) = match found {
+            Found::Nothing => (Vec::new(), None, 0, 0),
             Found::NotOurs(why) => {
                 tracing::warn!("ignoring the socket activation environment: {why}");
-                (Vec::new(), None, 0)
+                (Vec::new(), None, 0, 0)
             }
             Found::Passed(p) => {
                 let raw: Vec<_> = p.fds.iter().map(|(fd, _)| *fd).chain(p.channel).collect();
-                let mut owned =
-                    sys::take_inherited(&raw).map_err(|e| Error::io("take inherited fds", e))?;
+                let mut owned = sys::take_inherited(&raw).map_err(|e| {
+                    let e = Error::io("take inherited fds", e);
+                    report_to_parent(vars, pid, &e);
+                    e
+                })?;
                 for fd in &owned {
                     nix::fcntl::fcntl(
                         fd,
                         nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
                     )
-                    .map_err(|e| Error::io("set FD_CLOEXEC on inherited fds", e.into()))?;
+                    .map_err(|e| {
+                        let e = Error::io("set FD_CLOEXEC on inherited fds", e.into());
+                        report_to_parent(vars, pid, &e);
+                        e
+                    })?;
                 }
-                let link = p
-                    .channel
-                    .map(|_| owned.pop().expect("the channel is the last fd"));
+                // The channel is the last fd taken, when there is one.
+                let link = match p.channel {
+                    Some(_) => owned.pop(),
+                    None => None,
+                };
                 // From our parent, the listeners it names in HANDOVER_BOUND
                 // were bound from the configuration; every other one (and
                 // all of them from systemd) has the address a socket unit
@@ -265,22 +278,18 @@ impl Builder {
                         }
                     })
                     .collect();
-                (passed, link, p.generation)
+                (passed, link, p.generation, p.state_len)
             }
-        };
-        let state_len = match (&link, std::env::var(activation::ENV_STATE_LEN)) {
-            (Some(_), Ok(v)) => v.parse::<usize>().map_err(|_| {
-                Error::Activation(format!(
-                    "{}={v:?} is not a number",
-                    activation::ENV_STATE_LEN
-                ))
-            })?,
-            _ => 0,
         };
         let (link, state) = match link {
             Some(fd) => {
-                let (link, state) = ParentLink::new(fd, state_len)
-                    .map_err(|e| Error::io("read the handed-over state", e))?;
+                let (link, state) = ParentLink::new(fd, state_len).map_err(|(e, fd)| {
+                    let e = Error::io("read the handed-over state", e);
+                    if let Some(fd) = fd {
+                        handoff::fail_raw(std::os::fd::AsFd::as_fd(&fd), &e.to_string());
+                    }
+                    e
+                })?;
                 (Some(link), state)
             }
             None => (None, Vec::new()),
@@ -366,7 +375,13 @@ fn report_to_parent(vars: activation::Vars<'_>, pid: u32, e: &Error) {
         .channel
         .and_then(|c| c.to_str())
         .and_then(|c| c.parse::<i32>().ok());
-    if let (true, Some(fd)) = (ours, fd) {
+    // Only on an fd that was passed to us and is a socket: the number may
+    // name one of the runtime's own fds instead (its epoll fd, its signal
+    // pipe), which must not get a stray line.
+    let Some(fd) = fd.filter(|fd| !sys::fd_is_cloexec(*fd)) else {
+        return;
+    };
+    if ours && sys::fd_is_socket(fd).unwrap_or(false) {
         let _ = sys::with_borrowed(fd, |fd| handoff::fail_raw(fd, &e.to_string()));
     }
 }

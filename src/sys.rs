@@ -27,6 +27,15 @@ pub(crate) fn fd_is_open(fd: RawFd) -> bool {
     unsafe { libc::fcntl(fd, libc::F_GETFD) != -1 }
 }
 
+/// Whether `fd` is open and close-on-exec: then it cannot have been
+/// inherited across `execve` (which closed every such fd); this process
+/// opened it since it started.
+pub(crate) fn fd_is_cloexec(fd: RawFd) -> bool {
+    // SAFETY: as in fd_is_open.
+    let flags = unsafe { libc::fcntl(fd, libc::F_GETFD) };
+    flags != -1 && flags & libc::FD_CLOEXEC != 0
+}
+
 /// Whether the open fd `fd` is a socket (`S_ISSOCK`).
 pub(crate) fn fd_is_socket(fd: RawFd) -> io::Result<bool> {
     // SAFETY: `st` is a plain C struct that fstat fills in; a zeroed value is
