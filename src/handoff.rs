@@ -105,6 +105,37 @@ pub(crate) struct Child {
     /// Our own child (standalone), which we must reap; otherwise the
     /// manager's.
     ours: bool,
+    /// Killed when dropped: set until it was killed or handed over.
+    armed: bool,
+}
+
+impl Drop for Child {
+    /// An upgrade abandoned half-way (its future dropped, or a panic) must
+    /// not leave the new process running unsupervised: kill it, and reap it
+    /// in the background if it is ours.
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        let _ = sys::pidfd_signal(self.pidfd.get_ref().as_fd(), libc::SIGKILL);
+        tracing::warn!(pid = self.pid, "upgrade abandoned; new process killed");
+        if !self.ours {
+            return;
+        }
+        let (Ok(rt), Ok(fd)) = (
+            tokio::runtime::Handle::try_current(),
+            self.pidfd.get_ref().try_clone(),
+        ) else {
+            return;
+        };
+        rt.spawn(async move {
+            if let Ok(fd) = sys::async_readable(fd) {
+                if tokio::time::timeout(KILL_WAIT, fd.readable()).await.is_ok() {
+                    let _ = sys::reap(fd.get_ref().as_fd());
+                }
+            }
+        });
+    }
 }
 
 /// Variables of the reload command's environment that describe that
@@ -151,8 +182,8 @@ fn child_env(
 }
 
 /// Everything needed to start the new process, prepared on the caller's
-/// thread (cheap); [`Launch::run`] then clones on a blocking thread, so the
-/// copy of the page tables does not stall a runtime thread that serves.
+/// thread (cheap); [`Launch::run`] then clones on a thread of its own, so
+/// the copy of the page tables does not stall a runtime thread that serves.
 pub(crate) struct Launch {
     image: sys::ExecImage,
     ours_end: std::os::unix::net::UnixStream,
@@ -209,9 +240,21 @@ pub(crate) fn prepare(
     })
 }
 
+/// The stack of the thread that clones: it only makes a few system calls
+/// (the new process runs on a copy of it until `execve`).
+const SPAWN_STACK: usize = 64 * 1024;
+
 impl Launch {
-    /// Starts the new process.
-    pub(crate) async fn run(self) -> Result<Child, UpgradeError> {
+    /// Starts the new process. `spare` (an fd kept free for this moment,
+    /// see [`crate::spare`]) is closed right before the clone, so that the
+    /// pidfd finds a free slot even at the fd limit.
+    ///
+    /// The clone runs on a thread made for it with
+    /// `std::thread::Builder`, which fails with an error where tokio's
+    /// `spawn_blocking` would panic (no thread can be created: a pids limit,
+    /// no memory): the upgrade then fails with that reason and the next one
+    /// can start.
+    pub(crate) async fn run(self, spare: Option<OwnedFd>) -> Result<Child, UpgradeError> {
         let Launch {
             mut image,
             ours_end,
@@ -223,21 +266,56 @@ impl Launch {
             exe: exe.display().to_string(),
             source,
         };
-        let spawned = tokio::task::spawn_blocking(move || sys::spawn(&mut image, reparent))
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        std::thread::Builder::new()
+            .name("handover-spawn".into())
+            .stack_size(SPAWN_STACK)
+            .spawn(move || {
+                drop(spare);
+                let spawned = sys::spawn(&mut image, reparent);
+                drop(image);
+                if let Err(Ok(orphan)) = tx.send(spawned) {
+                    // The upgrade was abandoned meanwhile: nobody would
+                    // ever kill or reap this process.
+                    sys::kill_and_wait(&orphan, !reparent, KILL_WAIT);
+                }
+            })
+            .map_err(|e| {
+                spawn_err(io::Error::new(
+                    e.kind(),
+                    format!("cannot create a thread to start it: {e}"),
+                ))
+            })?;
+        let spawned = rx
             .await
-            .map_err(|e| spawn_err(io::Error::other(e)))?
+            .map_err(|_| spawn_err(io::Error::other("the thread starting it died")))?
             .map_err(spawn_err)?;
         // Our copies of the child's fds are gone with the image; the
         // channel's end goes now, so that the child's exit shows as EOF.
         drop(theirs);
-        ours_end.set_nonblocking(true).map_err(spawn_err)?;
-        let channel = UnixStream::from_std(ours_end).map_err(spawn_err)?;
-        let pidfd = sys::async_readable(spawned.pidfd).map_err(spawn_err)?;
+        let pid = spawned.pid;
+        let channel = ours_end
+            .set_nonblocking(true)
+            .and_then(|()| UnixStream::from_std(ours_end));
+        let (channel, pidfd) = match channel {
+            Ok(channel) => match sys::async_readable(spawned.pidfd) {
+                Ok(pidfd) => (channel, pidfd),
+                Err((e, pidfd)) => {
+                    sys::kill_and_wait(&sys::Spawned { pid, pidfd }, !reparent, KILL_WAIT);
+                    return Err(spawn_err(e));
+                }
+            },
+            Err(e) => {
+                sys::kill_and_wait(&spawned, !reparent, KILL_WAIT);
+                return Err(spawn_err(e));
+            }
+        };
         Ok(Child {
-            pid: spawned.pid,
+            pid,
             pidfd,
             channel: BufReader::new(channel),
             ours: !reparent,
+            armed: true,
         })
     }
 }
@@ -329,6 +407,7 @@ impl Child {
     /// Kills the child (a no-op if it is gone), waits for it to exit, reaps
     /// it if it is ours, and says how it ended.
     pub(crate) async fn kill(&mut self) -> String {
+        self.armed = false;
         if let Err(e) = sys::pidfd_signal(self.pidfd.get_ref().as_fd(), libc::SIGKILL) {
             tracing::error!(pid = self.pid, error = %e, "cannot kill the new process");
         }
@@ -355,7 +434,8 @@ impl Child {
     /// After a successful handoff in standalone mode the new process is
     /// still our child: reap it if it dies before we exit, so it does not
     /// linger as a zombie of ours.
-    pub(crate) fn reap_in_background(self) {
+    pub(crate) fn reap_in_background(mut self) {
+        self.armed = false;
         if !self.ours {
             return;
         }

@@ -57,6 +57,7 @@ pub mod logging;
 pub mod notify;
 mod pidfile;
 mod signals;
+mod spare;
 #[allow(unsafe_code)]
 mod sys;
 
@@ -327,6 +328,7 @@ impl Builder {
             ready_called: AtomicBool::new(false),
             is_main: AtomicBool::new(first),
             last_error: Mutex::new(None),
+            spares: spare::Spares::default(),
             config: self,
         });
         if inner.config.signals {
@@ -439,6 +441,8 @@ struct Inner {
     /// from the start for a first process, after the handoff for a new one.
     is_main: AtomicBool,
     last_error: Mutex<Option<String>>,
+    /// Fds kept free for the next upgrade.
+    spares: spare::Spares,
 }
 
 impl std::fmt::Debug for Inner {
@@ -459,6 +463,53 @@ impl Drop for Inner {
             let why = self.last_error.get_mut().map(|e| e.take()).ok().flatten();
             link.fail(&why.unwrap_or_else(|| "exited before it was ready".into()));
         }
+    }
+}
+
+/// Ends an upgrade on every way out, including a panic or a dropped
+/// future: the phase leaves `Upgrading` (back to `Ready`, or `Draining` if
+/// a drain started), and a `RELOADING=1` that was sent is ended with
+/// `READY=1`, so that neither the next upgrade nor `systemctl reload` waits
+/// for ever.
+struct UpgradeGuard<'a> {
+    inner: &'a Inner,
+    generation: u32,
+    /// `RELOADING=1` was sent.
+    reloading: bool,
+    /// The outcome was logged and told to the manager.
+    settled: bool,
+}
+
+impl Drop for UpgradeGuard<'_> {
+    fn drop(&mut self) {
+        let draining = self.inner.drain.is_draining();
+        if !self.settled {
+            let generation = self.generation;
+            tracing::error!(
+                generation,
+                outcome = "failed",
+                "upgrade interrupted; still serving"
+            );
+            if let (true, false, Some(n)) = (self.reloading, draining, &self.inner.notify) {
+                let status = status_text(&format!(
+                    "upgrade to generation {generation} interrupted; still serving, pid {}",
+                    std::process::id()
+                ));
+                let _ = n.send(&format!("READY=1\nSTATUS={status}"));
+            }
+            self.inner.spares.refill();
+        }
+        self.inner.phase.send_if_modified(|p| {
+            let upgrading = *p == Phase::Upgrading;
+            if upgrading {
+                *p = if draining {
+                    Phase::Draining
+                } else {
+                    Phase::Ready
+                };
+            }
+            upgrading
+        });
     }
 }
 
@@ -680,6 +731,9 @@ impl Handover {
             self.record(r)?;
         }
         self.inner.is_main.store(true, Ordering::Release);
+        self.inner
+            .spares
+            .keep(self.listeners().for_handoff().len() + spare::FIXED);
         self.push_to_fd_store();
         self.start_watchdog();
         let control = self.inner.control.lock().ok().and_then(|mut c| c.take());
@@ -795,24 +849,24 @@ impl Handover {
         if let Some(e) = refused {
             return Err(e);
         }
-        let result = self.run_upgrade(env.as_deref()).await;
-        let next = if result.is_ok() || self.inner.drain.is_draining() {
-            Phase::Draining
-        } else {
-            Phase::Ready
+        let mut guard = UpgradeGuard {
+            inner: &self.inner,
+            generation: self.inner.generation + 1,
+            reloading: false,
+            settled: false,
         };
-        self.inner.phase.send_replace(next);
-        result
+        self.run_upgrade(env.as_deref(), &mut guard).await
     }
 
     async fn run_upgrade(
         &self,
         env: Option<&[(std::ffi::OsString, std::ffi::OsString)]>,
+        guard: &mut UpgradeGuard<'_>,
     ) -> Result<u32, UpgradeError> {
         let inner = &*self.inner;
         let started = Instant::now();
         let old_pid = std::process::id();
-        let generation = inner.generation + 1;
+        let generation = guard.generation;
         let timeout = inner.config.upgrade_timeout;
         tracing::info!(generation, old_pid, exe = %inner.exe.path.display(), "upgrade started");
         if let Some(n) = &inner.notify {
@@ -823,12 +877,14 @@ impl Handover {
                 extend.as_micros(),
                 status_text(&format!("upgrading to generation {generation}")),
             );
+            // From here on, every way out ends the reload with READY=1.
+            guard.reloading = true;
             if let Err(e) = n.send(&msg) {
                 tracing::warn!(error = %e, "cannot send RELOADING=1");
             }
         }
         let result = self.handoff(generation, timeout, env).await;
-        let elapsed_ms = started.elapsed().as_millis() as u64;
+        let elapsed_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
         match &result {
             Ok(new_pid) => {
                 tracing::info!(
@@ -840,18 +896,24 @@ impl Handover {
                     "upgrade complete; draining"
                 );
             }
+            Err(e) if inner.drain.reason() == Some(DrainReason::Stopped) => {
+                // The stop already told the manager (STOPPING=1).
+                tracing::info!(generation, old_pid, elapsed_ms, outcome = "cancelled", reason = %e, "upgrade cancelled: stopping");
+            }
             Err(e) => {
                 tracing::error!(generation, old_pid, elapsed_ms, outcome = "failed", reason = %e, "upgrade failed; still serving");
-                if let Some(n) = &inner.notify {
-                    if !inner.drain.is_draining() {
-                        let status = status_text(&format!("upgrade to generation {generation} failed: {e}; still serving, pid {old_pid}"));
+                if guard.reloading {
+                    let status = status_text(&format!("upgrade to generation {generation} failed: {e}; still serving, pid {old_pid}"));
+                    if let Some(n) = &inner.notify {
                         if let Err(e) = n.send(&format!("READY=1\nSTATUS={status}")) {
                             tracing::warn!(error = %e, "cannot send READY=1 after the failed upgrade");
                         }
                     }
                 }
+                inner.spares.refill();
             }
         }
+        guard.settled = true;
         result
     }
 
@@ -877,6 +939,12 @@ impl Handover {
                 limit: inner.config.state_limit,
             });
         }
+        // At the fd limit the next steps need the spares' slots: free them
+        // right before each step, with no await in between.
+        let mut spares = inner.spares.take(usize::MAX);
+        let for_barrier = spares.split_off(spares.len().saturating_sub(2));
+        let for_pidfd = spares.pop();
+        drop(spares);
         let launch = {
             let listeners = self.listeners();
             handoff::prepare(
@@ -889,7 +957,7 @@ impl Handover {
                 state.len(),
             )?
         };
-        let mut child = launch.run().await?;
+        let mut child = launch.run(for_pidfd).await?;
         let new_pid = child.pid;
         tracing::info!(
             generation,
@@ -912,6 +980,7 @@ impl Handover {
                     source,
                 });
             }
+            drop(for_barrier);
             if let Err(e) = n.barrier(BARRIER_TIMEOUT).await {
                 tracing::warn!(error = %e, "the manager did not confirm MAINPID=; handing over anyway");
             }
@@ -925,6 +994,7 @@ impl Handover {
             return Err(UpgradeError::Channel(e));
         }
         inner.drain.start(DrainReason::Upgraded);
+        inner.phase.send_replace(Phase::Draining);
         self.listeners().clear();
         child.reap_in_background();
         Ok(new_pid)

@@ -123,7 +123,7 @@ impl Notifier {
         let fds = [write.as_fd().as_raw_fd()];
         self.send_with(b"BARRIER=1", &[ControlMessage::ScmRights(&fds)])?;
         drop(write);
-        let read = crate::sys::async_readable(read)?;
+        let read = crate::sys::async_readable(read).map_err(|(e, _)| e)?;
         match tokio::time::timeout(timeout, read.readable()).await {
             Ok(guard) => guard.map(drop),
             Err(_) => Err(io::Error::new(

@@ -8,7 +8,7 @@
 
 use std::ffi::{CString, OsStr};
 use std::io;
-use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::raw::c_char;
 use std::os::unix::ffi::OsStrExt;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -442,13 +442,34 @@ pub(crate) fn reap(pidfd: BorrowedFd<'_>) -> io::Result<Option<ExitStatus>> {
     }))
 }
 
-/// Registers an owned fd with tokio's reactor for readability.
-pub(crate) fn async_readable(fd: OwnedFd) -> io::Result<tokio::io::unix::AsyncFd<OwnedFd>> {
+/// Registers an owned fd with tokio's reactor for readability. On failure
+/// the fd comes back with the error.
+pub(crate) fn async_readable(
+    fd: OwnedFd,
+) -> Result<tokio::io::unix::AsyncFd<OwnedFd>, (io::Error, OwnedFd)> {
     // SAFETY: an OwnedFd is open, owned by the AsyncFd from here on (so it
     // stays open and the same description until the AsyncFd is dropped),
     // and always returns the same number from as_raw_fd().
     unsafe { tokio::io::unix::AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE) }
-        .map_err(|e| e.into_parts().1)
+        .map_err(|e| {
+            let (fd, e) = e.into_parts();
+            (e, fd)
+        })
+}
+
+/// Kills the process behind `child` and waits (blocking, at most `timeout`)
+/// for it to exit; reaps it if it is `ours`. For error paths that cannot
+/// wait asynchronously.
+pub(crate) fn kill_and_wait(child: &Spawned, ours: bool, timeout: std::time::Duration) {
+    let pidfd = child.pidfd.as_fd();
+    if pidfd_signal(pidfd, libc::SIGKILL).is_err() {
+        return;
+    }
+    let ms = u16::try_from(timeout.as_millis()).unwrap_or(u16::MAX);
+    let mut fds = [nix::poll::PollFd::new(pidfd, nix::poll::PollFlags::POLLIN)];
+    if nix::poll::poll(&mut fds, ms).is_ok_and(|n| n > 0) && ours {
+        let _ = reap(pidfd);
+    }
 }
 
 /// Borrows a raw fd that the caller knows to be open for the duration of
