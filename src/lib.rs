@@ -445,6 +445,29 @@ struct Inner {
     spares: spare::Spares,
 }
 
+impl Inner {
+    /// (Re)opens the spare fds the next upgrade needs (see `spare`).
+    fn keep_spares(&self) {
+        let n = self
+            .listeners
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .for_handoff()
+            .len();
+        // The image copies n listeners and the channel to 3+n+1 and above.
+        self.spares.keep(n + spare::FIXED, 3 + n + 1);
+    }
+
+    /// Writes this process's PID to the PID file, with a spare fd freed for
+    /// it (at the fd limit too).
+    fn write_pid_file(&self, path: &Path) -> Result<()> {
+        drop(self.spares.take(1));
+        let r = pidfile::write(path, std::process::id());
+        self.spares.refill();
+        r
+    }
+}
+
 impl std::fmt::Debug for Inner {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Inner")
@@ -497,7 +520,7 @@ impl Drop for UpgradeGuard<'_> {
                 ));
                 let _ = n.send(&format!("READY=1\nSTATUS={status}"));
             }
-            self.inner.spares.refill();
+            self.inner.keep_spares();
         }
         self.inner.phase.send_if_modified(|p| {
             let upgrading = *p == Phase::Upgrading;
@@ -700,10 +723,12 @@ impl Handover {
                 "closed passed sockets that no listen_* call claimed"
             );
         }
+        // Spares first: the PID file says "ready", to people and to tests.
+        self.inner.keep_spares();
         let generation = self.inner.generation;
         let mut status = format!("serving, generation {generation}, pid {pid}");
         if let Some(path) = &self.inner.config.pid_file {
-            match pidfile::write(path, pid) {
+            match self.inner.write_pid_file(path) {
                 Ok(()) => {}
                 // A first process fails before it serves: nothing is lost.
                 Err(e) if !had_parent => return self.record(Err(e)),
@@ -731,9 +756,6 @@ impl Handover {
             self.record(r)?;
         }
         self.inner.is_main.store(true, Ordering::Release);
-        self.inner
-            .spares
-            .keep(self.listeners().for_handoff().len() + spare::FIXED);
         self.push_to_fd_store();
         self.start_watchdog();
         let control = self.inner.control.lock().ok().and_then(|mut c| c.take());
@@ -910,7 +932,7 @@ impl Handover {
                         }
                     }
                 }
-                inner.spares.refill();
+                inner.keep_spares();
             }
         }
         guard.settled = true;

@@ -48,6 +48,13 @@ pub(crate) fn fd_is_socket(fd: RawFd) -> io::Result<bool> {
     Ok(st.st_mode & libc::S_IFMT == libc::S_IFSOCK)
 }
 
+/// Owns `fd`, which `fcntl(F_DUPFD_CLOEXEC)` (or the like) just returned.
+pub(crate) fn own(fd: RawFd) -> OwnedFd {
+    // SAFETY: the caller got `fd` from a call that created it; nothing else
+    // owns it.
+    unsafe { OwnedFd::from_raw_fd(fd) }
+}
+
 static TAKEN: AtomicBool = AtomicBool::new(false);
 
 /// Takes ownership of the fds passed to this process (by systemd or by our
