@@ -54,7 +54,7 @@ impl Listener for tokio::net::UnixListener {
     }
 }
 impl Server {
-    /// Runs the accept loop; see [`serve`]. The returned future is `'static`,
+    /// Runs the accept loop; see [`serve`](super::serve). The returned future is `'static`,
     /// so it can be spawned directly.
     pub fn serve<L, S, B>(
         &self,
