@@ -1,7 +1,7 @@
 //! One connection's life: protocol detection, then HTTP/1 or HTTP/2 run by
 //! the drain skeleton both share. Once the drain has started, [`drive`]
 //! closes a connection gracefully at the moment its protocol module names:
-//! HTTP/1 once idle for the grace, HTTP/2 at once if it has served a stream,
+//! HTTP/1 once idle for the grace, HTTP/2 at once if it has opened a stream,
 //! else after the grace (its first request may be on its way).
 
 use std::future::{poll_fn, Future};

@@ -52,7 +52,7 @@ where
     let conn = pin!(builder.serve_connection(TokioIo::new(io), service));
     let close_at = |drain_at: Instant| {
         if opened.load(Ordering::Acquire) {
-            return Some(drain_at); // passed: at once
+            return Some(drain_at); // already passed: GOAWAY at once
         }
         // A connection that has not opened a stream yet was accepted just
         // before the drain: its first request is on its way. A GOAWAY now
