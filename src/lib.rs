@@ -12,6 +12,7 @@
 //! ```no_run
 //! use std::time::Duration;
 //!
+//! # #[cfg(all(feature = "http", feature = "logging"))]
 //! #[tokio::main]
 //! async fn main() -> Result<(), handover::Error> {
 //!     handover::logging::init();
@@ -32,6 +33,8 @@
 //!     tracing::info!(?exit, "bye");
 //!     Ok(())
 //! }
+//! # #[cfg(not(all(feature = "http", feature = "logging")))]
+//! # fn main() {}
 //! ```
 //!
 //! Where each behaviour lives (one module per concept): `activation` reads
@@ -41,18 +44,50 @@
 //! HTTP/1 and HTTP/2, [`control`] is the control socket for a truthful
 //! reload, `pidfile` and `signals` do what they say, and `sys` holds every
 //! `unsafe` block.
+//!
+//! # Cargo features
+//!
+//! Both are on by default. Without them (`default-features = false`) the
+//! crate pulls no hyper, hyper-util, h2 or tracing-subscriber; `tracing`
+//! itself stays, for the crate's own events.
+//!
+//! - `http`: the [`http`] module, an HTTP/1 and HTTP/2 accept loop on hyper
+//!   that drains without losing a request.
+//! - `logging`: the [`logging`] module, a `tracing` subscriber that writes
+//!   to journald under systemd and to stderr otherwise.
+//!
+//! The crate enables only the tokio features it uses itself. The runtime
+//! flavour is the application's choice: enable `rt-multi-thread` (what a
+//! plain `#[tokio::main]` starts) in its own tokio dependency, or run a
+//! `current_thread` runtime.
+//!
+//! # Platform
+//!
+//! Linux only: the upgrade is built on Linux system calls and socket
+//! options (`clone3`, pidfds, `SO_PEERCRED`) and on systemd's protocols.
 
 #![deny(missing_docs)]
 #![deny(unsafe_code)]
 #![deny(clippy::undocumented_unsafe_blocks)]
+#![cfg_attr(docsrs, feature(doc_cfg))]
+
+#[cfg(not(target_os = "linux"))]
+compile_error!(
+    "handover supports Linux only: it starts the new process with clone3 and pidfds and checks \
+     the control socket's peers with SO_PEERCRED, which other systems do not have"
+);
 
 mod activation;
 pub mod control;
 pub mod drain;
 mod error;
 mod handoff;
+#[cfg(feature = "http")]
+#[cfg_attr(docsrs, doc(cfg(feature = "http")))]
 pub mod http;
 mod listeners;
+#[cfg(feature = "logging")]
+#[cfg_attr(docsrs, doc(cfg(feature = "logging")))]
 pub mod logging;
 pub mod notify;
 mod pidfile;

@@ -1,0 +1,218 @@
+//! The accept loop: takes connections from a [`Listener`] until the drain
+//! starts, hands each to its own task, and decides what an accept error
+//! means (retry at once, pause, or stop).
+
+use std::future::Future;
+use std::io;
+use std::pin::pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper::body::{Body, Incoming};
+use hyper::service::Service;
+use hyper::{Request, Response};
+use tokio::io::{AsyncRead, AsyncWrite};
+
+use super::conn::serve_connection;
+use super::{BoxError, Server};
+use crate::drain::Drain;
+
+/// A listening socket the accept loop can take connections from.
+///
+/// Implemented for [`tokio::net::TcpListener`] (which also turns on
+/// `TCP_NODELAY` for each connection) and [`tokio::net::UnixListener`].
+pub trait Listener: Send + 'static {
+    /// A connection.
+    type Io: AsyncRead + AsyncWrite + Unpin + Send + 'static;
+    /// The peer's address, for logs.
+    type Addr: std::fmt::Debug + Send + 'static;
+
+    /// Accepts the next connection. Must be cancel-safe: the accept loop
+    /// drops this future when the drain starts.
+    fn accept(&mut self) -> impl Future<Output = io::Result<(Self::Io, Self::Addr)>> + Send;
+}
+
+impl Listener for tokio::net::TcpListener {
+    type Io = tokio::net::TcpStream;
+    type Addr = std::net::SocketAddr;
+
+    async fn accept(&mut self) -> io::Result<(Self::Io, Self::Addr)> {
+        let (stream, addr) = tokio::net::TcpListener::accept(self).await?;
+        if let Err(e) = stream.set_nodelay(true) {
+            tracing::debug!(peer = %addr, error = %e, "cannot set TCP_NODELAY");
+        }
+        Ok((stream, addr))
+    }
+}
+
+impl Listener for tokio::net::UnixListener {
+    type Io = tokio::net::UnixStream;
+    type Addr = tokio::net::unix::SocketAddr;
+
+    async fn accept(&mut self) -> io::Result<(Self::Io, Self::Addr)> {
+        tokio::net::UnixListener::accept(self).await
+    }
+}
+impl Server {
+    /// Runs the accept loop; see [`serve`](super::serve). The returned future is `'static`,
+    /// so it can be spawned directly.
+    pub fn serve<L, S, B>(
+        &self,
+        mut listener: L,
+        service: S,
+        drain: Drain,
+    ) -> impl Future<Output = io::Result<()>> + Send + 'static
+    where
+        L: Listener,
+        S: Service<Request<Incoming>, Response = Response<B>> + Clone + Send + 'static,
+        S::Future: Send + 'static,
+        S::Error: Into<BoxError>,
+        B: Body + Send + 'static,
+        B::Data: Send,
+        B::Error: Into<BoxError>,
+    {
+        let cfg = Arc::new(self.clone());
+        async move {
+            let mut backoff = Backoff::default();
+            {
+                let mut draining = pin!(drain.draining());
+                loop {
+                    let accepted = tokio::select! {
+                        biased;
+                        _ = draining.as_mut() => break,
+                        r = listener.accept() => r,
+                    };
+                    match accepted {
+                        Ok((io, peer)) => {
+                            backoff.reset();
+                            let guard = drain.guard();
+                            let conn =
+                                serve_connection(io, service.clone(), drain.clone(), cfg.clone());
+                            tokio::spawn(async move {
+                                if let Err(e) = conn.await {
+                                    tracing::debug!(?peer, error = %e, "connection ended with an error");
+                                }
+                                drop(guard);
+                            });
+                        }
+                        Err(e) => match classify_accept_error(&e) {
+                            AcceptError::Transient => {
+                                tracing::debug!(error = %e, "accept failed, continuing");
+                            }
+                            AcceptError::Resources => {
+                                let pause = backoff.next();
+                                tracing::error!(error = %e, ?pause, "accept failed, out of resources; pausing");
+                                tokio::select! {
+                                    biased;
+                                    _ = draining.as_mut() => break,
+                                    _ = tokio::time::sleep(pause) => {}
+                                }
+                            }
+                            AcceptError::Fatal => {
+                                tracing::error!(error = %e, "accept failed for good, stopping the accept loop");
+                                return Err(e);
+                            }
+                        },
+                    }
+                }
+            }
+            drop(listener);
+            tracing::debug!("drain started: stopped accepting, listener dropped");
+            Ok(())
+        }
+    }
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum AcceptError {
+    /// Something about one connection: try the next one at once.
+    Transient,
+    /// Out of file descriptors or memory: pause, then try again.
+    Resources,
+    /// The listener itself is broken.
+    Fatal,
+}
+
+fn classify_accept_error(e: &io::Error) -> AcceptError {
+    match e.raw_os_error() {
+        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM) => AcceptError::Resources,
+        Some(libc::EBADF | libc::EINVAL | libc::ENOTSOCK | libc::EOPNOTSUPP | libc::EFAULT) => {
+            AcceptError::Fatal
+        }
+        Some(
+            libc::ECONNABORTED
+            | libc::ECONNRESET
+            | libc::EINTR
+            | libc::EAGAIN
+            | libc::EPROTO
+            | libc::EPERM
+            | libc::ENETDOWN
+            | libc::ENOPROTOOPT
+            | libc::EHOSTDOWN
+            | libc::ENONET
+            | libc::EHOSTUNREACH
+            | libc::ENETUNREACH
+            | libc::ETIMEDOUT,
+        ) => AcceptError::Transient,
+        // Unknown: keep serving, but do not spin on it.
+        _ => AcceptError::Resources,
+    }
+}
+
+/// Exponential pause after accept errors for lack of resources: 5 ms to 1 s.
+#[derive(Debug, Default)]
+struct Backoff {
+    last: Option<Duration>,
+}
+
+impl Backoff {
+    fn next(&mut self) -> Duration {
+        let d = match self.last {
+            None => Duration::from_millis(5),
+            Some(d) => (d * 2).min(Duration::from_secs(1)),
+        };
+        self.last = Some(d);
+        d
+    }
+
+    fn reset(&mut self) {
+        self.last = None;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::net::TcpStream;
+
+    use super::*;
+    use crate::http::testing::{app, gate, start, Raw};
+
+    /// Once draining, the accept loop returns and the listener is gone:
+    /// a new connection is refused.
+    #[tokio::test]
+    async fn accept_loop_returns_and_drops_the_listener() {
+        let (g, _) = gate();
+        let mut s = start(Server::new(), app("hello", g)).await;
+        let mut c = Raw::connect(s.addr).await;
+        assert_eq!(c.get("/").await.status, 200);
+        s.drain().await;
+        let e = TcpStream::connect(s.addr).await.unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::ConnectionRefused);
+    }
+
+    #[test]
+    fn accept_errors_are_classified() {
+        let c = |n| classify_accept_error(&io::Error::from_raw_os_error(n));
+        assert_eq!(c(libc::EMFILE), AcceptError::Resources);
+        assert_eq!(c(libc::ENFILE), AcceptError::Resources);
+        assert_eq!(c(libc::ECONNABORTED), AcceptError::Transient);
+        assert_eq!(c(libc::EPERM), AcceptError::Transient);
+        assert_eq!(c(libc::EINVAL), AcceptError::Fatal);
+        assert_eq!(c(libc::EBADF), AcceptError::Fatal);
+        let mut b = Backoff::default();
+        let seq: Vec<_> = (0..10).map(|_| b.next().as_millis()).collect();
+        assert_eq!(seq, [5, 10, 20, 40, 80, 160, 320, 640, 1000, 1000]);
+        b.reset();
+        assert_eq!(b.next(), Duration::from_millis(5));
+    }
+}

@@ -1,0 +1,227 @@
+//! What the HTTP tests share: an app whose handler can be held, a server on
+//! a fresh port, and a raw HTTP/1.1 client that shows exactly what goes over
+//! the wire.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::service::Service;
+use hyper::{Request, Response};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, Semaphore};
+use tokio::task::JoinHandle;
+use tokio::time::timeout;
+
+use super::Server;
+use crate::drain::{Drain, DrainReason};
+
+pub(super) const T: Duration = Duration::from_secs(10);
+
+/// Lets a test hold requests to `/gate` inside the handler.
+#[derive(Clone)]
+pub(super) struct Gate {
+    pub(super) entered: mpsc::UnboundedSender<()>,
+    pub(super) open: Arc<Semaphore>,
+}
+
+pub(super) fn gate() -> (Gate, mpsc::UnboundedReceiver<()>) {
+    let (entered, rx) = mpsc::unbounded_channel();
+    (
+        Gate {
+            entered,
+            open: Arc::new(Semaphore::new(0)),
+        },
+        rx,
+    )
+}
+
+pub(super) type ResponseFut =
+    Pin<Box<dyn Future<Output = Result<Response<Full<Bytes>>, Infallible>> + Send>>;
+
+/// `/` answers the greeting, `/gate` waits for the gate, `/echo` echoes
+/// the request body.
+#[derive(Clone)]
+pub(super) struct App {
+    greeting: &'static str,
+    gate: Gate,
+}
+
+pub(super) fn app(greeting: &'static str, gate: Gate) -> App {
+    App { greeting, gate }
+}
+
+impl Service<Request<Incoming>> for App {
+    type Response = Response<Full<Bytes>>;
+    type Error = Infallible;
+    type Future = ResponseFut;
+
+    fn call(&self, req: Request<Incoming>) -> Self::Future {
+        let App { greeting, gate } = self.clone();
+        Box::pin(async move {
+            let body = match req.uri().path() {
+                "/gate" => {
+                    let _ = gate.entered.send(());
+                    gate.open.acquire().await.unwrap().forget();
+                    Bytes::from_static(b"released")
+                }
+                "/echo" => req.into_body().collect().await.unwrap().to_bytes(),
+                _ => Bytes::from_static(greeting.as_bytes()),
+            };
+            Ok(Response::new(Full::new(body)))
+        })
+    }
+}
+
+pub(super) struct Running {
+    pub(super) addr: SocketAddr,
+    pub(super) drain: Drain,
+    accept_loop: JoinHandle<io::Result<()>>,
+}
+
+pub(super) async fn start_on(server: Server, listener: TcpListener, app: App) -> Running {
+    let addr = listener.local_addr().unwrap();
+    let drain = Drain::new();
+    let accept_loop = tokio::spawn(server.serve(listener, app, drain.clone()));
+    Running {
+        addr,
+        drain,
+        accept_loop,
+    }
+}
+
+pub(super) async fn start(server: Server, app: App) -> Running {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    start_on(server, listener, app).await
+}
+
+impl Running {
+    /// Starts the drain and checks the accept loop stops.
+    pub(super) async fn drain(&mut self) {
+        assert!(self.drain.start(DrainReason::Upgraded));
+        timeout(T, &mut self.accept_loop)
+            .await
+            .expect("accept loop stops")
+            .unwrap()
+            .unwrap();
+    }
+
+    pub(super) async fn wait_accepted(&self, n: usize) {
+        timeout(T, async {
+            while self.drain.in_flight() < n {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        })
+        .await
+        .expect("connection accepted");
+    }
+
+    pub(super) async fn idle(&self) {
+        timeout(T, self.drain.idle())
+            .await
+            .expect("all connections closed");
+    }
+}
+
+#[derive(Debug)]
+pub(super) struct Reply {
+    pub(super) status: u16,
+    pub(super) close: bool,
+    pub(super) body: String,
+}
+
+/// A minimal raw HTTP/1.1 client, to see exactly what goes over the wire.
+pub(super) struct Raw {
+    io: BufReader<TcpStream>,
+}
+
+impl Raw {
+    pub(super) async fn connect(addr: SocketAddr) -> Raw {
+        Raw {
+            io: BufReader::new(TcpStream::connect(addr).await.unwrap()),
+        }
+    }
+
+    pub(super) async fn write(&mut self, bytes: &[u8]) {
+        self.io.get_mut().write_all(bytes).await.unwrap();
+    }
+
+    pub(super) async fn send(&mut self, path: &str) {
+        let req = format!("GET {path} HTTP/1.1\r\nHost: test\r\n\r\n");
+        self.write(req.as_bytes()).await;
+    }
+
+    /// Reads one response; `Ok(None)` on EOF before any byte of it.
+    pub(super) async fn read(&mut self) -> io::Result<Option<Reply>> {
+        timeout(T, async {
+            let mut line = String::new();
+            if self.io.read_line(&mut line).await? == 0 {
+                return Ok(None);
+            }
+            let status = line
+                .split(' ')
+                .nth(1)
+                .and_then(|s| s.parse().ok())
+                .ok_or_else(|| io::Error::other(format!("bad status line {line:?}")))?;
+            let (mut len, mut close) = (0, false);
+            loop {
+                line.clear();
+                if self.io.read_line(&mut line).await? == 0 {
+                    return Err(io::ErrorKind::UnexpectedEof.into());
+                }
+                let l = line.trim_end().to_ascii_lowercase();
+                if l.is_empty() {
+                    break;
+                }
+                if let Some(v) = l.strip_prefix("content-length:") {
+                    len = v.trim().parse().unwrap();
+                }
+                if l.starts_with("connection:") && l.contains("close") {
+                    close = true;
+                }
+            }
+            let mut body = vec![0; len];
+            self.io.read_exact(&mut body).await?;
+            Ok(Some(Reply {
+                status,
+                close,
+                body: String::from_utf8(body).unwrap(),
+            }))
+        })
+        .await
+        .expect("response within the test timeout")
+    }
+
+    pub(super) async fn get(&mut self, path: &str) -> Reply {
+        self.send(path).await;
+        self.read().await.unwrap().expect("a response")
+    }
+
+    /// Asserts the server closed the connection with nothing more to say.
+    pub(super) async fn expect_eof(&mut self) {
+        let mut rest = Vec::new();
+        let n = timeout(T, self.io.read_to_end(&mut rest))
+            .await
+            .expect("server closes")
+            .unwrap();
+        assert_eq!(
+            n,
+            0,
+            "unexpected bytes: {:?}",
+            String::from_utf8_lossy(&rest)
+        );
+    }
+}
+
+/// The default options with an idle grace of `ms` milliseconds.
+pub(super) fn grace(ms: u64) -> Server {
+    Server::new().idle_grace(Duration::from_millis(ms))
+}
