@@ -316,8 +316,14 @@ mod tests {
     #[test]
     fn the_state_length_is_bounded_by_the_receivers_limit() {
         for (len, want) in [
-            ("18446744073709551615", "exceeds this process's state limit of 1024 bytes"),
-            ("1000000000000", "exceeds this process's state limit of 1024 bytes"),
+            (
+                "18446744073709551615",
+                "exceeds this process's state limit of 1024 bytes",
+            ),
+            (
+                "1000000000000",
+                "exceeds this process's state limit of 1024 bytes",
+            ),
             ("99999999999999999999999", "out of range"),
             ("-1", "is not a number"),
         ] {
@@ -328,7 +334,10 @@ mod tests {
             };
             let err = read(v, 42, 1024).unwrap_err();
             assert!(matches!(err, Error::Activation(_)), "{err:?}");
-            assert!(err.to_string().contains(want), "{err} should contain {want}");
+            assert!(
+                err.to_string().contains(want),
+                "{err} should contain {want}"
+            );
         }
     }
 }

@@ -254,7 +254,11 @@ async fn read_request(stream: &mut BufReader<tokio::net::UnixStream>) -> io::Res
     })
 }
 
-async fn handle(stream: tokio::net::UnixStream, handover: Handover, drain: Drain) -> io::Result<()> {
+async fn handle(
+    stream: tokio::net::UnixStream,
+    handover: Handover,
+    drain: Drain,
+) -> io::Result<()> {
     // A connection counts as in-flight work only once its request starts to
     // arrive: an idle one must not keep a draining process alive.
     let allowed = peer_allowed(&stream)?;

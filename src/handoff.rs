@@ -547,12 +547,20 @@ pub(crate) fn fail_raw(fd: BorrowedFd<'_>, reason: &str) {
 
 /// Writes all of `buf` to the socket `fd`, blocking or not, waiting for room
 /// at most `timeout`; never raises SIGPIPE.
-pub(crate) fn write_blocking(fd: BorrowedFd<'_>, mut buf: &[u8], timeout: Duration) -> io::Result<()> {
+pub(crate) fn write_blocking(
+    fd: BorrowedFd<'_>,
+    mut buf: &[u8],
+    timeout: Duration,
+) -> io::Result<()> {
     use nix::errno::Errno;
     use nix::sys::socket::{send, MsgFlags};
     let end = std::time::Instant::now() + timeout;
     while !buf.is_empty() {
-        match send(fd.as_raw_fd(), buf, MsgFlags::MSG_NOSIGNAL | MsgFlags::MSG_DONTWAIT) {
+        match send(
+            fd.as_raw_fd(),
+            buf,
+            MsgFlags::MSG_NOSIGNAL | MsgFlags::MSG_DONTWAIT,
+        ) {
             Ok(n) => buf = buf.get(n..).unwrap_or_default(),
             Err(Errno::EINTR) => {}
             Err(Errno::EAGAIN) => {

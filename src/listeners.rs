@@ -353,7 +353,11 @@ const BACKLOG: i32 = 1024;
 /// the socket's own inode (set here with `fchmod` before `bind`), less the
 /// umask. Changing it afterwards by path could change another file, if
 /// someone replaced the socket file with a symlink in between.
-fn bind(kind: Kind, addr: &Address, mode: Option<nix::sys::stat::Mode>) -> std::io::Result<OwnedFd> {
+fn bind(
+    kind: Kind,
+    addr: &Address,
+    mode: Option<nix::sys::stat::Mode>,
+) -> std::io::Result<OwnedFd> {
     let flags = SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK;
     let fd = match addr {
         Address::Inet(a) => {

@@ -131,7 +131,9 @@ fn start(exe: &Path, pid_file: &Path, args: &[&str], envs: &[(&str, &str)]) -> S
         dir: tempfile::tempdir().unwrap(),
     };
     let first = server.child.id();
-    wait_for("the PID file", T, || (server.pid() == Some(first)).then_some(()));
+    wait_for("the PID file", T, || {
+        (server.pid() == Some(first)).then_some(())
+    });
     server
 }
 
@@ -148,7 +150,10 @@ fn traffic_flows(load: &load::Load, n: u64) {
 
 /// The pid after `key` in a log line (`new_pid=123`, `new process 123`).
 fn pid_after(line: &str, key: &str) -> u32 {
-    let at = line.find(key).unwrap_or_else(|| panic!("no {key:?} in {line}")) + key.len();
+    let at = line
+        .find(key)
+        .unwrap_or_else(|| panic!("no {key:?} in {line}"))
+        + key.len();
     line[at..]
         .split(|c: char| !c.is_ascii_digit())
         .next()
@@ -390,7 +395,10 @@ impl PidsCgroup {
     }
 
     fn read(&self, file: &str) -> String {
-        fs::read_to_string(self.dir.join(file)).unwrap().trim().to_owned()
+        fs::read_to_string(self.dir.join(file))
+            .unwrap()
+            .trim()
+            .to_owned()
     }
 
     fn procs(&self) -> Vec<i32> {
@@ -467,7 +475,8 @@ fn an_upgrade_that_cannot_create_a_thread_fails_with_a_reason_and_the_next_one_w
         .log
         .wait_line(from, &["upgrade failed; still serving"], T);
     assert!(
-        line.contains("cannot create a thread") && line.contains("Resource temporarily unavailable"),
+        line.contains("cannot create a thread")
+            && line.contains("Resource temporarily unavailable"),
         "{line}"
     );
     assert_eq!(server::get(addr, "/").0, 200, "the old process serves");
@@ -535,7 +544,9 @@ fn symlinks_planted_in_a_sticky_pid_file_directory_clobber_nothing() {
         pid_file: pid_file.clone(),
         dir: tempfile::tempdir().unwrap(),
     };
-    wait_for("the PID file", T, || (server.pid() == Some(first)).then_some(()));
+    wait_for("the PID file", T, || {
+        (server.pid() == Some(first)).then_some(())
+    });
     victim.assert_untouched();
 
     // The next processes, whatever pids they get.
@@ -570,7 +581,12 @@ fn a_symlink_planted_for_the_control_socket_changes_no_mode() {
     let open = tempfile::tempdir().unwrap();
     chmod(open.path(), 0o777);
     let socket = open.path().join("control.sock");
-    let args = ["--addr", "127.0.0.1:0", "--control-socket", socket.to_str().unwrap()];
+    let args = [
+        "--addr",
+        "127.0.0.1:0",
+        "--control-socket",
+        socket.to_str().unwrap(),
+    ];
     let server = Server::start(&example("hello"), &args, &[]);
     let meta = fs::symlink_metadata(&socket).unwrap();
     assert_eq!(meta.mode() & 0o777, 0o600, "created private");
@@ -660,9 +676,10 @@ fn a_full_file_system_under_the_pid_file_loses_no_request_during_an_upgrade() {
     manager.release();
     let (_, done) = server.log.wait_line(from, &["upgrade complete"], T);
     let new = pid_after(&done, "new_pid=");
-    let (_, warned) = server
-        .log
-        .wait_line(from, &["cannot write the PID file; serving without it"], T);
+    let (_, warned) =
+        server
+            .log
+            .wait_line(from, &["cannot write the PID file; serving without it"], T);
     assert!(warned.contains("No space left on device"), "{warned}");
     assert_eq!(reap(old, T), 0);
     assert!(alive(new), "the new process serves on");
@@ -701,7 +718,12 @@ fn a_read_only_pid_directory_reason_reaches_the_log_status_and_reload_command() 
     let control = tempfile::tempdir().unwrap();
     let socket = control.path().join("control.sock");
     let pid_file = fs_.path().join("hello.pid");
-    let args = ["--addr", "127.0.0.1:0", "--control-socket", socket.to_str().unwrap()];
+    let args = [
+        "--addr",
+        "127.0.0.1:0",
+        "--control-socket",
+        socket.to_str().unwrap(),
+    ];
     let notify = manager.path.to_str().unwrap().to_owned();
     let server = start(
         &example("hello"),
@@ -756,22 +778,37 @@ fn an_upgrade_starts_at_the_fd_limit() {
     let old = server.pid().unwrap();
     let limit = fd_count(old) + 8;
     let out = Command::new("/usr/bin/prlimit")
-        .args(["--pid", &old.to_string(), &format!("--nofile={limit}:{limit}")])
+        .args([
+            "--pid",
+            &old.to_string(),
+            &format!("--nofile={limit}:{limit}"),
+        ])
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 
     // Idle connections until the server cannot accept the next one.
     let mut conns = Vec::new();
     let from = server.log.len();
-    let full = |log: &Log| log.text().lines().skip(from).any(|l| l.contains("out of resources"));
+    let full = |log: &Log| {
+        log.text()
+            .lines()
+            .skip(from)
+            .any(|l| l.contains("out of resources"))
+    };
     while !full(&server.log) {
         assert!(conns.len() < 64, "the server never hit its fd limit");
         let before = fd_count(old);
         conns.push(std::net::TcpStream::connect(addr).unwrap());
-        wait_for("the connection to be accepted or refused for lack of fds", T, || {
-            (fd_count(old) > before || full(&server.log)).then_some(())
-        });
+        wait_for(
+            "the connection to be accepted or refused for lack of fds",
+            T,
+            || (fd_count(old) > before || full(&server.log)).then_some(()),
+        );
     }
 
     let (_, new) = server.upgrade(T);
@@ -834,11 +871,17 @@ fn a_stop_during_a_reload_cancels_it_cleanly() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(0), "{stderr}");
     assert!(stderr.contains("cancelled by stop"), "{stderr}");
-    server.log.wait_line(at, &["upgrade failed; still serving", "not ready within 2s"], T);
+    server.log.wait_line(
+        at,
+        &["upgrade failed; still serving", "not ready within 2s"],
+        T,
+    );
 
     // The service's answer first.
     let reload = spawn_reload();
-    let (at, _) = server.log.wait_line(at + 1, &["waiting for it to be ready"], T);
+    let (at, _) = server
+        .log
+        .wait_line(at + 1, &["waiting for it to be ready"], T);
     kill(Pid::from_raw(old as i32), Signal::SIGTERM).unwrap();
     let out = reload.wait_with_output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -851,7 +894,9 @@ fn a_stop_during_a_reload_cancels_it_cleanly() {
     let text = server.log.text();
     let after: Vec<&str> = text.lines().skip(at).collect();
     assert!(
-        after.iter().any(|l| l.contains("upgrade cancelled: stopping")),
+        after
+            .iter()
+            .any(|l| l.contains("upgrade cancelled: stopping")),
         "{text}"
     );
     assert!(
@@ -912,7 +957,10 @@ fn an_idle_control_connection_does_not_hold_the_old_process() {
     let (old, new) = server.upgrade(T);
     assert_eq!(reap(old, Duration::from_secs(5)), 0);
     let took = started.elapsed();
-    assert!(took < Duration::from_secs(5), "the old process took {took:?}");
+    assert!(
+        took < Duration::from_secs(5),
+        "the old process took {took:?}"
+    );
     idle.set_read_timeout(Some(T)).unwrap();
     let mut rest = Vec::new();
     idle.read_to_end(&mut rest).unwrap();
