@@ -185,14 +185,20 @@ fn exchange(socket: &Path, request: &[u8], timeout: Duration) -> Result<String, 
     }
 }
 
-/// Serves the control socket until the drain starts. Runs in the main
-/// process only (started by `ready()`).
+/// Serves the control socket until the drain starts, and again if the
+/// drain is taken back; keeps the listener until the drain is final. Runs
+/// in the main process only (started by `ready()`).
 pub(crate) async fn serve(listener: tokio::net::UnixListener, handover: Handover) {
     let drain = handover.drain();
     loop {
         let conn = tokio::select! {
             r = listener.accept() => r,
-            _ = drain.draining() => break,
+            _ = drain.draining() => {
+                if drain.resumed().await {
+                    continue;
+                }
+                break;
+            }
         };
         match conn {
             Ok((stream, _)) => {

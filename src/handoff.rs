@@ -11,8 +11,12 @@
 //! | child | `fail <reason>` | giving up before `ready` (then exits) |
 //! | child (pre-exec) | `exec <errno>` / `spawn <errno>` | `execve`/`dup2` failed |
 //! | parent | `main` | the manager knows the child as main PID; take over |
+//! | child (main) | `upgraded <pid>` | it handed the service on to `<pid>` |
+//! | child (main) | `stopping` | it was asked to stop |
 //!
-//! End of file on either side means the other is gone.
+//! End of file on either side means the other is gone. The channel stays
+//! open while the parent drains: run by hand, a parent whose new process
+//! dies without saying `upgraded` or `stopping` takes the service back.
 
 use std::ffi::{OsStr, OsString};
 use std::io;
@@ -102,6 +106,8 @@ pub(crate) struct Child {
     pub(crate) pid: u32,
     pidfd: AsyncFd<OwnedFd>,
     channel: BufReader<UnixStream>,
+    /// The channel reached end of file: the child said all it will.
+    channel_eof: bool,
     /// Our own child (standalone), which we must reap; otherwise the
     /// manager's.
     ours: bool,
@@ -314,6 +320,7 @@ impl Launch {
             pid,
             pidfd,
             channel: BufReader::new(channel),
+            channel_eof: false,
             ours: !reparent,
             armed: true,
         })
@@ -431,21 +438,50 @@ impl Child {
         }
     }
 
-    /// After a successful handoff in standalone mode the new process is
-    /// still our child: reap it if it dies before we exit, so it does not
-    /// linger as a zombie of ours.
-    pub(crate) fn reap_in_background(mut self) {
+    /// The child is the main process now: dropping this no longer kills
+    /// it.
+    pub(crate) fn handed_over(&mut self) {
         self.armed = false;
-        if !self.ours {
-            return;
-        }
-        tokio::spawn(async move {
-            if self.pidfd.readable().await.is_ok() {
-                let status = self.reap_status();
-                tracing::warn!(pid = self.pid, %status, "the new process exited while this one was draining");
-            }
-        });
     }
+
+    /// After the handoff: the next line the new process says, or its exit
+    /// (reaped here if it is ours) once it has said everything.
+    pub(crate) async fn next_event(&mut self) -> Event {
+        loop {
+            if self.channel_eof {
+                let _ = self.pidfd.readable().await;
+                return Event::Exited(self.reap_status());
+            }
+            let mut line = String::new();
+            let said = tokio::select! {
+                r = self.channel.read_line(&mut line) => r,
+                _ = self.pidfd.readable() => {
+                    // It exited: read what it wrote before, to the end
+                    // (bounded, in case something it started holds its end).
+                    tokio::time::timeout(EXIT_READ, self.channel.read_line(&mut line))
+                        .await
+                        .unwrap_or(Ok(0))
+                }
+            };
+            match said {
+                Ok(n) if n > 0 => {
+                    if !line.trim().is_empty() {
+                        return Event::Said(line.trim_end().to_owned());
+                    }
+                }
+                _ => self.channel_eof = true,
+            }
+        }
+    }
+}
+
+/// What a new process did after the handoff.
+#[derive(Debug)]
+pub(crate) enum Event {
+    /// It said this line (`upgraded <pid>`, `stopping`).
+    Said(String),
+    /// It exited; how, as far as this process can know.
+    Exited(String),
 }
 
 fn parse_failure(msg: &str, pid: u32, exe: &Path) -> UpgradeError {
@@ -523,6 +559,12 @@ impl ParentLink {
         let mut line = String::new();
         self.stream.read_line(&mut line).await?;
         Ok(line.trim_end() == "main")
+    }
+
+    /// The channel, once this process is main: it tells the parent that it
+    /// let go of the service (`upgraded`, `stopping`).
+    pub(crate) fn into_stream(self) -> UnixStream {
+        self.stream.into_inner()
     }
 
     /// Reports a failure (from `Drop` or an error path): one line, written

@@ -364,6 +364,7 @@ impl Builder {
             is_main: AtomicBool::new(first),
             last_error: Mutex::new(None),
             spares: spare::Spares::default(),
+            to_parent: Mutex::new(None),
             config: self,
         });
         if inner.config.signals {
@@ -478,6 +479,9 @@ struct Inner {
     last_error: Mutex<Option<String>>,
     /// Fds kept free for the next upgrade.
     spares: spare::Spares,
+    /// The handoff channel to the parent, once this process is main and
+    /// while the parent lives: to tell it that this process let go.
+    to_parent: Mutex<Option<Arc<tokio::net::UnixStream>>>,
 }
 
 impl Inner {
@@ -491,6 +495,58 @@ impl Inner {
             .len();
         // The image copies n listeners and the channel to 3+n+1 and above.
         self.spares.keep(n + spare::FIXED, 3 + n + 1);
+    }
+
+    /// Keeps the channel to the parent, which drains now, until the parent
+    /// closes it (it exited): what `tell_parent` says there tells it not to
+    /// take the service back.
+    fn keep_parent_link(self: &Arc<Self>, link: ParentLink) {
+        let stream = Arc::new(link.into_stream());
+        *self.to_parent.lock().unwrap_or_else(|p| p.into_inner()) = Some(stream.clone());
+        let weak = Arc::downgrade(self);
+        tokio::spawn(async move {
+            // The parent says nothing after `main`: readable means gone.
+            let mut buf = [0u8; 64];
+            loop {
+                if stream.readable().await.is_err() {
+                    break;
+                }
+                match stream.try_read(&mut buf) {
+                    Ok(0) => break,
+                    Ok(_) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                    Err(_) => break,
+                }
+            }
+            if let Some(inner) = weak.upgrade() {
+                inner
+                    .to_parent
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .take();
+            }
+        });
+    }
+
+    /// Tells a parent that still drains that this process let go of the
+    /// service (`upgraded <pid>`, `stopping`), once.
+    fn tell_parent(&self, line: &str) {
+        let link = self
+            .to_parent
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some(link) = link {
+            let line = format!("{line}\n");
+            let r = handoff::write_blocking(
+                std::os::fd::AsFd::as_fd(&*link),
+                line.as_bytes(),
+                Duration::from_secs(1),
+            );
+            if let Err(e) = r {
+                tracing::debug!(error = %e, "cannot tell the parent");
+            }
+        }
     }
 
     /// Writes this process's PID to the PID file, with a spare fd freed for
@@ -744,7 +800,10 @@ impl Handover {
         let had_parent = link.is_some();
         if let Some(mut link) = link {
             match link.ready().await {
-                Ok(true) => announced_by_parent = true,
+                Ok(true) => {
+                    announced_by_parent = true;
+                    self.inner.keep_parent_link(link);
+                }
                 Ok(false) => {
                     tracing::warn!("the parent went away before handing over; taking over anyway")
                 }
@@ -1050,11 +1109,82 @@ impl Handover {
             child.kill().await;
             return Err(UpgradeError::Channel(e));
         }
-        inner.drain.start(DrainReason::Upgraded);
+        child.handed_over();
+        if reparent {
+            // The manager supervises the new process now: if it dies, the
+            // manager decides (Restart=), not us.
+            inner.drain.start(DrainReason::Upgraded);
+            self.listeners().clear();
+        } else {
+            // Run by hand: nobody else would restart the service if the new
+            // process died while this one drains. Keep the listeners (not
+            // accepting) so that this one can take the service back.
+            inner.drain.start_revocable(DrainReason::Upgraded);
+        }
         inner.phase.send_replace(Phase::Draining);
-        self.listeners().clear();
-        child.reap_in_background();
+        inner.tell_parent(&format!("upgraded {new_pid}"));
+        self.watch_new_process(child);
         Ok(new_pid)
+    }
+
+    /// Follows the new process after the handoff until it exits (and reaps
+    /// it, if it is ours). If it dies while this process drains, without
+    /// having handed the service on or been stopped, this process takes the
+    /// service back (run by hand only).
+    fn watch_new_process(&self, mut child: handoff::Child) {
+        let weak = Arc::downgrade(&self.inner);
+        tokio::spawn(async move {
+            let pid = child.pid;
+            let mut let_go = None;
+            let status = loop {
+                match child.next_event().await {
+                    handoff::Event::Said(what) => {
+                        // It handed over or stops: no taking back from now.
+                        if let Some(inner) = weak.upgrade() {
+                            inner.drain.settle();
+                        }
+                        tracing::debug!(new_pid = pid, said = %what, "the new process let go of the service");
+                        let_go = Some(what);
+                    }
+                    handoff::Event::Exited(status) => break status,
+                }
+            };
+            let Some(inner) = weak.upgrade() else { return };
+            Handover { inner }.new_process_exited(pid, &status, let_go.as_deref());
+        });
+    }
+
+    fn new_process_exited(&self, pid: u32, status: &str, let_go: Option<&str>) {
+        let inner = &*self.inner;
+        if let Some(said) = let_go {
+            tracing::debug!(new_pid = pid, %status, said, "the new process exited");
+            return;
+        }
+        if inner.notify.is_some() {
+            tracing::warn!(new_pid = pid, %status, "the new process exited while this one was draining; the service manager decides what happens next");
+            return;
+        }
+        if !inner.drain.take_back() {
+            tracing::warn!(new_pid = pid, %status, "the new process exited while this one was stopping; not taking the service back");
+            return;
+        }
+        // Serving again: the accept loops resume on the listeners this
+        // process kept; connections that came meanwhile waited in their
+        // backlogs.
+        if let Some(path) = &inner.config.pid_file {
+            if let Err(e) = inner.write_pid_file(path) {
+                tracing::error!(error = %e, "cannot write the PID file after taking the service back");
+            }
+        }
+        inner.keep_spares();
+        inner.phase.send_replace(Phase::Ready);
+        tracing::warn!(
+            new_pid = pid,
+            %status,
+            pid = std::process::id(),
+            generation = inner.generation,
+            "the new process died while this one was draining; took the service back"
+        );
     }
 
     /// Sets what the next upgrade hands to the new process: `provider` runs
@@ -1097,7 +1227,11 @@ impl Handover {
     /// it does nothing more (the service lives on in the new process, and
     /// `STOPPING=1` from us would stop it).
     pub fn stop(&self) {
-        if !self.inner.drain.start(DrainReason::Stopped) {
+        // Also makes a drain after a handoff final: once asked to stop, this
+        // process never takes the service back.
+        let started = self.inner.drain.start(DrainReason::Stopped);
+        self.inner.tell_parent("stopping");
+        if !started {
             return;
         }
         self.inner.phase.send_replace(Phase::Draining);
@@ -1118,9 +1252,21 @@ impl Handover {
     /// this process's PID.
     pub async fn wait(&self) -> Exit {
         let drain = &self.inner.drain;
-        let reason = drain.draining().await;
-        let started = Instant::now();
-        let unfinished = drain.finished(self.inner.config.drain_timeout).await;
+        let timeout = self.inner.config.drain_timeout;
+        let (reason, unfinished, started) = loop {
+            let reason = drain.draining().await;
+            let started = Instant::now();
+            let unfinished = tokio::select! {
+                n = drain.finished(timeout) => n,
+                () = drain.taken_back() => continue,
+            };
+            // Final from here on (unless it was taken back just now): the
+            // listeners go, and a new process that dies now is not replaced.
+            if drain.settle() {
+                break (reason, unfinished, started);
+            }
+        };
+        self.listeners().clear();
         if reason == DrainReason::Stopped {
             if let Some(path) = &self.inner.config.pid_file {
                 if let Err(e) = pidfile::remove_if_ours(path, std::process::id()) {
@@ -1128,7 +1274,7 @@ impl Handover {
                 }
             }
         }
-        let drain_ms = started.elapsed().as_millis() as u64;
+        let drain_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
         if unfinished > 0 {
             tracing::warn!(
                 ?reason,

@@ -968,3 +968,134 @@ fn an_idle_control_connection_does_not_hold_the_old_process() {
     kill(Pid::from_raw(new as i32), Signal::SIGTERM).unwrap();
     assert_eq!(reap(new, T), 0);
 }
+
+// ---------------------------------------------------------------------------------------------
+// 6. the new process dies while the old one drains
+
+/// A keep-alive connection to the serving process with half of its next
+/// request sent: work in flight there, which holds its drain.
+fn half_sent_request(addr: std::net::SocketAddr) -> std::net::TcpStream {
+    let mut c = std::net::TcpStream::connect(addr).unwrap();
+    c.set_read_timeout(Some(T)).unwrap();
+    c.write_all(b"GET / HTTP/1.1\r\nHost: test\r\n").unwrap();
+    c
+}
+
+/// Connections at once, each `GET /` with `Connection: close`: how many
+/// were refused, and how many answered 200.
+fn burst(addr: std::net::SocketAddr, n: usize) -> (usize, usize) {
+    let (mut refused, mut ok) = (0, 0);
+    for _ in 0..n {
+        match std::net::TcpStream::connect(addr) {
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => refused += 1,
+            Err(e) => panic!("connect: {e}"),
+            Ok(mut s) => {
+                s.set_read_timeout(Some(T)).unwrap();
+                s.write_all(b"GET / HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n")
+                    .unwrap();
+                let mut resp = String::new();
+                let _ = s.read_to_string(&mut resp);
+                if resp.starts_with("HTTP/1.1 200") {
+                    ok += 1;
+                }
+            }
+        }
+    }
+    (refused, ok)
+}
+
+/// Run by hand, the old process keeps its listeners (not accepting) while
+/// it drains; when the new process is killed (-9) then, the old one
+/// accepts again, rewrites the PID file, says so, and can be upgraded
+/// again. Before: it had dropped its listeners, and the service was gone
+/// (connections refused, a PID file naming a dead process) until someone
+/// restarted it.
+#[test]
+fn the_old_process_takes_the_service_back_when_the_new_one_dies_during_its_drain() {
+    let (_dir, _exe, socket, server) = hello_with_control("10");
+    let addr = server.addr();
+    let mut held = half_sent_request(addr);
+    let load = load::Load::start(
+        addr,
+        load::LoadConfig {
+            keepalive_clients: 2,
+            per_request_clients: 2,
+            ..load::LoadConfig::default()
+        },
+    );
+    traffic_flows(&load, 50);
+    let (old, new) = server.upgrade(T);
+    traffic_flows(&load, 50);
+    assert!(alive(old), "the half-sent request holds the old process");
+
+    let from = server.log.len();
+    kill(Pid::from_raw(new as i32), Signal::SIGKILL).unwrap();
+    let (_, line) = server.log.wait_line(
+        from,
+        &["the new process died while this one was draining; took the service back"],
+        T,
+    );
+    assert!(
+        line.contains(&format!("new_pid={new}")) && line.contains("killed by signal 9"),
+        "{line}"
+    );
+    assert_eq!(
+        server.pid(),
+        Some(old),
+        "the PID file names the old process"
+    );
+    assert_eq!(burst(addr, 200), (0, 200), "(refused, answered)");
+    traffic_flows(&load, 100);
+    let report = load.stop();
+    eprintln!("{report}");
+    // Requests the killed process had accepted are lost with it; none may
+    // find the port closed.
+    assert!(
+        !report.errors.contains_key(&load::ErrorKind::Refused) && report.stuck_clients == 0,
+        "{report}"
+    );
+
+    // Its own work goes on, and the control socket answers again.
+    held.write_all(b"\r\n").unwrap();
+    let mut first = [0u8; 12];
+    held.read_exact(&mut first).unwrap();
+    assert_eq!(&first, b"HTTP/1.1 200");
+    let status = handover::control::request_status(&socket, T).unwrap();
+    assert!(status.starts_with("Ready generation=0"), "{status}");
+
+    // And it upgrades again, this time for good.
+    let (was, third) = server.upgrade(T);
+    assert_eq!(was, old);
+    drop(held);
+    assert_eq!(reap(old, T), 0);
+    assert_eq!(server::get(addr, "/").0, 200);
+    kill(Pid::from_raw(third as i32), Signal::SIGTERM).unwrap();
+    assert_eq!(reap(third, T), 0);
+}
+
+/// A new process stopped (SIGTERM) while the old one drains says so; the
+/// old one then does not take the service back: both finish and exit, and
+/// the PID file is gone.
+#[test]
+fn a_stopped_new_process_is_not_replaced_by_its_draining_parent() {
+    become_subreaper();
+    let server = Server::start(&example("hello"), &["--addr", "127.0.0.1:0"], &[]);
+    let addr = server.addr();
+    let mut held = half_sent_request(addr);
+    let (old, new) = server.upgrade(T);
+    assert!(alive(old));
+    kill(Pid::from_raw(new as i32), Signal::SIGTERM).unwrap();
+    // The old process is its parent, and reaps it.
+    wait_for("the new process to exit", T, || (!alive(new)).then_some(()));
+    held.write_all(b"\r\n").unwrap();
+    let mut response = String::new();
+    held.read_to_string(&mut response).unwrap();
+    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+    assert_eq!(reap(old, T), 0, "the old process finished its drain");
+    assert!(!server.log.text().contains("took the service back"));
+    assert_eq!(
+        server.pid(),
+        None,
+        "the stopped process removed its PID file"
+    );
+}

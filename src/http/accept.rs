@@ -1,6 +1,7 @@
 //! The accept loop: takes connections from a [`Listener`] until the drain
 //! starts, hands each to its own task, and decides what an accept error
-//! means (retry at once, pause, or stop).
+//! means (retry at once, pause, or stop). It keeps the listener until the
+//! drain is final, and accepts again if the drain is taken back.
 
 use std::future::Future;
 use std::io;
@@ -74,50 +75,64 @@ impl Server {
         let cfg = Arc::new(self.clone());
         async move {
             let mut backoff = Backoff::default();
-            {
-                let mut draining = pin!(drain.draining());
-                loop {
-                    let accepted = tokio::select! {
-                        biased;
-                        _ = draining.as_mut() => break,
-                        r = listener.accept() => r,
-                    };
-                    match accepted {
-                        Ok((io, peer)) => {
-                            backoff.reset();
-                            let guard = drain.guard();
-                            let conn =
-                                serve_connection(io, service.clone(), drain.clone(), cfg.clone());
-                            tokio::spawn(async move {
-                                if let Err(e) = conn.await {
-                                    tracing::debug!(?peer, error = %e, "connection ended with an error");
+            // Serves until the drain starts; keeps the listener (not
+            // accepting) until the drain is final, and serves again if
+            // it is taken back (the process that took over died).
+            loop {
+                {
+                    let mut draining = pin!(drain.draining());
+                    loop {
+                        let accepted = tokio::select! {
+                            biased;
+                            _ = draining.as_mut() => break,
+                            r = listener.accept() => r,
+                        };
+                        match accepted {
+                            Ok((io, peer)) => {
+                                backoff.reset();
+                                let guard = drain.guard();
+                                let conn = serve_connection(
+                                    io,
+                                    service.clone(),
+                                    drain.clone(),
+                                    cfg.clone(),
+                                );
+                                tokio::spawn(async move {
+                                    if let Err(e) = conn.await {
+                                        tracing::debug!(?peer, error = %e, "connection ended with an error");
+                                    }
+                                    drop(guard);
+                                });
+                            }
+                            Err(e) => match classify_accept_error(&e) {
+                                AcceptError::Transient => {
+                                    tracing::debug!(error = %e, "accept failed, continuing");
                                 }
-                                drop(guard);
-                            });
+                                AcceptError::Resources => {
+                                    let pause = backoff.next();
+                                    tracing::error!(error = %e, ?pause, "accept failed, out of resources; pausing");
+                                    tokio::select! {
+                                        biased;
+                                        _ = draining.as_mut() => break,
+                                        _ = tokio::time::sleep(pause) => {}
+                                    }
+                                }
+                                AcceptError::Fatal => {
+                                    tracing::error!(error = %e, "accept failed for good, stopping the accept loop");
+                                    return Err(e);
+                                }
+                            },
                         }
-                        Err(e) => match classify_accept_error(&e) {
-                            AcceptError::Transient => {
-                                tracing::debug!(error = %e, "accept failed, continuing");
-                            }
-                            AcceptError::Resources => {
-                                let pause = backoff.next();
-                                tracing::error!(error = %e, ?pause, "accept failed, out of resources; pausing");
-                                tokio::select! {
-                                    biased;
-                                    _ = draining.as_mut() => break,
-                                    _ = tokio::time::sleep(pause) => {}
-                                }
-                            }
-                            AcceptError::Fatal => {
-                                tracing::error!(error = %e, "accept failed for good, stopping the accept loop");
-                                return Err(e);
-                            }
-                        },
                     }
                 }
+                tracing::debug!("drain started: stopped accepting");
+                if !drain.resumed().await {
+                    break;
+                }
+                tracing::info!("drain taken back: accepting again");
             }
             drop(listener);
-            tracing::debug!("drain started: stopped accepting, listener dropped");
+            tracing::debug!("drain final: listener dropped");
             Ok(())
         }
     }
