@@ -289,7 +289,14 @@ async fn handle(
         Request::Bad(why) => format!("error {why}"),
     };
     let reply = format!("{}\n", crate::notify::status_text(&reply));
-    stream.get_mut().write_all(reply.as_bytes()).await
+    match stream.get_mut().write_all(reply.as_bytes()).await {
+        // The client went away first (killed by a stop, or timed out).
+        Err(e) if e.kind() == io::ErrorKind::BrokenPipe => {
+            tracing::debug!(%reply, "control client gone before the answer");
+            Ok(())
+        }
+        r => r,
+    }
 }
 
 async fn upgrade_reply(handover: &Handover, env: Option<Vec<(OsString, OsString)>>) -> String {

@@ -114,6 +114,8 @@ use notify::{status_text, Notifier};
 
 /// How long the old process waits for the manager to confirm `MAINPID=`.
 const BARRIER_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a new process's death may precede the stop that caused it.
+const STOP_GRACE: Duration = Duration::from_millis(200);
 
 /// Where a process is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -1000,6 +1002,18 @@ impl Handover {
             }
         }
         let result = self.handoff(generation, timeout, env).await;
+        if let Err(
+            UpgradeError::ChildExited { .. }
+            | UpgradeError::ChildFailed { .. }
+            | UpgradeError::Channel(_),
+        ) = &result
+        {
+            // A stop signals every process of the service at once (systemd's
+            // KillMode=control-group, Ctrl-C in a terminal): the new process
+            // may die of it a moment before this one sees its own. Give that
+            // stop a moment to arrive, so it is not reported as a failure.
+            let _ = tokio::time::timeout(STOP_GRACE, inner.drain.draining()).await;
+        }
         let elapsed_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
         match &result {
             Ok(new_pid) => {

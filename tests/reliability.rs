@@ -6,13 +6,20 @@
 //! old one drains. Nothing may wedge, clobber a file it does not own, or take
 //! the service down, and every failure must say why.
 //!
-//! Most of these need root (cgroups, mounts, `setpriv`); they print `SKIP`
-//! and pass without it, and fail under `CI=true`.
+//! Two run under a real private `systemd --user` manager: a stop during a
+//! truthful reload, and the new process killed during the old one's drain.
+//!
+//! Most of these need root (cgroups, mounts, `setpriv`, the manager); they
+//! print `SKIP` and pass without it, and fail under `CI=true`.
 
 #[path = "support/load.rs"]
 mod load;
 #[path = "support/server.rs"]
 mod server;
+#[path = "support/systemd.rs"]
+mod systemd;
+#[path = "support/units.rs"]
+mod units;
 
 use std::fs;
 use std::io::{Read, Write};
@@ -451,16 +458,28 @@ impl CgroupLock {
     }
 }
 
-/// Before: tokio's `spawn_blocking` panicked ("OS can't spawn worker
-/// thread"), the phase stayed "upgrading", and every later SIGHUP was
-/// coalesced into nothing, for ever.
+/// No thread can be created (a pids cgroup at its limit) when SIGHUP
+/// comes: the upgrade fails with that reason, ends its `RELOADING=1` with
+/// `READY=1` and a `STATUS=` saying why (to a stand-in manager), and once
+/// the limit is lifted the very next SIGHUP upgrades. Before: tokio's
+/// `spawn_blocking` panicked ("OS can't spawn worker thread"), the phase
+/// stayed "upgrading" and every later SIGHUP was coalesced into nothing,
+/// for ever; under systemd `systemctl reload` hung.
 #[test]
 fn an_upgrade_that_cannot_create_a_thread_fails_with_a_reason_and_the_next_one_works() {
     if !root() {
         return;
     }
     become_subreaper();
-    let server = Server::start(&example("hello"), &["--addr", "127.0.0.1:0"], &[]);
+    let manager = FakeManager::start();
+    let notify = manager.path.to_str().unwrap().to_owned();
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(
+        &example("hello"),
+        &dir.path().join("hello.pid"),
+        &["--addr", "127.0.0.1:0"],
+        &[("NOTIFY_SOCKET", notify.as_str())],
+    );
     let addr = server.addr();
     let old = server.pid().unwrap();
     let Some(cg) = PidsCgroup::create() else {
@@ -469,7 +488,7 @@ fn an_upgrade_that_cannot_create_a_thread_fails_with_a_reason_and_the_next_one_w
     cg.write("cgroup.procs", &old.to_string());
     cg.write("pids.max", &cg.read("pids.current"));
 
-    let from = server.log.len();
+    let (from, sent) = (server.log.len(), manager.len());
     kill(Pid::from_raw(old as i32), Signal::SIGHUP).unwrap();
     let (_, line) = server
         .log
@@ -479,6 +498,9 @@ fn an_upgrade_that_cannot_create_a_thread_fails_with_a_reason_and_the_next_one_w
             && line.contains("Resource temporarily unavailable"),
         "{line}"
     );
+    manager.wait_message(sent, &["RELOADING=1"]);
+    let ready = manager.wait_message(sent, &["READY=1\nSTATUS=upgrade to generation 1 failed"]);
+    assert!(ready.contains("cannot create a thread"), "{ready}");
     assert_eq!(server::get(addr, "/").0, 200, "the old process serves");
     assert_eq!(server.pid(), Some(old));
 
@@ -1098,4 +1120,170 @@ fn a_stopped_new_process_is_not_replaced_by_its_draining_parent() {
         None,
         "the stopped process removed its PID file"
     );
+}
+
+// ---------------------------------------------------------------------------------------------
+// the same two under a real service manager
+
+/// Installs `units/hello.socket` on a free port and `units/hello.service`
+/// running `exe --addr <that address> args`, with `dropins` as drop-ins
+/// (`(name, contents)`); returns the address.
+fn install_units(
+    m: &systemd::UserManager,
+    exe: &Path,
+    args: &str,
+    dropins: &[(&str, String)],
+) -> std::net::SocketAddr {
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], server::free_port()));
+    let socket = units::set_key(
+        &units::repo_unit("hello.socket"),
+        "ListenStream",
+        &addr.to_string(),
+    );
+    let exec = format!("{} --addr {addr} {args}", exe.display());
+    let service = units::set_key(&units::repo_unit("hello.service"), "ExecStart", &exec);
+    m.install_unit("hello.socket", &socket);
+    m.install_unit("hello.service", &service);
+    for (name, contents) in dropins {
+        m.install_unit(&format!("hello.service.d/{name}"), contents);
+    }
+    m.daemon_reload();
+    m.systemctl_ok(&["start", "hello.socket"]);
+    m.systemctl_ok(&["start", "hello.service"]);
+    addr
+}
+
+fn manager_says(m: &systemd::UserManager) -> Vec<String> {
+    m.journal_entries(&["USER_UNIT=hello.service"])
+        .iter()
+        .filter_map(|e| e.get("MESSAGE").cloned())
+        .collect()
+}
+
+/// Under systemd the manager supervises the new process: when it is killed
+/// while the old one drains, systemd (252 here) counts the main process as
+/// failed, SIGTERMs what is left of the unit and waits: the old process is
+/// not killed, it finishes its in-flight request and exits by itself
+/// (`TimeoutStopSec=` is above the drain timeout). Then `Restart=on-failure`
+/// starts the service again on the socket unit's socket, which queued every
+/// connection meanwhile: none is refused.
+#[test]
+fn under_systemd_the_unit_restarts_after_the_old_process_drained() {
+    let Some(m) = systemd::UserManager::boot_or_skip("takeback") else {
+        return;
+    };
+    let addr = install_units(&m, &example("hello"), "--drain-timeout 20", &[]);
+    let first = m.main_pid("hello.service");
+    let mut held = half_sent_request(addr);
+    assert_eq!(server::get(addr, "/").0, 200);
+    m.systemctl_ok(&["reload", "hello.service"]);
+    let mut new = 0;
+    m.wait_until("a new MainPID", T, || {
+        new = m.main_pid("hello.service");
+        new != 0 && new != first
+    });
+
+    kill(Pid::from_raw(new as i32), Signal::SIGKILL).unwrap();
+    m.wait_until("systemd to stop what is left of the unit", T, || {
+        m.show("hello.service", "SubState") == "stop-sigterm"
+    });
+    m.wait_for_journal(&[&format!("_PID={first}")], T, |e| {
+        e.get("MESSAGE")
+            .is_some_and(|m| m.starts_with("stop requested"))
+    });
+    assert!(
+        systemd::pid_alive(first),
+        "the old process drains on after the SIGTERM"
+    );
+    // Its in-flight request completes.
+    held.write_all(b"\r\n").unwrap();
+    let mut response = String::new();
+    held.read_to_string(&mut response).unwrap();
+    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+    let mut third = 0;
+    m.wait_until("the unit to be restarted", T, || {
+        third = m.main_pid("hello.service");
+        third != 0 && third != new && m.show("hello.service", "ActiveState") == "active"
+    });
+    assert!(!systemd::pid_alive(first));
+    assert_eq!(burst(addr, 50), (0, 50), "(refused, answered)");
+    assert_eq!(m.show("hello.socket", "NRefused"), "0");
+    let said = manager_says(&m);
+    eprintln!("manager about hello.service:\n  {}", said.join("\n  "));
+    assert!(
+        said.iter()
+            .any(|l| l.contains("Main process exited, code=killed")),
+        "{said:?}"
+    );
+    assert!(
+        said.iter().any(|l| l.contains("Scheduled restart job")),
+        "{said:?}"
+    );
+    for bad in ["Killing", "SIGKILL", "timed out"] {
+        assert!(!said.iter().any(|l| l.contains(bad)), "{bad:?} in {said:?}");
+    }
+    m.wait_for_journal(&[&format!("_PID={first}")], T, |e| {
+        e.get("MESSAGE")
+            .is_some_and(|m| m.contains("the new process exited while this one was draining"))
+    });
+    m.wait_for_journal(&[&format!("_PID={first}")], T, |e| {
+        e.get("MESSAGE")
+            .is_some_and(|m| m.starts_with("drained; exiting"))
+    });
+}
+
+/// `systemctl stop` while a truthful reload waits for a new process that
+/// never becomes ready: the reload is cancelled, the service stops, and the
+/// unit's result is `success`. Before: `handover-reload` died of SIGTERM and
+/// the unit ended "failed (Result: signal)".
+#[test]
+fn under_systemd_a_stop_during_a_truthful_reload_leaves_the_unit_clean() {
+    let Some(m) = systemd::UserManager::boot_or_skip("stopreload") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let exe = dir.path().join("hello");
+    server::deploy(&exe, &fs::read(example("hello")).unwrap(), 0o755);
+    let dropin = units::repo_unit("hello.service.d/truthful-reload.conf");
+    let dropin = units::set_key(&dropin, "ExecReload", &format!("{RELOAD_CMD} --timeout 80"));
+    install_units(
+        &m,
+        &exe,
+        "--upgrade-timeout 60",
+        &[
+            ("truthful-reload.conf", dropin),
+            (
+                "00-test.conf",
+                "[Service]\nEnvironment=RUST_LOG=info\n".into(),
+            ),
+        ],
+    );
+    let first = m.main_pid("hello.service");
+    server::deploy(&exe, b"#!/bin/sh\nexec sleep 120\n", 0o755);
+    std::thread::scope(|s| {
+        let reload = s.spawn(|| m.systemctl(&["reload", "hello.service"]));
+        m.wait_for_journal(&[&format!("_PID={first}")], T, |e| {
+            e.get("MESSAGE")
+                .is_some_and(|m| m.starts_with("new process started"))
+        });
+        m.systemctl_ok(&["stop", "hello.service"]);
+        let out = reload.join().unwrap();
+        eprintln!(
+            "systemctl reload: {} {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    });
+    let said = manager_says(&m);
+    eprintln!("manager about hello.service:\n  {}", said.join("\n  "));
+    assert_eq!(m.show("hello.service", "ActiveState"), "inactive");
+    assert_eq!(m.show("hello.service", "Result"), "success", "{said:?}");
+    let reload_said = m.journal(&["-o", "cat", "SYSLOG_IDENTIFIER=handover-reload"]);
+    assert!(reload_said.contains("cancelled by stop"), "{reload_said}");
+    m.wait_for_journal(&[&format!("_PID={first}")], T, |e| {
+        e.get("MESSAGE")
+            .is_some_and(|m| m.starts_with("upgrade cancelled: stopping"))
+    });
+    let old_said = m.journal(&["-o", "cat", &format!("_PID={first}")]);
+    assert!(!old_said.contains("upgrade failed"), "{old_said}");
 }
