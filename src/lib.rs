@@ -988,7 +988,7 @@ impl Handover {
         let timeout = inner.config.upgrade_timeout;
         tracing::info!(generation, old_pid, exe = %inner.exe.path.display(), "upgrade started");
         if let Some(n) = &inner.notify {
-            let extend = timeout + BARRIER_TIMEOUT;
+            let extend = timeout.saturating_add(BARRIER_TIMEOUT);
             let msg = format!(
                 "RELOADING=1\nMONOTONIC_USEC={}\nEXTEND_TIMEOUT_USEC={}\nSTATUS={}",
                 notify::monotonic_usec(),

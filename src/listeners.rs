@@ -204,7 +204,9 @@ impl Listeners {
         }) else {
             return Ok(None);
         };
-        let p = self.passed[i].as_ref().expect("found above");
+        let Some(p) = self.passed.get(i).and_then(Option::as_ref) else {
+            return Ok(None);
+        };
         let actual = inspect(p.fd.as_fd(), kind).map_err(|problem| Error::InheritedSocket {
             name: p.name.clone(),
             fd: p.number,
@@ -221,7 +223,9 @@ impl Listeners {
                 }
             }
         }
-        let p = self.passed[i].take().expect("found above");
+        let Some(p) = self.passed.get_mut(i).and_then(Option::take) else {
+            return Ok(None);
+        };
         tracing::debug!(name, fd = p.number, address = %actual, "using inherited listener");
         Ok(Some((p.fd, p.source)))
     }

@@ -304,33 +304,31 @@ unsafe fn child_exec(
     report: RawFd,
     empty: &libc::sigset_t,
 ) -> ! {
-    // LISTEN_PID=<our pid>: digits written backwards into a stack buffer.
+    // LISTEN_PID=<our pid> into the slot prepared for it. No indexing that
+    // could panic here: a panic in the child of a multi-threaded process
+    // would allocate and take locks.
     let pid = libc::syscall(libc::SYS_getpid) as u64;
-    let mut digits = [0u8; 20];
-    let mut len = 0;
-    let mut p = pid;
-    loop {
-        digits[len] = b'0' + (p % 10) as u8;
-        len += 1;
-        p /= 10;
-        if p == 0 {
-            break;
-        }
-    }
     let slot = &mut image.listen_pid;
-    let mut at = LISTEN_PID_PREFIX.len();
-    for i in (0..len).rev() {
-        slot[at] = digits[i];
-        at += 1;
+    let end = match put_decimal(&mut slot[..], LISTEN_PID_PREFIX.len(), pid) {
+        Some(end) => end,
+        None => fail(report, b"spawn ", libc::E2BIG),
+    };
+    match (
+        slot.get_mut(end),
+        image.envp_ptrs.get_mut(image.listen_pid_slot),
+    ) {
+        (Some(nul), Some(ptr)) => {
+            *nul = 0;
+            *ptr = slot.as_ptr() as *const c_char;
+        }
+        _ => fail(report, b"spawn ", libc::E2BIG),
     }
-    slot[at] = 0;
-    image.envp_ptrs[image.listen_pid_slot] = slot.as_ptr() as *const c_char;
 
     for (i, &fd) in raw_fds.iter().enumerate() {
         let target = 3 + i as i32;
         // Every source is >= 3 + n, so no dup2 overwrites a later source.
         if libc::dup2(fd, target) == -1 || libc::fcntl(target, libc::F_SETFD, 0) == -1 {
-            fail(report, b"spawn ");
+            fail(report, b"spawn ", *libc::__errno_location());
         }
     }
 
@@ -344,36 +342,43 @@ unsafe fn child_exec(
         image.argv_ptrs.as_ptr(),
         image.envp_ptrs.as_ptr(),
     );
-    fail(report, b"exec ")
+    fail(report, b"exec ", *libc::__errno_location())
 }
 
-/// Writes `<what><errno>\n` to `fd` and exits 127. Async-signal-safe.
-unsafe fn fail(fd: RawFd, what: &[u8]) -> ! {
-    let errno = *libc::__errno_location();
-    let mut buf = [0u8; 32];
+/// Writes `n` in decimal into `buf` from `at`; returns where it ended, or
+/// `None` without room. Async-signal-safe, cannot panic.
+fn put_decimal(buf: &mut [u8], at: usize, n: u64) -> Option<usize> {
+    let mut digits = [0u8; 20];
     let mut len = 0;
-    while len < what.len() {
-        buf[len] = what[len];
-        len += 1;
-    }
-    let mut digits = [0u8; 12];
-    let mut d = 0;
-    let mut e = errno.unsigned_abs();
+    let mut rest = n;
     loop {
-        digits[d] = b'0' + (e % 10) as u8;
-        d += 1;
-        e /= 10;
-        if e == 0 {
+        *digits.get_mut(len)? = b'0' + (rest % 10) as u8;
+        len += 1;
+        rest /= 10;
+        if rest == 0 {
             break;
         }
     }
-    while d > 0 {
-        d -= 1;
-        buf[len] = digits[d];
+    let mut end = at;
+    for d in digits.get(..len)?.iter().rev() {
+        *buf.get_mut(end)? = *d;
+        end += 1;
+    }
+    Some(end)
+}
+
+/// Writes `<what><errno>\n` to `fd` and exits 127. Async-signal-safe.
+unsafe fn fail(fd: RawFd, what: &[u8], errno: i32) -> ! {
+    let mut buf = [0u8; 32];
+    let mut len = what.len().min(16);
+    if let (Some(to), Some(from)) = (buf.get_mut(..len), what.get(..len)) {
+        to.copy_from_slice(from);
+    }
+    len = put_decimal(&mut buf, len, u64::from(errno.unsigned_abs())).unwrap_or(len);
+    if let Some(nl) = buf.get_mut(len) {
+        *nl = b'\n';
         len += 1;
     }
-    buf[len] = b'\n';
-    len += 1;
     libc::write(fd, buf.as_ptr() as *const libc::c_void, len);
     libc::_exit(127)
 }
@@ -558,6 +563,18 @@ mod tests {
             reap(child.pidfd.as_fd()).unwrap(),
             Some(ExitStatus::Code(0))
         );
+    }
+
+    #[test]
+    fn decimals_fit_or_say_so() {
+        let mut buf = [0u8; 8];
+        assert_eq!(put_decimal(&mut buf, 2, 4096), Some(6));
+        assert_eq!(&buf[2..6], b"4096");
+        assert_eq!(put_decimal(&mut buf, 0, 0), Some(1));
+        assert_eq!(put_decimal(&mut buf, 5, 12345), None);
+        let mut slot = [0u8; 32];
+        let end = put_decimal(&mut slot, LISTEN_PID_PREFIX.len(), u64::MAX).unwrap();
+        assert!(end < slot.len(), "LISTEN_PID= and any pid fit with the NUL");
     }
 
     #[test]
