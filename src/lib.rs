@@ -127,6 +127,7 @@ pub enum Phase {
     /// An upgrade is running; a SIGHUP now is coalesced into it.
     Upgrading,
     /// Handed over or stopping: finishing in-flight work, then exiting.
+    /// Run by hand, back to `Ready` if the new process dies meanwhile.
     Draining,
 }
 
@@ -784,7 +785,12 @@ impl Handover {
     /// parent has made it the service's main process; then it writes the
     /// PID file and accepts upgrades itself. A first process writes the PID
     /// file and sends `READY=1`. Passed fds that no `listen_*` call claimed
-    /// are closed. Calling it again does nothing.
+    /// are closed, and spare fds are opened for the next upgrade. Calling it
+    /// again does nothing.
+    ///
+    /// Errors: [`Error::PidFile`] (a first process only: a process started
+    /// by an upgrade whose parent has let go logs the error, removes a
+    /// stale PID file and serves on without one), [`Error::Notify`].
     pub async fn ready(&self) -> Result<()> {
         if self.inner.ready_called.swap(true, Ordering::AcqRel) {
             return Ok(());
@@ -920,6 +926,10 @@ impl Handover {
     /// [`wait`](Self::wait) finish. On failure the new process has been
     /// killed and reaped, this process keeps serving, and the error says
     /// why. This is what SIGHUP does.
+    ///
+    /// Every way out of an upgrade (a panic, or this future dropped,
+    /// included) leaves the phase `Ready` or `Draining`, never `Upgrading`,
+    /// and ends a `RELOADING=1` with `READY=1`.
     ///
     /// ```no_run
     /// # async fn f(handover: handover::Handover) {
@@ -1238,8 +1248,10 @@ impl Handover {
 
     /// Starts a graceful stop: `STOPPING=1`, stop accepting, finish
     /// in-flight work. This is what SIGTERM and SIGINT do. After a handoff
-    /// it does nothing more (the service lives on in the new process, and
-    /// `STOPPING=1` from us would stop it).
+    /// it only makes the drain final, so that this process does not take
+    /// the service back (the service lives on in the new process, and
+    /// `STOPPING=1` from us would stop it). A process that has a draining
+    /// parent tells it that it stops.
     pub fn stop(&self) {
         // Also makes a drain after a handoff final: once asked to stop, this
         // process never takes the service back.
@@ -1264,6 +1276,13 @@ impl Handover {
     /// or stop) and every [`DrainGuard`] is gone, or the drain timeout
     /// expired. On a stop it also removes the PID file if it still holds
     /// this process's PID.
+    ///
+    /// Run by hand (no service manager), the drain after a handoff is taken
+    /// back if the new process dies without having handed the service on or
+    /// been stopped: this process then accepts again (the crate's accept
+    /// loops resume on the listeners they kept, see [`Drain::resumed`]),
+    /// rewrites the PID file, is [`Phase::Ready`], and `wait` waits for the
+    /// next drain.
     pub async fn wait(&self) -> Exit {
         let drain = &self.inner.drain;
         let timeout = self.inner.config.drain_timeout;
