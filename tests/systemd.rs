@@ -38,7 +38,7 @@ use nix::unistd::Pid;
 
 use server::{become_subreaper, free_port, fresh_example, reap, wait_for, Log, Server};
 use systemd::{announce, on_each_manager, pid_alive, JournalEntry, Manager, UserManager};
-use units::{get_key, hello_units, set_key};
+use units::{get_key, hello_units, repo_unit, set_key, with_built_reload_command};
 
 /// Bound on every wait.
 const T: Duration = Duration::from_secs(30);
@@ -52,6 +52,7 @@ on_each_manager!(
     the_journal_shows_each_process_with_its_own_pid,
     watchdog_pings_follow_the_new_main_process,
     what_each_reload_alternative_tells_the_operator,
+    the_dropin_turns_a_plain_service_into_a_handover_one,
     units_verify,
 );
 
@@ -840,6 +841,51 @@ fn what_each_reload_alternative_tells_the_operator(manager: Manager) {
             m.kind().label(),
         ));
     }
+}
+
+/// `units/handover-dropin.conf` on a plain service that runs a handover program (`ExecStart=`
+/// only), with the shipped socket unit: the reload waits for the new main process, and fails
+/// when the new binary is broken, as with `units/hello.service`.
+fn the_dropin_turns_a_plain_service_into_a_handover_one(manager: Manager) {
+    let Some(m) = UserManager::boot_or_skip(manager, "dropin") else {
+        return;
+    };
+    let bin = hello_copy(&m);
+    let port = free_port();
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    m.install_unit(
+        "hello.socket",
+        &set_key(
+            &repo_unit("hello.socket"),
+            "ListenStream",
+            &addr.to_string(),
+        ),
+    );
+    m.install_unit(
+        "hello.service",
+        &format!(
+            "[Unit]\nRequires=hello.socket\nAfter=hello.socket\n\n[Service]\nExecStart={} --addr {addr}\n",
+            bin.display()
+        ),
+    );
+    let dropin = with_built_reload_command(&repo_unit("handover-dropin.conf"));
+    m.install_unit("hello.service.d/handover.conf", &dropin);
+    m.daemon_reload();
+    assert_eq!(m.show("hello.service", "Type"), "notify");
+    let first = start_hello(&m, addr);
+    let (second, _) = reload(&m, first);
+
+    deploy(&bin, BROKEN_BUILD);
+    let (out, _) = systemctl_reload(&m);
+    assert!(!out.status.success(), "a broken build reloaded with exit 0");
+    assert_eq!(m.show("hello.service", "ReloadResult"), "exit-code");
+    assert_eq!(m.main_pid("hello.service"), second);
+    assert_eq!(get(addr).trim_end(), GREETING);
+
+    deploy(&bin, &fs::read(fresh_example("hello")).unwrap());
+    reload(&m, second);
+    assert_eq!(get(addr).trim_end(), GREETING);
+    assert_no_alien_warning(&m);
 }
 
 /// `unit` without its (uncommented) `key=` lines for each of `keys`.
