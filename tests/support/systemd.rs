@@ -1409,6 +1409,10 @@ fn ensure_root(cache: &Path) -> Result<Root, String> {
     let log_path = cache.join(format!("{ROOT_DIR}.build.log"));
     let log = fs::File::create(&log_path).map_err(|e| format!("create build log: {e}"))?;
     let log2 = log.try_clone().map_err(|e| format!("dup: {e}"))?;
+    // The build holds the lock as long as any of its processes lives (the lock file is their
+    // stdin, an empty file): if this test process dies, the next one waits for an orphaned
+    // build to end before it cleans up after it.
+    let lock_for_build = lock.try_clone().map_err(|e| format!("dup .lock: {e}"))?;
     // In a mount namespace of its own: whatever mmdebstrap mounts in the new root while it
     // installs goes away with it, even if it is killed.
     let mut child = Command::new(&preflight(Manager::V257)?.unshare)
@@ -1427,7 +1431,7 @@ fn ensure_root(cache: &Path) -> Result<Root, String> {
         .env("PATH", path_env())
         .env("HOME", home_env())
         .env("LANG", "C.UTF-8")
-        .stdin(Stdio::null())
+        .stdin(lock_for_build)
         .stdout(log)
         .stderr(log2)
         .process_group(0)
@@ -1459,7 +1463,7 @@ fn ensure_root(cache: &Path) -> Result<Root, String> {
         return Err(format!(
             "{why}; the end of {}:\n{}",
             log_path.display(),
-            tail(&log_path, 2000)
+            tail(&log_path, 800)
         ));
     }
     finish_root(&tmp).inspect_err(|_| {
