@@ -33,9 +33,10 @@
 //! `name=systemd`, unified (cgroup2), `pids` and `memory` hierarchies that exist (or in the single
 //! hierarchy of a pure cgroup v2 host): systemd 252 on a hybrid host uses one path in every
 //! hierarchy, so nothing the manager starts escapes the machine's accounting and nothing ever
-//! runs in a root cgroup. `systemctl --user` runs from outside the namespace with only `PATH` and
-//! `XDG_RUNTIME_DIR` set: it then talks to `$XDG_RUNTIME_DIR/systemd/private` directly (no D-Bus
-//! daemon); `journalctl` and other tools run inside the namespace (`nsenter -m`).
+//! runs in a root cgroup. `systemctl --user` runs from outside the namespace with a minimal
+//! environment (`PATH`, `HOME`, `LANG`, `XDG_RUNTIME_DIR`): it then talks to
+//! `$XDG_RUNTIME_DIR/systemd/private` directly (no D-Bus daemon); `journalctl` and other tools
+//! run inside the namespace (`nsenter -m`).
 //!
 //! [`Manager::V257`] is systemd 257 (Debian 13; Fedora and RHEL 10 run 257 too) from a minimal
 //! Debian trixie root that `mmdebstrap` builds once, into a temporary directory renamed into
@@ -47,7 +48,8 @@
 //! distributions; tmpfs on `/run` (with `/run/systemd/system`), `/tmp` and `/var/log/journal`;
 //! and, at the same paths as outside, the test's state directory (read-write: it holds
 //! `XDG_RUNTIME_DIR` and [`UserManager::scratch_dir`]) and the directory cargo builds into
-//! (read-only: test binaries and examples). journald gets a drop-in in
+//! (read-only: test binaries and examples; their mount points stay in the root as empty
+//! directories, the only change a boot makes to it). journald gets a drop-in in
 //! `/run/systemd/journald.conf.d/`: `Storage=volatile`, `ReadKMsg=no` (else it imports the
 //! host's kernel log), `Audit=` empty (257 defaults to `Audit=yes`, which switches kernel
 //! auditing on for the whole machine) and no rate limit. The boot shell moves itself into
@@ -76,8 +78,8 @@
 //!   short-circuits on "not booted with systemd"); use `show -p SystemState --value`.
 //! - `journalctl --sync` does not guarantee that a line a service has just written to its stdout
 //!   stream is already indexed: poll with [`UserManager::wait_for_journal`].
-//! - 257's PID 1 here is not systemd and reaps orphans only now and then: a zombie counts as
-//!   gone ([`pid_alive`]).
+//! - PID 1 on these machines is not systemd and reaps orphans only now and then: a zombie counts
+//!   as gone ([`pid_alive`]).
 //!
 //! Teardown (also on panic) is the same for both: stop the units (bounded), SIGKILL by pid every
 //! other process of the subtree while the manager still runs (so it reaps them), SIGKILL the
