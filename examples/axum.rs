@@ -24,7 +24,9 @@ use hyper_util::service::TowerToHyperService;
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    handover::logging::init();
+    if let Err(e) = handover::logging::init() {
+        eprintln!("axum: {e}");
+    }
     let (mut addr, mut builder) = ("127.0.0.1:8081".to_owned(), handover::Handover::builder());
     let mut args = std::env::args().skip(1);
     while let Some(flag) = args.next() {

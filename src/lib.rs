@@ -15,7 +15,7 @@
 //! # #[cfg(all(feature = "http", feature = "logging"))]
 //! #[tokio::main]
 //! async fn main() -> Result<(), handover::Error> {
-//!     handover::logging::init();
+//!     handover::logging::init().expect("no other subscriber is installed");
 //!     let handover = handover::Handover::builder()
 //!         .pid_file("/run/hello/hello.pid")
 //!         .upgrade_timeout(Duration::from_secs(60))
@@ -255,6 +255,7 @@ impl Builder {
             listen_fdnames: listen_fdnames.as_deref(),
             channel: channel.as_deref(),
             generation: generation.as_deref(),
+            allow_missing_pid: env(activation::ENV_ALLOW_NO_PID).is_some_and(|v| v == "1"),
         };
         let found = activation::read(vars, pid).inspect_err(|e| report_to_parent(vars, pid, e))?;
         let (passed, link, generation) = match found {
