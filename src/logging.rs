@@ -211,6 +211,9 @@ mod tests {
         };
         let s = r.to_string();
         assert!(s.starts_with("logging to stderr (journald: "), "{s}");
-        assert!(s.ends_with("(RUST_LOG=\"x=y=z\" is not a valid filter; at info)"), "{s}");
+        assert!(
+            s.ends_with("(RUST_LOG=\"x=y=z\" is not a valid filter; at info)"),
+            "{s}"
+        );
     }
 }

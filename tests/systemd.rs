@@ -50,6 +50,7 @@ on_each_manager!(
     stop_after_a_handoff_drains_and_socket_activation_restarts,
     reload_keeps_serving_the_socket_units_address,
     the_journal_shows_each_process_with_its_own_pid,
+    an_apps_own_subscriber_with_the_crate_layer_writes_to_the_journal,
     watchdog_pings_follow_the_new_main_process,
     what_each_reload_alternative_tells_the_operator,
     the_dropin_turns_a_plain_service_into_a_handover_one,
@@ -678,6 +679,39 @@ fn the_journal_shows_each_process_with_its_own_pid(manager: Manager) {
         );
     }
     assert_no_alien_warning(&m);
+}
+
+/// The axum example installs a subscriber of its own with `handover::logging::layer()` added:
+/// its own events and the crate's arrive in the journal as native entries with the true
+/// `_PID`, before and after a reload.
+fn an_apps_own_subscriber_with_the_crate_layer_writes_to_the_journal(manager: Manager) {
+    let Some(m) = UserManager::boot_or_skip(manager, "ownsub") else {
+        return;
+    };
+    let addr = install_hello(
+        &m,
+        "hello.service",
+        &fresh_example("axum"),
+        free_port(),
+        true,
+        "",
+    );
+    let old = start_hello(&m, addr);
+    let (new, _) = reload(&m, old);
+    for (pid, generation) in [(old, "0"), (new, "1")] {
+        for (what, wanted) in [
+            ("the app's own event", "listening"),
+            ("the crate's", "ready"),
+        ] {
+            let e = m.wait_for_journal(&[&format!("_PID={pid}")], T, |e| {
+                message(e) == wanted && field(e, "GENERATION") == generation
+            });
+            assert_eq!(field(&e, "_TRANSPORT"), "journal", "{what}: {e:?}");
+        }
+    }
+    // Nothing on stderr: the layer chose journald, and journald was reachable.
+    let stderr = m.journal_entries(&[&format!("_PID={old}"), "_TRANSPORT=stdout"]);
+    assert!(stderr.is_empty(), "{stderr:?}");
 }
 
 /// `WatchdogSec=` on the shipped unit: after each handoff the new main process feeds the
