@@ -76,9 +76,8 @@ where
 
 /// Runs a hyper connection to its end. Once the drain has started (at
 /// `drain_at` if it had already, as detection saw it), calls `on_drain`
-/// once, then asks `close_at` when
-/// the connection may be closed (`None`: not while it is busy) and then
-/// calls `graceful_shutdown` on it, once. `close_at` is asked again after
+/// once, then asks `close_at` when the connection may be closed (`None`:
+/// not while it is busy) and then calls `graceful_shutdown` on it, once. `close_at` is asked again after
 /// every step of the connection, so what it looks at may change in between.
 pub(super) async fn drive<C>(
     mut conn: Pin<&mut C>,
