@@ -103,7 +103,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
 
-pub use drain::{Drain, DrainGuard, DrainReason};
+pub use drain::{Drain, DrainGuard, DrainReason, DrainSignal};
 pub use error::{Error, Result, UpgradeError};
 
 use activation::Found;
@@ -488,6 +488,14 @@ pub struct Exit {
     /// In-flight work still running when the drain timeout expired (0 when
     /// everything finished).
     pub unfinished: usize,
+    /// Long-lived connections and streams (upgraded connections such as
+    /// WebSockets, streaming responses such as server-sent events; see
+    /// [`DrainGuard::set_long_lived`]) that ended during the drain, before
+    /// its timeout.
+    pub long_lived_closed: usize,
+    /// Long-lived connections and streams still open at the drain timeout,
+    /// cut when this process exits. Part of `unfinished`.
+    pub long_lived_cut: usize,
 }
 
 /// The handle on one process's part in the service's life. Cheap to clone;
@@ -997,7 +1005,12 @@ impl Handover {
         let drain = &self.inner.drain;
         let reason = drain.draining().await;
         let started = Instant::now();
-        let unfinished = drain.finished(self.inner.config.drain_timeout).await;
+        let outcome = drain.outcome(self.inner.config.drain_timeout).await;
+        let drain::DrainOutcome {
+            unfinished,
+            long_lived_closed,
+            long_lived_cut,
+        } = outcome;
         if reason == DrainReason::Stopped {
             if let Some(path) = &self.inner.config.pid_file {
                 if let Err(e) = pidfile::remove_if_ours(path, std::process::id()) {
@@ -1010,13 +1023,20 @@ impl Handover {
             tracing::warn!(
                 ?reason,
                 unfinished,
+                long_lived_closed,
+                long_lived_cut,
                 drain_ms,
                 "drain timeout expired; exiting with work in flight"
             );
         } else {
-            tracing::info!(?reason, drain_ms, "drained; exiting");
+            tracing::info!(?reason, drain_ms, long_lived_closed, "drained; exiting");
         }
-        Exit { reason, unfinished }
+        Exit {
+            reason,
+            unfinished,
+            long_lived_closed,
+            long_lived_cut,
+        }
     }
 }
 

@@ -85,14 +85,21 @@ impl Server {
                     match accepted {
                         Ok((io, peer)) => {
                             backoff.reset();
+                            // The guard goes with the connection's IO: an
+                            // upgraded connection keeps it until the
+                            // application drops the upgraded IO.
                             let guard = drain.guard();
-                            let conn =
-                                serve_connection(io, service.clone(), drain.clone(), cfg.clone());
+                            let conn = serve_connection(
+                                io,
+                                service.clone(),
+                                drain.clone(),
+                                cfg.clone(),
+                                guard,
+                            );
                             tokio::spawn(async move {
                                 if let Err(e) = conn.await {
                                     tracing::debug!(?peer, error = %e, "connection ended with an error");
                                 }
-                                drop(guard);
                             });
                         }
                         Err(e) => match classify_accept_error(&e) {
