@@ -78,7 +78,9 @@ impl Feed {
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    handover::logging::init();
+    if let Err(e) = handover::logging::init() {
+        eprintln!("sse: {e}");
+    }
     let mut addr = "127.0.0.1:8081".to_owned();
     let mut builder = handover::Handover::builder();
     let mut args = std::env::args().skip(1);

@@ -36,7 +36,9 @@ use hyper_util::service::TowerToHyperService;
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    handover::logging::init();
+    if let Err(e) = handover::logging::init() {
+        eprintln!("websocket: {e}");
+    }
     let mut addr = "127.0.0.1:8081".to_owned();
     let mut builder = handover::Handover::builder();
     let mut close_timeout = Duration::from_secs(5);
