@@ -1,6 +1,7 @@
 //! An [axum](https://docs.rs/axum) app on handover: `GET /` answers
 //! `Welcome to the Home Page!`, `GET /pid` the pid of the process that
-//! served it. `kill -HUP` (or `systemctl reload`) upgrades it to whatever
+//! served it. It logs through a `tracing` subscriber of its own, with
+//! handover's layer added (journald under systemd, stderr otherwise). `kill -HUP` (or `systemctl reload`) upgrades it to whatever
 //! binary is now at its path, without losing a request.
 //!
 //! ```text
@@ -21,10 +22,19 @@
 
 use axum::{routing::get, Router};
 use hyper_util::service::TowerToHyperService;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    handover::logging::init();
+    // A subscriber of the app's own (here: a level filter), with the
+    // crate's layer added: journald under systemd, stderr otherwise.
+    let (layer, report) = handover::logging::layer();
+    tracing_subscriber::registry()
+        .with(tracing_subscriber::filter::LevelFilter::INFO)
+        .with(layer)
+        .init();
+    report.warn();
     let (mut addr, mut builder) = ("127.0.0.1:8081".to_owned(), handover::Handover::builder());
     let mut args = std::env::args().skip(1);
     while let Some(flag) = args.next() {

@@ -133,7 +133,9 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
 }
 
 fn main() -> ExitCode {
-    handover::logging::init();
+    if let Err(e) = handover::logging::init() {
+        eprintln!("hello: {e}");
+    }
     let args = match parse_args() {
         Ok(a) => a,
         Err(e) => {

@@ -1066,7 +1066,7 @@ struct SystemdServer<'a> {
 
 impl Systemd {
     fn boot(hello: &Path, addr: SocketAddr, dir: &Path) -> Result<Systemd, String> {
-        let m = systemd::UserManager::boot("bench")?;
+        let m = systemd::UserManager::boot(systemd::Manager::Host, "bench")?;
         let pid_file = dir.join("systemd-hello.pid");
         let pw = PidWatch::new(&pid_file)?;
         m.install_unit(

@@ -36,6 +36,12 @@ pub(crate) const ENV_GENERATION: &str = "HANDOVER_GENERATION";
 /// opposed to those whose address a `.socket` unit or
 /// `systemd-socket-activate` decided. Set by our parent.
 pub(crate) const ENV_BOUND: &str = "HANDOVER_BOUND";
+/// Env var a developer sets to `1` to take passed fds whose `LISTEN_PID` is
+/// missing or empty, as `systemfd --no-pid` passes them through
+/// `cargo watch` (whose child cannot know its pid in advance). Never on by
+/// default: without `LISTEN_PID` nothing says the fds are for this process.
+/// A `LISTEN_PID` naming another process is ignored whatever it says.
+pub(crate) const ENV_ALLOW_NO_PID: &str = "HANDOVER_ALLOW_MISSING_LISTEN_PID";
 
 /// The activation variables as found in the environment.
 #[derive(Debug, Default, Clone, Copy)]
@@ -46,6 +52,8 @@ pub(crate) struct Vars<'a> {
     pub(crate) channel: Option<&'a OsStr>,
     pub(crate) generation: Option<&'a OsStr>,
     pub(crate) state_len: Option<&'a OsStr>,
+    /// [`ENV_ALLOW_NO_PID`] is `1`.
+    pub(crate) allow_missing_pid: bool,
 }
 
 /// What was passed to this process, validated but not yet taken.
@@ -94,15 +102,7 @@ pub(crate) fn read(vars: Vars<'_>, pid: u32, state_limit: usize) -> Result<Found
     let Some(fds_var) = vars.listen_fds else {
         return Ok(Found::Nothing);
     };
-    match vars.listen_pid {
-        None => {
-            return Ok(Found::NotOurs(
-                "LISTEN_FDS is set without LISTEN_PID".into(),
-            ))
-        }
-        Some(p) if p.is_empty() => {
-            return Ok(Found::NotOurs("LISTEN_PID is empty".into()));
-        }
+    match vars.listen_pid.filter(|p| !p.is_empty()) {
         Some(p) => {
             let target = number("LISTEN_PID", p)?;
             if target != u64::from(pid) {
@@ -110,6 +110,17 @@ pub(crate) fn read(vars: Vars<'_>, pid: u32, state_limit: usize) -> Result<Found
                     "LISTEN_PID={target} is not this process ({pid})"
                 )));
             }
+        }
+        None if vars.allow_missing_pid => {}
+        None => {
+            let missing = if vars.listen_pid.is_some() {
+                "LISTEN_PID is empty"
+            } else {
+                "LISTEN_FDS is set without LISTEN_PID"
+            };
+            return Ok(Found::NotOurs(format!(
+                "{missing} (to take the fds anyway, as under `systemfd --no-pid`, set {ENV_ALLOW_NO_PID}=1)"
+            )));
         }
     }
     let n = number("LISTEN_FDS", fds_var)?;
@@ -262,6 +273,33 @@ mod tests {
         )
         .unwrap();
         assert!(matches!(found, Found::NotOurs(_)));
+    }
+
+    #[test]
+    fn a_missing_listen_pid_is_taken_only_when_allowed() {
+        for (pid, allow, ours) in [
+            (None, false, false),
+            (Some(""), false, false),
+            (None, true, true),
+            (Some(""), true, true),
+            // Allowing a missing LISTEN_PID never takes another process's.
+            (Some("41"), true, false),
+        ] {
+            let v = Vars {
+                listen_pid: pid.map(OsStr::new),
+                allow_missing_pid: allow,
+                ..vars("", "0", None)
+            };
+            let found = read(v, 42, 0).unwrap();
+            assert_eq!(
+                matches!(found, Found::Passed(_)),
+                ours,
+                "LISTEN_PID={pid:?} allowed={allow}: {found:?}"
+            );
+            if let (Found::NotOurs(why), None | Some("")) = (&found, pid) {
+                assert!(why.contains(ENV_ALLOW_NO_PID), "{why}");
+            }
+        }
     }
 
     #[test]

@@ -6,6 +6,14 @@
 //! guards reaches zero after the drain started, or when the drain timeout
 //! expires, whichever comes first.
 //!
+//! Work that lasts as long as the client wants (an upgraded connection such
+//! as a WebSocket, a streaming response such as server-sent events) does not
+//! end by itself when the drain starts: its code must end it. Such work
+//! marks its guard [long-lived](DrainGuard::set_long_lived), watches a
+//! [`DrainSignal`] and ends when it fires; [`Drain::outcome`] then tells how
+//! many long-lived guards ended during the drain and how many were still
+//! alive, and so cut, at the drain timeout.
+//!
 //! A drain [`Handover`](crate::Handover) starts after handing over to a new
 //! process run by hand (no service manager) can be *taken back*: if the new
 //! process dies while this one drains, this one serves again. So an accept
@@ -29,8 +37,9 @@
 //! A drain started with [`Drain::start`] (a stop, or any drain of your own)
 //! is final at once.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use tokio::sync::{watch, Notify};
@@ -60,6 +69,26 @@ struct Shared {
     state: watch::Sender<State>,
     in_flight: AtomicUsize,
     idle: Notify,
+    long_lived: Mutex<LongLived>,
+}
+
+/// The long-lived part of the in-flight count. A long-lived guard updates it
+/// and `in_flight` under this lock, so [`Drain::outcome`] reads a
+/// consistent snapshot.
+#[derive(Debug, Default)]
+struct LongLived {
+    /// Long-lived guards alive now.
+    open: usize,
+    /// Long-lived guards dropped after the drain started.
+    closed_while_draining: usize,
+}
+
+impl Shared {
+    fn long_lived(&self) -> std::sync::MutexGuard<'_, LongLived> {
+        self.long_lived
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
 }
 
 /// A handle on the drain signal and the in-flight counter.
@@ -98,6 +127,7 @@ impl Drain {
                 state,
                 in_flight: AtomicUsize::new(0),
                 idle: Notify::new(),
+                long_lived: Mutex::new(LongLived::default()),
             }),
         }
     }
@@ -144,13 +174,18 @@ impl Drain {
     /// Undoes a drain that is not final: serving again. Returns whether it
     /// did.
     pub(crate) fn take_back(&self) -> bool {
-        self.shared.state.send_if_modified(|s| {
+        let undone = self.shared.state.send_if_modified(|s| {
             let undo = s.reason.is_some() && !s.settled;
             if undo {
                 *s = State::default();
             }
             undo
-        })
+        });
+        if undone {
+            // The next drain's outcome counts from its own start.
+            self.shared.long_lived().closed_while_draining = 0;
+        }
+        undone
     }
 
     /// Makes a started drain final. Returns `false` when no drain is
@@ -209,7 +244,21 @@ impl Drain {
         self.shared.in_flight.fetch_add(1, Ordering::AcqRel);
         DrainGuard {
             shared: self.shared.clone(),
+            long_lived: AtomicBool::new(false),
         }
+    }
+
+    /// A [`DrainSignal`]: what application code watches to end long-lived
+    /// work when the drain starts. It cannot start the drain.
+    pub fn signal(&self) -> DrainSignal {
+        DrainSignal {
+            shared: self.shared.clone(),
+        }
+    }
+
+    /// How many alive guards are [long-lived](DrainGuard::set_long_lived).
+    pub fn long_lived(&self) -> usize {
+        self.shared.long_lived().open
     }
 
     /// How many guards are alive.
@@ -234,11 +283,119 @@ impl Drain {
     /// zero, at most `timeout` after the start. Returns how many guards were
     /// still alive when it gave up (0 when everything finished).
     pub async fn finished(&self, timeout: Duration) -> usize {
+        self.outcome(timeout).await.unfinished
+    }
+
+    /// Like [`finished`](Self::finished), and also tells what became of the
+    /// [long-lived](DrainGuard::set_long_lived) work: how much ended during
+    /// the drain and how much was still running at the timeout (work that
+    /// exiting now cuts).
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// use std::time::Duration;
+    /// use handover::drain::{Drain, DrainReason};
+    ///
+    /// let drain = Drain::new();
+    /// let websocket = drain.guard();
+    /// websocket.set_long_lived();
+    /// let stubborn = drain.guard();
+    /// stubborn.set_long_lived();
+    /// drain.start(DrainReason::Upgraded);
+    /// drop(websocket); // closed on the drain signal
+    /// let outcome = drain.outcome(Duration::from_millis(10)).await;
+    /// assert_eq!(outcome.unfinished, 1);
+    /// assert_eq!((outcome.long_lived_closed, outcome.long_lived_cut), (1, 1));
+    /// # drop(stubborn);
+    /// # }
+    /// ```
+    pub async fn outcome(&self, timeout: Duration) -> DrainOutcome {
         self.draining().await;
-        match tokio::time::timeout(timeout, self.idle()).await {
-            Ok(()) => 0,
-            Err(_) => self.in_flight(),
+        let _ = tokio::time::timeout(timeout, self.idle()).await;
+        let long_lived = self.shared.long_lived();
+        DrainOutcome {
+            unfinished: self.in_flight(),
+            long_lived_closed: long_lived.closed_while_draining,
+            long_lived_cut: long_lived.open,
         }
+    }
+}
+
+/// What a drain left behind; see [`Drain::outcome`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct DrainOutcome {
+    /// Guards still alive when the drain timeout expired (0 when everything
+    /// finished).
+    pub unfinished: usize,
+    /// [Long-lived](DrainGuard::set_long_lived) guards dropped after the
+    /// drain started and before its timeout: connections and streams that
+    /// ended in time (closed by the application on the drain signal, or by
+    /// their client).
+    pub long_lived_closed: usize,
+    /// Long-lived guards still alive at the drain timeout: connections and
+    /// streams that exiting now cuts. Part of `unfinished`.
+    pub long_lived_cut: usize,
+}
+
+/// The drain signal as application code sees it: whether and why the drain
+/// started, and a future that resolves when it does. Cheap to clone; it
+/// holds no place in the drain (dropping or keeping it changes nothing) and
+/// cannot start one. See [`Drain::signal`].
+///
+/// The [`http`](crate::http) server puts one in every request's extensions,
+/// so a handler that starts long-lived work (a WebSocket, a stream of
+/// server-sent events) has it before the work starts.
+///
+/// # Example
+///
+/// End a stream of events when the drain starts:
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")] async fn main() {
+/// use handover::drain::{Drain, DrainReason};
+///
+/// let drain = Drain::new();
+/// let signal = drain.signal();
+/// let ticks = async move {
+///     let mut sent = 0;
+///     let draining = signal.draining();
+///     tokio::pin!(draining);
+///     loop {
+///         tokio::select! {
+///             _ = &mut draining => return sent, // tell the client, then end
+///             _ = tokio::time::sleep(std::time::Duration::from_millis(1)) => sent += 1,
+///         }
+///     }
+/// };
+/// let task = tokio::spawn(ticks);
+/// drain.start(DrainReason::Upgraded);
+/// task.await.unwrap();
+/// # }
+/// ```
+#[derive(Debug, Clone)]
+pub struct DrainSignal {
+    shared: Arc<Shared>,
+}
+
+impl DrainSignal {
+    /// Whether the drain has started (and was not taken back).
+    pub fn is_draining(&self) -> bool {
+        self.shared.state.borrow().reason.is_some()
+    }
+
+    /// Why the drain started, if it has.
+    pub fn reason(&self) -> Option<DrainReason> {
+        self.shared.state.borrow().reason
+    }
+
+    /// Resolves once the drain has started (at once if it has). The future
+    /// owns what it needs (`'static`), so it can be moved into a task or a
+    /// stream combinator such as `take_until`. Cancel-safe.
+    pub fn draining(&self) -> impl Future<Output = DrainReason> + Send + 'static {
+        let drain = Drain {
+            shared: self.shared.clone(),
+        };
+        async move { drain.draining().await }
     }
 }
 
@@ -247,11 +404,41 @@ impl Drain {
 #[must_use = "the work counts as in flight only while the guard is alive"]
 pub struct DrainGuard {
     shared: Arc<Shared>,
+    long_lived: AtomicBool,
+}
+
+impl DrainGuard {
+    /// Counts this work as long-lived from now on: an upgraded connection
+    /// (WebSocket) or a streaming response, work that ends when its code
+    /// ends it rather than when a request is answered. It still counts in
+    /// [`Drain::in_flight`] as before; [`Drain::outcome`] also reports it as
+    /// closed in time or cut. The [`http`](crate::http) server marks its
+    /// connections itself. Calling it again does nothing.
+    pub fn set_long_lived(&self) {
+        if !self.long_lived.swap(true, Ordering::AcqRel) {
+            self.shared.long_lived().open += 1;
+        }
+    }
+
+    /// Whether [`set_long_lived`](Self::set_long_lived) was called.
+    pub fn is_long_lived(&self) -> bool {
+        self.long_lived.load(Ordering::Acquire)
+    }
 }
 
 impl Drop for DrainGuard {
     fn drop(&mut self) {
-        if self.shared.in_flight.fetch_sub(1, Ordering::AcqRel) == 1 {
+        let last = if *self.long_lived.get_mut() {
+            let mut long_lived = self.shared.long_lived();
+            long_lived.open -= 1;
+            if self.shared.state.borrow().reason.is_some() {
+                long_lived.closed_while_draining += 1;
+            }
+            self.shared.in_flight.fetch_sub(1, Ordering::AcqRel) == 1
+        } else {
+            self.shared.in_flight.fetch_sub(1, Ordering::AcqRel) == 1
+        };
+        if last {
             self.shared.idle.notify_waiters();
         }
     }
@@ -279,6 +466,40 @@ mod tests {
         drop(g2);
         assert_eq!(waiter.await.unwrap(), 0);
         assert_eq!(drain.reason(), Some(DrainReason::Upgraded));
+    }
+
+    /// Long-lived guards are counted apart: closed before the drain (not
+    /// reported), closed during it, still open at the timeout.
+    #[tokio::test(start_paused = true)]
+    async fn outcome_counts_long_lived_work() {
+        let drain = Drain::new();
+        let signal = drain.signal();
+        let before = drain.guard();
+        before.set_long_lived();
+        before.set_long_lived(); // twice counts once
+        let during = drain.guard();
+        during.set_long_lived();
+        let cut = drain.guard();
+        cut.set_long_lived();
+        let _short = drain.guard();
+        assert_eq!((drain.in_flight(), drain.long_lived()), (4, 3));
+        drop(before);
+        assert!(!signal.is_draining());
+        let watcher = tokio::spawn(signal.draining());
+        drain.start(DrainReason::Upgraded);
+        assert_eq!(watcher.await.unwrap(), DrainReason::Upgraded);
+        assert_eq!(signal.reason(), Some(DrainReason::Upgraded));
+        drop(during);
+        let outcome = drain.outcome(Duration::from_secs(30)).await;
+        assert_eq!(
+            outcome,
+            DrainOutcome {
+                unfinished: 2,
+                long_lived_closed: 1,
+                long_lived_cut: 1,
+            }
+        );
+        assert!(cut.is_long_lived());
     }
 
     #[tokio::test]

@@ -15,7 +15,7 @@
 //! # #[cfg(all(feature = "http", feature = "logging"))]
 //! #[tokio::main]
 //! async fn main() -> Result<(), handover::Error> {
-//!     handover::logging::init();
+//!     handover::logging::init().expect("no other subscriber is installed");
 //!     let handover = handover::Handover::builder()
 //!         .pid_file("/run/hello/hello.pid")
 //!         .upgrade_timeout(Duration::from_secs(60))
@@ -104,7 +104,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
 
-pub use drain::{Drain, DrainGuard, DrainReason};
+pub use drain::{Drain, DrainGuard, DrainReason, DrainSignal};
 pub use error::{Error, Result, UpgradeError};
 
 use activation::Found;
@@ -261,6 +261,7 @@ impl Builder {
             channel: channel.as_deref(),
             generation: generation.as_deref(),
             state_len: state_len.as_deref(),
+            allow_missing_pid: env(activation::ENV_ALLOW_NO_PID).is_some_and(|v| v == "1"),
         };
         // Everything is validated before any inherited fd is touched.
         let found = activation::read(vars, pid, self.state_limit)
@@ -638,6 +639,14 @@ pub struct Exit {
     /// In-flight work still running when the drain timeout expired (0 when
     /// everything finished).
     pub unfinished: usize,
+    /// Long-lived connections and streams (upgraded connections such as
+    /// WebSockets, streaming responses such as server-sent events; see
+    /// [`DrainGuard::set_long_lived`]) that ended during the drain, before
+    /// its timeout.
+    pub long_lived_closed: usize,
+    /// Long-lived connections and streams still open at the drain timeout,
+    /// cut when this process exits. Part of `unfinished`.
+    pub long_lived_cut: usize,
 }
 
 /// The handle on one process's part in the service's life. Cheap to clone;
@@ -1286,20 +1295,25 @@ impl Handover {
     pub async fn wait(&self) -> Exit {
         let drain = &self.inner.drain;
         let timeout = self.inner.config.drain_timeout;
-        let (reason, unfinished, started) = loop {
+        let (reason, outcome, started) = loop {
             let reason = drain.draining().await;
             let started = Instant::now();
-            let unfinished = tokio::select! {
-                n = drain.finished(timeout) => n,
+            let outcome = tokio::select! {
+                o = drain.outcome(timeout) => o,
                 () = drain.taken_back() => continue,
             };
             // Final from here on (unless it was taken back just now): the
             // listeners go, and a new process that dies now is not replaced.
             if drain.settle() {
-                break (reason, unfinished, started);
+                break (reason, outcome, started);
             }
         };
         self.listeners().clear();
+        let drain::DrainOutcome {
+            unfinished,
+            long_lived_closed,
+            long_lived_cut,
+        } = outcome;
         if reason == DrainReason::Stopped {
             if let Some(path) = &self.inner.config.pid_file {
                 if let Err(e) = pidfile::remove_if_ours(path, std::process::id()) {
@@ -1312,13 +1326,20 @@ impl Handover {
             tracing::warn!(
                 ?reason,
                 unfinished,
+                long_lived_closed,
+                long_lived_cut,
                 drain_ms,
                 "drain timeout expired; exiting with work in flight"
             );
         } else {
-            tracing::info!(?reason, drain_ms, "drained; exiting");
+            tracing::info!(?reason, drain_ms, long_lived_closed, "drained; exiting");
         }
-        Exit { reason, unfinished }
+        Exit {
+            reason,
+            unfinished,
+            long_lived_closed,
+            long_lived_cut,
+        }
     }
 }
 

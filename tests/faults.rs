@@ -25,6 +25,7 @@ kind, exe, args, env = sys.argv[1], sys.argv[2], sys.argv[3].split(), sys.argv[4
 if kind == "socket":
     s = socket.socket(); s.bind(("127.0.0.1", 0)); s.listen(16)
     os.dup2(s.fileno(), 3)
+    sys.stderr.write("launcher: fd 3 listens on %s:%d\n" % s.getsockname()); sys.stderr.flush()
 elif kind == "udp":
     s = socket.socket(type=socket.SOCK_DGRAM); s.bind(("127.0.0.1", 0))
     os.dup2(s.fileno(), 3)
@@ -351,4 +352,57 @@ fn a_dead_notify_socket_fails_ready_with_a_typed_error() {
         stderr.contains("sd_notify to") && stderr.contains("Connection refused"),
         "{stderr}"
     );
+}
+
+/// A development loop (`systemfd --no-pid -s http::8081 -- cargo watch -x
+/// run`) passes listening fds without `LISTEN_PID`: taken only when the
+/// developer opts in, otherwise ignored with a warning that names the
+/// opt-in.
+#[test]
+fn fds_without_listen_pid_are_taken_only_with_the_opt_in() {
+    if !have_python() {
+        return;
+    }
+    for allow in [false, true] {
+        let dir = tempfile::tempdir().unwrap();
+        let pid_file = dir.path().join("hello.pid");
+        let pid_arg = pid_file.to_str().unwrap().to_owned();
+        let handle = std::thread::spawn(move || {
+            let mut vars = vec![("LISTEN_FDS", "1")];
+            if allow {
+                vars.push(("HANDOVER_ALLOW_MISSING_LISTEN_PID", "1"));
+            }
+            launch(
+                "socket",
+                &vars,
+                &["--addr", "127.0.0.1:0", "--pid-file", &pid_arg],
+                Duration::from_secs(10),
+            )
+        });
+        let pid: u32 = wait_for("the PID file", T, || {
+            std::fs::read_to_string(&pid_file).ok()?.trim().parse().ok()
+        });
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        )
+        .unwrap();
+        let out = handle.join().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(0), "{stderr}");
+        let passed = stderr
+            .lines()
+            .find_map(|l| l.strip_prefix("launcher: fd 3 listens on "))
+            .expect("the launcher says where fd 3 listens")
+            .trim()
+            .to_owned();
+        let served_passed = stderr.contains(&format!("addr={passed}"));
+        assert_eq!(served_passed, allow, "opt-in {allow}:\n{stderr}");
+        if !allow {
+            assert!(
+                stderr.contains("ignoring the socket activation environment: LISTEN_FDS is set without LISTEN_PID (to take the fds anyway, as under `systemfd --no-pid`, set HANDOVER_ALLOW_MISSING_LISTEN_PID=1)"),
+                "{stderr}"
+            );
+        }
+    }
 }

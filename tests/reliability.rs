@@ -1125,23 +1125,20 @@ fn a_stopped_new_process_is_not_replaced_by_its_draining_parent() {
 // ---------------------------------------------------------------------------------------------
 // the same two under a real service manager
 
-/// Installs `units/hello.socket` on a free port and `units/hello.service`
-/// running `exe --addr <that address> args`, with `dropins` as drop-ins
-/// (`(name, contents)`); returns the address.
+/// Installs the shipped `units/hello.socket` on a free port and
+/// `units/hello.service` running `exe --addr <that address> args` (its
+/// `handover-reload` pointed at the built one), plus `dropins`, and starts
+/// them; returns the address.
 fn install_units(
     m: &systemd::UserManager,
     exe: &Path,
     args: &str,
-    dropins: &[(&str, String)],
+    dropins: &[(&str, &str)],
 ) -> std::net::SocketAddr {
-    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], server::free_port()));
-    let socket = units::set_key(
-        &units::repo_unit("hello.socket"),
-        "ListenStream",
-        &addr.to_string(),
-    );
+    let port = server::free_port();
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
     let exec = format!("{} --addr {addr} {args}", exe.display());
-    let service = units::set_key(&units::repo_unit("hello.service"), "ExecStart", &exec);
+    let (socket, service) = units::hello_units("hello.service", &exec, port);
     m.install_unit("hello.socket", &socket);
     m.install_unit("hello.service", &service);
     for (name, contents) in dropins {
@@ -1160,16 +1157,21 @@ fn manager_says(m: &systemd::UserManager) -> Vec<String> {
         .collect()
 }
 
+fn logged(m: &systemd::UserManager, pid: u32, starts: &str) {
+    m.wait_for_journal(&[&format!("_PID={pid}")], T, |e| {
+        e.get("MESSAGE").is_some_and(|m| m.starts_with(starts))
+    });
+}
+
 /// Under systemd the manager supervises the new process: when it is killed
-/// while the old one drains, systemd (252 here) counts the main process as
-/// failed, SIGTERMs what is left of the unit and waits: the old process is
-/// not killed, it finishes its in-flight request and exits by itself
+/// while the old one drains, systemd (252 and 257) counts the main process
+/// as failed, SIGTERMs what is left of the unit and waits: the old process
+/// is not killed, it finishes its in-flight request and exits by itself
 /// (`TimeoutStopSec=` is above the drain timeout). Then `Restart=on-failure`
 /// starts the service again on the socket unit's socket, which queued every
 /// connection meanwhile: none is refused.
-#[test]
-fn under_systemd_the_unit_restarts_after_the_old_process_drained() {
-    let Some(m) = systemd::UserManager::boot_or_skip("takeback") else {
+fn under_systemd_the_unit_restarts_after_the_old_process_drained(manager: systemd::Manager) {
+    let Some(m) = systemd::UserManager::boot_or_skip(manager, "takeback") else {
         return;
     };
     let addr = install_units(&m, &example("hello"), "--drain-timeout 20", &[]);
@@ -1177,20 +1179,14 @@ fn under_systemd_the_unit_restarts_after_the_old_process_drained() {
     let mut held = half_sent_request(addr);
     assert_eq!(server::get(addr, "/").0, 200);
     m.systemctl_ok(&["reload", "hello.service"]);
-    let mut new = 0;
-    m.wait_until("a new MainPID", T, || {
-        new = m.main_pid("hello.service");
-        new != 0 && new != first
-    });
+    let new = m.main_pid("hello.service");
+    assert!(new != 0 && new != first, "MainPID {new} after the reload");
 
     kill(Pid::from_raw(new as i32), Signal::SIGKILL).unwrap();
     m.wait_until("systemd to stop what is left of the unit", T, || {
         m.show("hello.service", "SubState") == "stop-sigterm"
     });
-    m.wait_for_journal(&[&format!("_PID={first}")], T, |e| {
-        e.get("MESSAGE")
-            .is_some_and(|m| m.starts_with("stop requested"))
-    });
+    logged(&m, first, "stop requested");
     assert!(
         systemd::pid_alive(first),
         "the old process drains on after the SIGTERM"
@@ -1208,6 +1204,12 @@ fn under_systemd_the_unit_restarts_after_the_old_process_drained() {
     assert!(!systemd::pid_alive(first));
     assert_eq!(burst(addr, 50), (0, 50), "(refused, answered)");
     assert_eq!(m.show("hello.socket", "NRefused"), "0");
+    logged(
+        &m,
+        first,
+        "the new process exited while this one was draining",
+    );
+    logged(&m, first, "drained; exiting");
     let said = manager_says(&m);
     eprintln!("manager about hello.service:\n  {}", said.join("\n  "));
     assert!(
@@ -1222,50 +1224,29 @@ fn under_systemd_the_unit_restarts_after_the_old_process_drained() {
     for bad in ["Killing", "SIGKILL", "timed out"] {
         assert!(!said.iter().any(|l| l.contains(bad)), "{bad:?} in {said:?}");
     }
-    m.wait_for_journal(&[&format!("_PID={first}")], T, |e| {
-        e.get("MESSAGE")
-            .is_some_and(|m| m.contains("the new process exited while this one was draining"))
-    });
-    m.wait_for_journal(&[&format!("_PID={first}")], T, |e| {
-        e.get("MESSAGE")
-            .is_some_and(|m| m.starts_with("drained; exiting"))
-    });
 }
 
 /// `systemctl stop` while a truthful reload waits for a new process that
 /// never becomes ready: the reload is cancelled, the service stops, and the
 /// unit's result is `success`. Before: `handover-reload` died of SIGTERM and
 /// the unit ended "failed (Result: signal)".
-#[test]
-fn under_systemd_a_stop_during_a_truthful_reload_leaves_the_unit_clean() {
-    let Some(m) = systemd::UserManager::boot_or_skip("stopreload") else {
+fn under_systemd_a_stop_during_a_truthful_reload_leaves_the_unit_clean(manager: systemd::Manager) {
+    let Some(m) = systemd::UserManager::boot_or_skip(manager, "stopreload") else {
         return;
     };
-    let dir = tempfile::tempdir().unwrap();
-    let exe = dir.path().join("hello");
+    let exe = m.scratch_dir().join("hello");
     server::deploy(&exe, &fs::read(example("hello")).unwrap(), 0o755);
-    let dropin = units::repo_unit("hello.service.d/truthful-reload.conf");
-    let dropin = units::set_key(&dropin, "ExecReload", &format!("{RELOAD_CMD} --timeout 80"));
     install_units(
         &m,
         &exe,
         "--upgrade-timeout 60",
-        &[
-            ("truthful-reload.conf", dropin),
-            (
-                "00-test.conf",
-                "[Service]\nEnvironment=RUST_LOG=info\n".into(),
-            ),
-        ],
+        &[("00-test.conf", "[Service]\nEnvironment=RUST_LOG=info\n")],
     );
     let first = m.main_pid("hello.service");
     server::deploy(&exe, b"#!/bin/sh\nexec sleep 120\n", 0o755);
     std::thread::scope(|s| {
         let reload = s.spawn(|| m.systemctl(&["reload", "hello.service"]));
-        m.wait_for_journal(&[&format!("_PID={first}")], T, |e| {
-            e.get("MESSAGE")
-                .is_some_and(|m| m.starts_with("new process started"))
-        });
+        logged(&m, first, "new process started");
         m.systemctl_ok(&["stop", "hello.service"]);
         let out = reload.join().unwrap();
         eprintln!(
@@ -1278,12 +1259,16 @@ fn under_systemd_a_stop_during_a_truthful_reload_leaves_the_unit_clean() {
     eprintln!("manager about hello.service:\n  {}", said.join("\n  "));
     assert_eq!(m.show("hello.service", "ActiveState"), "inactive");
     assert_eq!(m.show("hello.service", "Result"), "success", "{said:?}");
-    let reload_said = m.journal(&["-o", "cat", "SYSLOG_IDENTIFIER=handover-reload"]);
-    assert!(reload_said.contains("cancelled by stop"), "{reload_said}");
-    m.wait_for_journal(&[&format!("_PID={first}")], T, |e| {
+    m.wait_for_journal(&["SYSLOG_IDENTIFIER=handover-reload"], T, |e| {
         e.get("MESSAGE")
-            .is_some_and(|m| m.starts_with("upgrade cancelled: stopping"))
+            .is_some_and(|m| m.contains("cancelled by stop"))
     });
+    logged(&m, first, "upgrade cancelled: stopping");
     let old_said = m.journal(&["-o", "cat", &format!("_PID={first}")]);
     assert!(!old_said.contains("upgrade failed"), "{old_said}");
 }
+
+systemd::on_each_manager!(
+    under_systemd_the_unit_restarts_after_the_old_process_drained,
+    under_systemd_a_stop_during_a_truthful_reload_leaves_the_unit_clean,
+);

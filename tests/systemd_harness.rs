@@ -1,6 +1,7 @@
-//! Self-test of the private systemd user manager harness (`tests/support/systemd.rs`), with a
-//! Python stand-in for a socket-activated `Type=notify` service. Needs root and systemd
-//! installed; skips otherwise (fails under `CI=true`).
+//! Self-test of the private systemd user manager harness (`tests/support/systemd.rs`), on the
+//! host's systemd and on systemd 257 from the trixie root, with a Python stand-in for a
+//! socket-activated `Type=notify` service. Needs root and systemd installed; skips otherwise
+//! (fails under `CI=true`).
 
 #[path = "support/systemd.rs"]
 mod systemd;
@@ -11,7 +12,7 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use systemd::{parse_journal_export, pid_alive, UserManager};
+use systemd::{on_each_manager, parse_journal_export, pid_alive, Manager, UserManager};
 
 const PYTHON: &str = "/usr/bin/python3";
 const WAIT: Duration = Duration::from_secs(10);
@@ -37,8 +38,9 @@ while True:
     c.close()
 "#;
 
-fn have_python() -> bool {
-    if Path::new(PYTHON).exists() {
+/// Whether the stand-in can run: the host needs Python; the trixie root has it.
+fn have_python(manager: Manager) -> bool {
+    if manager == Manager::V257 || Path::new(PYTHON).exists() {
         return true;
     }
     eprintln!(
@@ -114,33 +116,40 @@ impl Traces {
     }
 }
 
-#[test]
-fn boots_runs_a_notify_service_and_tears_down() {
-    if !have_python() {
+on_each_manager!(
+    boots_runs_a_notify_service_and_tears_down,
+    two_managers_run_side_by_side,
+    teardown_runs_when_the_test_panics,
+);
+
+/// This process's cgroup in the memory hierarchy (v1), if it has one.
+fn own_memory_cgroup(pid: &str) -> Option<String> {
+    fs::read_to_string(format!("/proc/{pid}/cgroup"))
+        .unwrap()
+        .lines()
+        .find_map(|l| l.split_once(":memory:").map(|(_, p)| p.to_string()))
+}
+
+fn boots_runs_a_notify_service_and_tears_down(manager: Manager) {
+    if !have_python(manager) {
         return;
     }
     let t0 = Instant::now();
-    let Some(m) = UserManager::boot_or_skip("selftest") else {
+    let Some(m) = UserManager::boot_or_skip(manager, "selftest") else {
         return;
     };
-    eprintln!("boot: {:?}", t0.elapsed());
+    eprintln!("boot of systemd {}: {:?}", m.version(), t0.elapsed());
     assert!(pid_alive(m.manager_pid()) && pid_alive(m.journald_pid()));
     assert!(matches!(
         m.show("", "SystemState").as_str(),
         "running" | "degraded"
     ));
-
-    // Nested under this process's memory cgroup, never in a root cgroup.
-    let own = fs::read_to_string("/proc/self/cgroup").unwrap();
-    let own_mem = own
-        .lines()
-        .find_map(|l| l.split_once(":memory:").map(|(_, p)| p.to_string()));
-    if let Some(own_mem) = own_mem {
-        assert!(m
-            .cgroup_path()
-            .starts_with(&format!("{}/", own_mem.trim_end_matches('/'))));
+    match manager {
+        Manager::Host => assert!(m.major() >= 246, "{}", m.version()),
+        Manager::V257 => assert_eq!(m.major(), 257, "{}", m.version()),
     }
     assert!(m.cgroup_path().len() > 1);
+    assert!(m.owns_process(m.manager_pid()) && m.owns_process(m.journald_pid()));
 
     install_standin(&m);
     m.install_unit(
@@ -159,17 +168,23 @@ fn boots_runs_a_notify_service_and_tears_down() {
     assert_eq!(m.main_pid("standin.service"), pid);
     assert_eq!(m.show("standin.service", "StatusText"), "serving");
 
-    // The service runs in the manager's subtree, in every hierarchy the harness set up.
-    let unit_cg = format!("{}/manager/app.slice/standin.service", m.cgroup_path());
+    // The service runs in the manager's subtree, in every hierarchy the harness set up, in its
+    // unit's cgroup in the hierarchy the manager tracks units in ...
+    let unit_cg = m.unit_cgroup("standin.service");
     let cg = fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
-    for line in cg.lines() {
-        let (_, rest) = line.split_once(':').unwrap();
-        let (ctrl, path) = rest.split_once(':').unwrap();
-        if ctrl.is_empty() || ctrl == "name=systemd" {
-            assert_eq!(path, unit_cg, "{line}");
-        } else if ctrl == "memory" || ctrl == "pids" {
-            assert!(path.starts_with(m.cgroup_path()), "{line}");
-        }
+    assert!(m.owns_process(pid), "{cg}");
+    assert!(
+        cg.lines().any(|l| l.ends_with(&format!(":{unit_cg}"))),
+        "{unit_cg} not in\n{cg}"
+    );
+    // ... and never outside the memory cgroup the test has (its accounting).
+    if let Some(own_mem) = own_memory_cgroup("self") {
+        let svc_mem = own_memory_cgroup(&pid.to_string()).unwrap();
+        assert!(
+            svc_mem == own_mem
+                || svc_mem.starts_with(&format!("{}/", own_mem.trim_end_matches('/'))),
+            "the service's memory cgroup {svc_mem} is outside the test's {own_mem}"
+        );
     }
 
     // Its stdout line is in the private journal with its own _PID.
@@ -178,18 +193,48 @@ fn boots_runs_a_notify_service_and_tears_down() {
     });
     assert_eq!(e.get("_SYSTEMD_CGROUP"), Some(&unit_cg));
     assert_eq!(e.get("_TRANSPORT").map(String::as_str), Some("stdout"));
+    if m.tags_user_units() {
+        // journald knows the unit: `journalctl --user -u` works as on a real host.
+        assert_eq!(
+            e.get("_SYSTEMD_USER_UNIT").map(String::as_str),
+            Some("standin.service"),
+            "{e:?}"
+        );
+        let by_unit = m.journal_entries(&["--user", "-u", "standin.service"]);
+        assert!(
+            by_unit.iter().any(|e| message_starts(e, "stand-in ready")),
+            "journalctl --user -u standin.service: {by_unit:?}"
+        );
+    }
     let unit_log = m.unit_journal("standin.service");
     assert!(unit_log.iter().any(|e| message_starts(e, "stand-in ready")));
-    let manager = m.manager_pid().to_string();
+    let manager_pid = m.manager_pid().to_string();
     assert!(
         unit_log
             .iter()
-            .any(|e| e.get("_PID") == Some(&manager) && message_starts(e, "Started")),
+            .any(|e| e.get("_PID") == Some(&manager_pid) && message_starts(e, "Started")),
         "the manager's own messages reach the journal: {unit_log:?}"
     );
     assert!(m
         .journal(&["-o", "cat", &format!("_PID={pid}")])
         .contains("greeting=dropin"));
+    // The private journald leaves the host alone: it did not import the kernel log.
+    assert!(m.journal_entries(&["_TRANSPORT=kernel"]).is_empty());
+    if manager == Manager::V257 {
+        // ... and did not switch kernel auditing on (257 defaults to Audit=yes).
+        let out = m
+            .command("systemd-analyze")
+            .args(["cat-config", "systemd/journald.conf"])
+            .output()
+            .unwrap();
+        let config = String::from_utf8_lossy(&out.stdout);
+        for line in ["Audit=", "ReadKMsg=no", "Storage=volatile"] {
+            assert!(
+                config.lines().any(|l| l.trim() == line),
+                "journald.conf has no {line}:\n{config}"
+            );
+        }
+    }
 
     let t = Instant::now();
     m.systemctl_ok(&["stop", "standin.service", "standin.socket"]);
@@ -204,30 +249,45 @@ fn boots_runs_a_notify_service_and_tears_down() {
     traces.assert_gone();
 }
 
-#[test]
-fn two_managers_run_side_by_side() {
-    if !have_python() {
+/// Two managers of this kind at once, and one of the other kind beside them.
+fn two_managers_run_side_by_side(manager: Manager) {
+    if !have_python(manager) {
         return;
     }
-    let (a, b) = std::thread::scope(|s| {
-        let a = s.spawn(|| UserManager::boot_or_skip("pair_a"));
-        let b = s.spawn(|| UserManager::boot_or_skip("pair_b"));
-        (a.join().unwrap(), b.join().unwrap())
+    let other = match manager {
+        Manager::Host => Manager::V257,
+        Manager::V257 => Manager::Host,
+    };
+    let (a, b, c) = std::thread::scope(|s| {
+        let a = s.spawn(|| UserManager::boot_or_skip(manager, "pair_a"));
+        let b = s.spawn(|| UserManager::boot_or_skip(manager, "pair_b"));
+        let c = s.spawn(|| {
+            have_python(other)
+                .then(|| UserManager::boot_or_skip(other, "pair_c"))
+                .flatten()
+        });
+        (a.join().unwrap(), b.join().unwrap(), c.join().unwrap())
     });
     let (Some(a), Some(b)) = (a, b) else { return };
-    assert_ne!(a.cgroup_path(), b.cgroup_path());
-    assert_ne!(a.runtime_dir(), b.runtime_dir());
-    assert_ne!(a.manager_pid(), b.manager_pid());
+    let all: Vec<&UserManager> = [Some(&a), Some(&b), c.as_ref()]
+        .into_iter()
+        .flatten()
+        .collect();
+    for (i, x) in all.iter().enumerate() {
+        for y in &all[i + 1..] {
+            assert_ne!(x.cgroup_path(), y.cgroup_path());
+            assert_ne!(x.runtime_dir(), y.runtime_dir());
+            assert_ne!(x.manager_pid(), y.manager_pid());
+        }
+    }
 
-    for m in [&a, &b] {
+    for m in &all {
         install_standin(m);
         m.daemon_reload();
         m.systemctl_ok(&["start", "standin.socket"]);
     }
-    let (pa, _) = ping(&a);
-    let (pb, _) = ping(&b);
-    assert_ne!(pa, pb);
-    for (m, pid) in [(&a, pa), (&b, pb)] {
+    let pids: Vec<u32> = all.iter().map(|m| ping(m).0).collect();
+    for (m, &pid) in all.iter().zip(&pids) {
         m.wait_until("standin.service to be active", WAIT, || {
             m.show("standin.service", "ActiveState") == "active"
         });
@@ -237,28 +297,38 @@ fn two_managers_run_side_by_side() {
         });
     }
     // Each journal is private.
-    assert!(a.journal_entries(&[&format!("_PID={pb}")]).is_empty());
-    assert!(b.journal_entries(&[&format!("_PID={pa}")]).is_empty());
+    for (i, m) in all.iter().enumerate() {
+        for (j, &pid) in pids.iter().enumerate() {
+            if i != j {
+                assert!(m.journal_entries(&[&format!("_PID={pid}")]).is_empty());
+            }
+        }
+    }
 
     // Leave the services running: teardown must kill them. Tear down concurrently.
-    let traces = [Traces::of(&a, &[pa]), Traces::of(&b, &[pb])];
+    let traces: Vec<Traces> = all
+        .iter()
+        .zip(&pids)
+        .map(|(m, &p)| Traces::of(m, &[p]))
+        .collect();
+    drop(all);
     std::thread::scope(|s| {
         s.spawn(move || drop(a));
         s.spawn(move || drop(b));
+        s.spawn(move || drop(c));
     });
     for t in &traces {
         t.assert_gone();
     }
 }
 
-#[test]
-fn teardown_runs_when_the_test_panics() {
-    if !have_python() {
+fn teardown_runs_when_the_test_panics(manager: Manager) {
+    if !have_python(manager) {
         return;
     }
     let traces = std::sync::Mutex::new(None);
     let result = std::panic::catch_unwind(|| {
-        let Some(m) = UserManager::boot_or_skip("panics") else {
+        let Some(m) = UserManager::boot_or_skip(manager, "panics") else {
             return;
         };
         install_standin(&m);

@@ -1,10 +1,12 @@
 //! `systemctl reload` that tells the truth, environment changes applied by a
 //! reload, and the fd store as a crash safety net, all under a real private
-//! `systemd --user` manager (systemd 252 here).
+//! `systemd --user` manager: each test runs on the host's systemd (252 here)
+//! and on systemd 257 (`<name>::host`, `<name>::v257`).
 //!
-//! - **Truthful reload**: `ExecReload=handover-reload` (the crate's command)
-//!   with `RuntimeDirectory=hello`, so the service serves its control socket
-//!   at `$RUNTIME_DIRECTORY/handover.sock` and the command finds it there.
+//! - **Truthful reload**: the shipped `units/hello.service` as it is, with
+//!   `ExecReload=handover-reload` (the crate's command) and
+//!   `RuntimeDirectory=hello`, so the service serves its control socket at
+//!   `$RUNTIME_DIRECTORY/handover.sock` and the command finds it there.
 //!   `systemctl reload` returns only once the new process is the main PID,
 //!   and fails (with the unit still active on the old process) when the new
 //!   binary is broken.
@@ -41,13 +43,11 @@ use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
 use server::{example, free_port};
-use systemd::{pid_alive, JournalEntry, UserManager};
-use units::{repo_unit, set_key};
+use systemd::{on_each_manager, pid_alive, JournalEntry, Manager, UserManager};
+use units::{get_key, hello_units, RELOAD_CMD};
 
 /// Bound on every wait.
 const T: Duration = Duration::from_secs(30);
-/// The crate's `ExecReload=` command, built by cargo for integration tests.
-const RELOAD_CMD: &str = env!("CARGO_BIN_EXE_handover-reload");
 const GREETING: &str = "Welcome to the Home Page!";
 /// The reload command's lines in the journal.
 const RELOAD_ID: &str = "SYSLOG_IDENTIFIER=handover-reload";
@@ -137,36 +137,20 @@ fn replace_file(path: &Path, contents: &[u8], mode: u32) {
     fs::rename(&aside, path).unwrap();
 }
 
-/// The value of the last non-empty `key=` line.
-fn get_key<'a>(unit: &'a str, key: &str) -> Option<&'a str> {
-    let prefix = format!("{key}=");
-    unit.lines()
-        .rev()
-        .filter_map(|l| l.trim_start().strip_prefix(prefix.as_str()))
-        .find(|v| !v.trim().is_empty())
-}
-
-/// Installs the shipped `units/hello.socket` (on 127.0.0.1:`port`),
-/// `units/hello.service` (running `exe` with `args`) and its drop-in
-/// `units/hello.service.d/truthful-reload.conf` (`RuntimeDirectory=hello`,
-/// `ExecReload=handover-reload`, pointed at the built command with its
-/// arguments kept), plus `extra` as another drop-in when not empty.
+/// Installs the shipped `units/hello.socket` (on 127.0.0.1:`port`) and
+/// `units/hello.service` as they are (running `exe` with `args`; its
+/// `ExecReload=handover-reload` pointed at the built command, arguments
+/// kept), plus `extra` as a drop-in when not empty.
 fn install_truthful(m: &UserManager, exe: &Path, args: &str, port: u16, extra: &str) -> SocketAddr {
-    let socket = set_key(
-        &repo_unit("hello.socket"),
-        "ListenStream",
-        &format!("127.0.0.1:{port}"),
-    );
-    let service = repo_unit("hello.service");
+    let (socket, service) =
+        hello_units("hello.service", &format!("{} {args}", exe.display()), port);
     let timeout: u64 = get_key(&service, "TimeoutStartSec")
         .and_then(|v| v.trim().parse().ok())
         .expect("hello.service sets TimeoutStartSec= in seconds");
-    let service = set_key(&service, "ExecStart", &format!("{} {args}", exe.display()));
-    let dropin = repo_unit("hello.service.d/truthful-reload.conf");
-    assert_eq!(get_key(&dropin, "RuntimeDirectory"), Some("hello"));
-    let reload = get_key(&dropin, "ExecReload").expect("the drop-in sets ExecReload=");
+    assert_eq!(get_key(&service, "RuntimeDirectory"), Some("hello"));
+    let reload = get_key(&service, "ExecReload").expect("hello.service sets ExecReload=");
     let (program, reload_args) = reload.split_once(' ').unwrap_or((reload, ""));
-    assert!(program.ends_with("/handover-reload"), "ExecReload={reload}");
+    assert_eq!(program, RELOAD_CMD, "ExecReload={reload}");
     // The command's own timeout must stay below the manager's.
     let reload_timeout: u64 = reload_args
         .split_whitespace()
@@ -178,18 +162,14 @@ fn install_truthful(m: &UserManager, exe: &Path, args: &str, port: u16, extra: &
         reload_timeout < timeout,
         "handover-reload --timeout {reload_timeout} must be below TimeoutStartSec={timeout}"
     );
-    let dropin = set_key(
-        &dropin,
-        "ExecReload",
-        &format!("{RELOAD_CMD} {reload_args}"),
-    );
     m.install_unit("hello.socket", &socket);
     m.install_unit("hello.service", &service);
-    m.install_unit("hello.service.d/truthful-reload.conf", &dropin);
-    m.install_unit(
-        "hello.service.d/00-test.conf",
-        &format!("[Service]\nEnvironment=RUST_LOG=info\n{extra}"),
-    );
+    if !extra.is_empty() {
+        m.install_unit(
+            "hello.service.d/00-test.conf",
+            &format!("[Service]\n{extra}"),
+        );
+    }
     m.daemon_reload();
     SocketAddr::from(([127, 0, 0, 1], port))
 }
@@ -282,18 +262,24 @@ fn wait_gone(m: &UserManager, pid: u32) {
     m.wait_until(&format!("process {pid} to exit"), T, || !pid_alive(pid));
 }
 
-// ---------------------------------------------------------------------------------------------
-// issue 4.1: a truthful reload
+on_each_manager!(
+    truthful_reload_waits_for_the_new_main_pid_and_reports_failure,
+    a_socket_unit_address_other_than_addr_is_kept_across_reloads,
+    environment_changes_apply_on_reload,
+    fd_store_keeps_the_socket_across_a_crash_restart,
+);
 
-#[test]
-fn truthful_reload_waits_for_the_new_main_pid_and_reports_failure() {
-    let Some(m) = UserManager::boot_or_skip("truthful") else {
+// ---------------------------------------------------------------------------------------------
+// a truthful reload
+
+fn truthful_reload_waits_for_the_new_main_pid_and_reports_failure(manager: Manager) {
+    let Some(m) = UserManager::boot_or_skip(manager, "truthful") else {
         return;
     };
     let t0 = Instant::now();
-    // A copy of hello, so the test can deploy a broken build over it.
-    let dir = tempfile::tempdir().unwrap();
-    let bin = dir.path().join("hello");
+    // A copy of hello where the services see it too, so the test can deploy a broken build
+    // over it.
+    let bin = m.scratch_dir().join("hello");
     fs::copy(example("hello"), &bin).unwrap();
     let addr = install_hello(&m, &bin, "");
     let first = start_truthful(&m);
@@ -397,9 +383,8 @@ fn truthful_reload_waits_for_the_new_main_pid_and_reports_failure() {
 /// The `.socket` unit decides the address: when it differs from the
 /// program's own `--addr`, the first process serves the socket unit's socket
 /// (with a warning), and so must every later generation, on the same socket.
-#[test]
-fn a_socket_unit_address_other_than_addr_is_kept_across_reloads() {
-    let Some(m) = UserManager::boot_or_skip("sockaddr") else {
+fn a_socket_unit_address_other_than_addr_is_kept_across_reloads(manager: Manager) {
+    let Some(m) = UserManager::boot_or_skip(manager, "sockaddr") else {
         return;
     };
     let (port, other) = (free_port(), free_port());
@@ -428,7 +413,7 @@ fn a_socket_unit_address_other_than_addr_is_kept_across_reloads() {
 }
 
 // ---------------------------------------------------------------------------------------------
-// issue 7.1: the environment is applied on reload
+// the environment is applied on reload
 
 /// Reloads under `load`, waits until the old process is gone, and checks
 /// that from then on only `want` is served: the old greeting's last
@@ -452,9 +437,8 @@ fn reload_to_greeting(
     (new, gone_at)
 }
 
-#[test]
-fn environment_changes_apply_on_reload() {
-    let Some(m) = UserManager::boot_or_skip("reloadenv") else {
+fn environment_changes_apply_on_reload(manager: Manager) {
+    let Some(m) = UserManager::boot_or_skip(manager, "reloadenv") else {
         return;
     };
     let t0 = Instant::now();
@@ -559,11 +543,10 @@ fn environment_changes_apply_on_reload() {
 }
 
 // ---------------------------------------------------------------------------------------------
-// issue 4.3: the fd store keeps a self-bound socket across a crash restart
+// the fd store keeps a self-bound socket across a crash restart
 
-#[test]
-fn fd_store_keeps_the_socket_across_a_crash_restart() {
-    let Some(m) = UserManager::boot_or_skip("fdstore") else {
+fn fd_store_keeps_the_socket_across_a_crash_restart(manager: Manager) {
+    let Some(m) = UserManager::boot_or_skip(manager, "fdstore") else {
         return;
     };
     let t0 = Instant::now();

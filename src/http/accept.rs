@@ -76,53 +76,54 @@ impl Server {
         async move {
             let mut backoff = Backoff::default();
             // Serves until the drain starts; keeps the listener (not
-            // accepting) until the drain is final, and serves again if
-            // it is taken back (the process that took over died).
+            // accepting) until the drain is final, and serves again if it is
+            // taken back (the process that took over died).
             loop {
-                {
-                    let mut draining = pin!(drain.draining());
-                    loop {
-                        let accepted = tokio::select! {
-                            biased;
-                            _ = draining.as_mut() => break,
-                            r = listener.accept() => r,
-                        };
-                        match accepted {
-                            Ok((io, peer)) => {
-                                backoff.reset();
-                                let guard = drain.guard();
-                                let conn = serve_connection(
-                                    io,
-                                    service.clone(),
-                                    drain.clone(),
-                                    cfg.clone(),
-                                );
-                                tokio::spawn(async move {
-                                    if let Err(e) = conn.await {
-                                        tracing::debug!(?peer, error = %e, "connection ended with an error");
-                                    }
-                                    drop(guard);
-                                });
-                            }
-                            Err(e) => match classify_accept_error(&e) {
-                                AcceptError::Transient => {
-                                    tracing::debug!(error = %e, "accept failed, continuing");
+                let mut draining = pin!(drain.draining());
+                loop {
+                    let accepted = tokio::select! {
+                        biased;
+                        _ = draining.as_mut() => break,
+                        r = listener.accept() => r,
+                    };
+                    match accepted {
+                        Ok((io, peer)) => {
+                            backoff.reset();
+                            // The guard goes with the connection's IO: an
+                            // upgraded connection keeps it until the
+                            // application drops the upgraded IO.
+                            let guard = drain.guard();
+                            let conn = serve_connection(
+                                io,
+                                service.clone(),
+                                drain.clone(),
+                                cfg.clone(),
+                                guard,
+                            );
+                            tokio::spawn(async move {
+                                if let Err(e) = conn.await {
+                                    tracing::debug!(?peer, error = %e, "connection ended with an error");
                                 }
-                                AcceptError::Resources => {
-                                    let pause = backoff.next();
-                                    tracing::error!(error = %e, ?pause, "accept failed, out of resources; pausing");
-                                    tokio::select! {
-                                        biased;
-                                        _ = draining.as_mut() => break,
-                                        _ = tokio::time::sleep(pause) => {}
-                                    }
-                                }
-                                AcceptError::Fatal => {
-                                    tracing::error!(error = %e, "accept failed for good, stopping the accept loop");
-                                    return Err(e);
-                                }
-                            },
+                            });
                         }
+                        Err(e) => match classify_accept_error(&e) {
+                            AcceptError::Transient => {
+                                tracing::debug!(error = %e, "accept failed, continuing");
+                            }
+                            AcceptError::Resources => {
+                                let pause = backoff.next();
+                                tracing::error!(error = %e, ?pause, "accept failed, out of resources; pausing");
+                                tokio::select! {
+                                    biased;
+                                    _ = draining.as_mut() => break,
+                                    _ = tokio::time::sleep(pause) => {}
+                                }
+                            }
+                            AcceptError::Fatal => {
+                                tracing::error!(error = %e, "accept failed for good, stopping the accept loop");
+                                return Err(e);
+                            }
+                        },
                     }
                 }
                 tracing::debug!("drain started: stopped accepting");

@@ -3,6 +3,12 @@
 //! closes a connection gracefully at the moment its protocol module names:
 //! HTTP/1 once idle for the grace, HTTP/2 at once if it has opened a stream,
 //! else after the grace (its first request may be on its way).
+//!
+//! The connection's [`DrainGuard`] lives in its IO ([`ConnIo`](super::replay::ConnIo)),
+//! so a connection hyper hands to the application as `Upgraded` stays
+//! counted in the drain until the application drops it. A connection that
+//! is upgraded, or streaming a response when the drain starts, is marked
+//! [long-lived](DrainGuard::set_long_lived).
 
 use std::future::{poll_fn, Future};
 use std::pin::{pin, Pin};
@@ -19,13 +25,18 @@ use super::detect::{detect, Detected, Protocol};
 use super::h1::serve_h1;
 use super::h2::serve_h2;
 use super::{BoxError, Server};
-use crate::drain::Drain;
+use crate::drain::{Drain, DrainGuard};
+
+/// The connection's place in the drain, shared by its IO and the code that
+/// marks it long-lived.
+pub(super) type ConnGuard = Arc<DrainGuard>;
 
 pub(super) async fn serve_connection<I, S, B>(
     mut io: I,
     service: S,
     drain: Drain,
     cfg: Arc<Server>,
+    guard: DrainGuard,
 ) -> Result<(), BoxError>
 where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -52,21 +63,27 @@ where
             return Ok(());
         }
     };
+    let guard = Arc::new(guard);
     match protocol {
-        Protocol::Http1 => serve_h1(io, prefix, service, drain, &cfg, accepted, drain_at).await,
-        Protocol::Http2 => serve_h2(io, prefix, service, drain, &cfg, accepted, drain_at).await,
+        Protocol::Http1 => {
+            serve_h1(io, prefix, service, drain, guard, &cfg, accepted, drain_at).await
+        }
+        Protocol::Http2 => {
+            serve_h2(io, prefix, service, drain, guard, &cfg, accepted, drain_at).await
+        }
     }
 }
 
 /// Runs a hyper connection to its end. Once the drain has started (at
-/// `drain_at` if it had already, as detection saw it), asks `close_at` when
-/// the connection may be closed (`None`: not while it is busy) and then
-/// calls `graceful_shutdown` on it, once. `close_at` is asked again after
+/// `drain_at` if it had already, as detection saw it), calls `on_drain`
+/// once, then asks `close_at` when the connection may be closed (`None`:
+/// not while it is busy) and then calls `graceful_shutdown` on it, once. `close_at` is asked again after
 /// every step of the connection, so what it looks at may change in between.
 pub(super) async fn drive<C>(
     mut conn: Pin<&mut C>,
     drain: &Drain,
     mut drain_at: Option<Instant>,
+    on_drain: impl FnOnce(),
     mut close_at: impl FnMut(Instant) -> Option<Instant>,
     mut graceful_shutdown: impl FnMut(Pin<&mut C>),
 ) -> Result<(), BoxError>
@@ -76,6 +93,7 @@ where
     let mut draining = pin!(drain.draining());
     let mut timer = None;
     let mut closing = false;
+    let mut on_drain = Some(on_drain);
     poll_fn(|cx| loop {
         // Poll the connection first: every change `close_at` looks at
         // happens inside this call (service, bodies and IO all run in it),
@@ -94,6 +112,9 @@ where
                 Poll::Pending => return Poll::Pending,
             },
         };
+        if let Some(f) = on_drain.take() {
+            f();
+        }
         let Some(deadline) = close_at(at) else {
             return Poll::Pending;
         };

@@ -37,9 +37,84 @@
 //!
 //! Each connection holds a [`DrainGuard`](crate::drain::DrainGuard) until it
 //! closes, so [`Drain::idle`] and [`Drain::finished`] tell when the last one is
-//! gone. HTTP upgrades (WebSocket) are supported; an upgraded connection
-//! leaves the count when it is handed to the application, which drains it
-//! itself (for example by holding a guard of its own).
+//! gone.
+//!
+//! # Long-lived connections: WebSockets, server-sent events, streams
+//!
+//! The rules above end a connection between two requests. A WebSocket or a
+//! stream of server-sent events has no "between": only the application can
+//! end it well (a WebSocket `Close` with 1001 "going away", the end of an
+//! event stream), so the server gives it what it needs and counts it:
+//!
+//! - Every request carries a [`DrainSignal`](crate::drain::DrainSignal) in its extensions (axum:
+//!   `Extension<DrainSignal>`; hyper: `req.extensions().get::<DrainSignal>()`).
+//!   A handler has it before it answers, so a signal that fires while an
+//!   upgrade completes is never missed: its future resolves at once.
+//! - An upgraded connection (hyper's `with_upgrades`, axum's
+//!   `WebSocketUpgrade`) keeps its place in the drain until the application
+//!   drops the upgraded IO: the connection's guard travels inside it. The
+//!   old process does not exit while such a socket is open, up to the drain
+//!   timeout.
+//! - A connection that is upgraded, or sending a response body when the drain
+//!   starts, counts as [long-lived](crate::drain::DrainGuard::set_long_lived):
+//!   [`Handover::wait`](crate::Handover::wait) logs and returns how many of
+//!   them ended during the drain and how many were still open at the drain
+//!   timeout and so were cut by the exit.
+//! - Once draining, an answer `101 Switching Protocols` is not sent: the
+//!   upgrade handshake gets `503 Service Unavailable` with `Retry-After: 0`
+//!   and `Connection: close` instead (the application's upgrade future
+//!   resolves with an error), and the client's retry reaches the new
+//!   process. HTTP/1 only: this server does not enable WebSockets over
+//!   HTTP/2 (RFC 8441).
+//!
+//! An axum WebSocket handler that says "going away" when the drain starts:
+//!
+//! ```no_run
+//! use std::time::Duration;
+//!
+//! use axum::extract::ws::{close_code, CloseFrame, Message, WebSocket, WebSocketUpgrade};
+//! use axum::response::Response;
+//! use axum::Extension;
+//! use handover::DrainSignal;
+//!
+//! async fn ws(upgrade: WebSocketUpgrade, Extension(signal): Extension<DrainSignal>) -> Response {
+//!     upgrade.on_upgrade(move |socket| echo(socket, signal))
+//! }
+//!
+//! async fn echo(mut socket: WebSocket, signal: DrainSignal) {
+//!     let draining = signal.draining();
+//!     tokio::pin!(draining);
+//!     loop {
+//!         tokio::select! {
+//!             _ = &mut draining => break,
+//!             msg = socket.recv() => match msg {
+//!                 Some(Ok(Message::Text(t))) => {
+//!                     if socket.send(Message::Text(t)).await.is_err() {
+//!                         return;
+//!                     }
+//!                 }
+//!                 Some(Ok(Message::Close(_))) | Some(Err(_)) | None => return,
+//!                 Some(Ok(_)) => {}
+//!             },
+//!         }
+//!     }
+//!     let bye = CloseFrame { code: close_code::AWAY, reason: "restarting".into() };
+//!     if socket.send(Message::Close(Some(bye))).await.is_ok() {
+//!         // The client answers with its own Close; wait for it, bounded.
+//!         let _ = tokio::time::timeout(Duration::from_secs(5), async {
+//!             while let Some(Ok(m)) = socket.recv().await {
+//!                 if matches!(m, Message::Close(_)) {
+//!                     break;
+//!                 }
+//!             }
+//!         })
+//!         .await;
+//!     }
+//! }
+//! ```
+//!
+//! `examples/websocket.rs` and `examples/sse.rs` are complete programs;
+//! docs/guide.md says what a client must do so that no message is lost.
 
 // Split by job: `accept` (the accept loop and what an accept error means),
 // `detect` (HTTP/1 or HTTP/2 from the first bytes), `replay` (the IO that

@@ -1,7 +1,9 @@
 //! The connection's IO as hyper sees it: first the bytes protocol detection
 //! read, then the socket. On HTTP/1 every read is also noted in the
 //! connection's state, so a request whose first bytes arrived is never
-//! taken for an idle connection.
+//! taken for an idle connection. It also holds the connection's place in the
+//! drain: hyper moves this IO into `Upgraded` on an upgrade, so the
+//! connection counts until the application drops it.
 
 use std::io;
 use std::pin::Pin;
@@ -10,6 +12,7 @@ use std::task::{Context, Poll};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
+use super::conn::ConnGuard;
 use super::h1::ConnState;
 
 /// The bytes read for protocol detection (at most the 24 of HTTP/2's
@@ -23,19 +26,27 @@ pub(super) struct Prefix {
 
 /// The connection's IO: first replays the bytes read for protocol
 /// detection, and on HTTP/1 notes every read in the connection's state.
+/// Holds the connection's drain guard until dropped.
 pub(super) struct ConnIo<I> {
     prefix: Prefix,
     inner: I,
     state: Option<Arc<ConnState>>,
+    _guard: ConnGuard,
 }
 
 impl<I> ConnIo<I> {
     /// Replays `prefix`, then reads `inner`; notes reads in `state` if given.
-    pub(super) fn new(prefix: Prefix, inner: I, state: Option<Arc<ConnState>>) -> Self {
+    pub(super) fn new(
+        prefix: Prefix,
+        inner: I,
+        state: Option<Arc<ConnState>>,
+        guard: ConnGuard,
+    ) -> Self {
         ConnIo {
             prefix,
             inner,
             state,
+            _guard: guard,
         }
     }
 }

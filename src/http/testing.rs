@@ -10,11 +10,16 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
+use std::sync::atomic::{AtomicUsize, Ordering};
+
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
-use hyper::body::Incoming;
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Full, StreamBody};
+use hyper::body::{Frame, Incoming};
+use hyper::header::{HeaderValue, CONNECTION, UPGRADE};
 use hyper::service::Service;
-use hyper::{Request, Response};
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, Semaphore};
@@ -22,15 +27,17 @@ use tokio::task::JoinHandle;
 use tokio::time::timeout;
 
 use super::Server;
-use crate::drain::{Drain, DrainReason};
+use crate::drain::{Drain, DrainReason, DrainSignal};
 
 pub(super) const T: Duration = Duration::from_secs(10);
 
-/// Lets a test hold requests to `/gate` inside the handler.
+/// Lets a test hold requests to `/gate` inside the handler, and counts the
+/// upgrade requests the application saw.
 #[derive(Clone)]
 pub(super) struct Gate {
     pub(super) entered: mpsc::UnboundedSender<()>,
     pub(super) open: Arc<Semaphore>,
+    pub(super) upgrade_requests: Arc<AtomicUsize>,
 }
 
 pub(super) fn gate() -> (Gate, mpsc::UnboundedReceiver<()>) {
@@ -39,16 +46,22 @@ pub(super) fn gate() -> (Gate, mpsc::UnboundedReceiver<()>) {
         Gate {
             entered,
             open: Arc::new(Semaphore::new(0)),
+            upgrade_requests: Arc::new(AtomicUsize::new(0)),
         },
         rx,
     )
 }
 
+type TestBody = BoxBody<Bytes, Infallible>;
+
 pub(super) type ResponseFut =
-    Pin<Box<dyn Future<Output = Result<Response<Full<Bytes>>, Infallible>> + Send>>;
+    Pin<Box<dyn Future<Output = Result<Response<TestBody>, Infallible>> + Send>>;
 
 /// `/` answers the greeting, `/gate` waits for the gate, `/echo` echoes
-/// the request body.
+/// the request body. Long-lived work, which ends on the drain signal unless
+/// the query is `?stubborn`: `/upgrade` upgrades to a raw protocol that says
+/// `upgraded\n`, then `bye\n` when the drain starts and closes; `/stream`
+/// sends `tick\n` every 20 ms and ends when the drain starts.
 #[derive(Clone)]
 pub(super) struct App {
     greeting: &'static str,
@@ -60,12 +73,18 @@ pub(super) fn app(greeting: &'static str, gate: Gate) -> App {
 }
 
 impl Service<Request<Incoming>> for App {
-    type Response = Response<Full<Bytes>>;
+    type Response = Response<TestBody>;
     type Error = Infallible;
     type Future = ResponseFut;
 
-    fn call(&self, req: Request<Incoming>) -> Self::Future {
+    fn call(&self, mut req: Request<Incoming>) -> Self::Future {
         let App { greeting, gate } = self.clone();
+        let signal = req
+            .extensions()
+            .get::<DrainSignal>()
+            .cloned()
+            .expect("the server hands every request the drain signal");
+        let stubborn = req.uri().query() == Some("stubborn");
         Box::pin(async move {
             let body = match req.uri().path() {
                 "/gate" => {
@@ -74,11 +93,61 @@ impl Service<Request<Incoming>> for App {
                     Bytes::from_static(b"released")
                 }
                 "/echo" => req.into_body().collect().await.unwrap().to_bytes(),
+                "/upgrade" => return Ok(upgrade(&mut req, gate, signal, stubborn)),
+                "/stream" => return Ok(stream(signal, stubborn)),
                 _ => Bytes::from_static(greeting.as_bytes()),
             };
-            Ok(Response::new(Full::new(body)))
+            Ok(Response::new(Full::new(body).boxed()))
         })
     }
+}
+
+fn upgrade(
+    req: &mut Request<Incoming>,
+    gate: Gate,
+    signal: DrainSignal,
+    stubborn: bool,
+) -> Response<TestBody> {
+    gate.upgrade_requests.fetch_add(1, Ordering::SeqCst);
+    let on = hyper::upgrade::on(req);
+    tokio::spawn(async move {
+        let Ok(upgraded) = on.await else {
+            return;
+        };
+        let mut io = TokioIo::new(upgraded);
+        let _ = io.write_all(b"upgraded\n").await;
+        if stubborn {
+            // Holds the connection until the client closes it.
+            let _ = io.read_to_end(&mut Vec::new()).await;
+            return;
+        }
+        signal.draining().await;
+        let _ = io.write_all(b"bye\n").await;
+        let _ = io.shutdown().await;
+    });
+    let mut res = Response::new(Full::new(Bytes::new()).boxed());
+    *res.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    res.headers_mut()
+        .insert(CONNECTION, HeaderValue::from_static("upgrade"));
+    res.headers_mut()
+        .insert(UPGRADE, HeaderValue::from_static("test"));
+    res
+}
+
+fn stream(signal: DrainSignal, stubborn: bool) -> Response<TestBody> {
+    let ticks = futures_util::stream::unfold(signal, move |signal| async move {
+        if stubborn {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        } else {
+            tokio::select! {
+                _ = signal.draining() => return None,
+                _ = tokio::time::sleep(Duration::from_millis(20)) => {}
+            }
+        }
+        let tick = Frame::data(Bytes::from_static(b"tick\n"));
+        Some((Ok::<_, Infallible>(tick), signal))
+    });
+    Response::new(StreamBody::new(ticks).boxed())
 }
 
 pub(super) struct Running {
@@ -136,6 +205,8 @@ pub(super) struct Reply {
     pub(super) status: u16,
     pub(super) close: bool,
     pub(super) body: String,
+    /// Header lines, lowercased, as `name: value`.
+    pub(super) headers: Vec<String>,
 }
 
 /// A minimal raw HTTP/1.1 client, to see exactly what goes over the wire.
@@ -171,7 +242,7 @@ impl Raw {
                 .nth(1)
                 .and_then(|s| s.parse().ok())
                 .ok_or_else(|| io::Error::other(format!("bad status line {line:?}")))?;
-            let (mut len, mut close) = (0, false);
+            let (mut len, mut close, mut headers) = (0, false, Vec::new());
             loop {
                 line.clear();
                 if self.io.read_line(&mut line).await? == 0 {
@@ -187,6 +258,7 @@ impl Raw {
                 if l.starts_with("connection:") && l.contains("close") {
                     close = true;
                 }
+                headers.push(l);
             }
             let mut body = vec![0; len];
             self.io.read_exact(&mut body).await?;
@@ -194,6 +266,7 @@ impl Raw {
                 status,
                 close,
                 body: String::from_utf8(body).unwrap(),
+                headers,
             }))
         })
         .await
@@ -203,6 +276,17 @@ impl Raw {
     pub(super) async fn get(&mut self, path: &str) -> Reply {
         self.send(path).await;
         self.read().await.unwrap().expect("a response")
+    }
+
+    /// Reads one line (after a response head: bytes of an upgraded
+    /// protocol or of a chunked body); empty at EOF.
+    pub(super) async fn line(&mut self) -> String {
+        let mut line = String::new();
+        timeout(T, self.io.read_line(&mut line))
+            .await
+            .expect("a line within the test timeout")
+            .unwrap();
+        line
     }
 
     /// Asserts the server closed the connection with nothing more to say.
