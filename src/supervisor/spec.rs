@@ -55,7 +55,19 @@ impl std::fmt::Display for ListenAddress {
 
 /// One socket the supervisor binds (or takes from its own socket
 /// activation, by name) and hands to every instance of the program:
-/// `[KIND:]NAME=ADDRESS`, see the table in this module's source.
+/// `[KIND:]NAME=ADDRESS`.
+///
+/// | spec | socket |
+/// |---|---|
+/// | `http=127.0.0.1:8081` | TCP, listening on 127.0.0.1 port 8081 |
+/// | `http=[::1]:8081`, `http=localhost:8081` | TCP (a name resolves to its first address) |
+/// | `app=/run/app.sock`, `app=./app.sock` | Unix stream socket at that path (made absolute) |
+/// | `udp:dns=127.0.0.1:5353` | UDP |
+/// | `unix:app=/run/app.sock`, `tcp:http=...` | the kind given explicitly |
+/// | `unix-dgram:log=/run/log.sock` | Unix datagram socket |
+///
+/// The name goes to the program in `LISTEN_FDNAMES`: 1 to 255 characters,
+/// no `:` and no control characters, and not `handover-control`.
 ///
 /// ```
 /// use handover::supervisor::{ListenerSpec, SocketKind};

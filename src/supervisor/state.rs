@@ -684,10 +684,11 @@ impl State {
         if self.phase == Phase::Stopping {
             return refuse("the supervisor is stopping");
         }
-        if self.pending.as_ref().is_some_and(|p| p.pid == new)
-            || self.retired.iter().any(|r| r.instance.pid == new)
-        {
-            return refuse("it is another instance the supervisor started");
+        if self.pending.is_some() {
+            return refuse("a restart is in progress");
+        }
+        if self.retired.iter().any(|r| r.instance.pid == new) {
+            return refuse("it is an old instance");
         }
         if !is_live_child(new) {
             return refuse(
