@@ -19,7 +19,7 @@ use std::time::Duration;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
-use server::{alive, deploy, example, free_port, get, wait_for, zombie_children, Log};
+use server::{alive, deploy, example, fd_kinds, free_port, get, wait_for, zombie_children, Log};
 
 const T: Duration = Duration::from_secs(30);
 
@@ -375,6 +375,7 @@ fn a_program_not_built_on_handover_restarts_twenty_times_without_a_failed_reques
     let listen = format!("http=127.0.0.1:{port}");
     let sup = Supervised::start(true, &["-l", &listen, "--", exe.to_str().unwrap()], dir);
     sup.wait_ready();
+    let fds_at_start = fd_kinds(sup.pid);
     let addr = format!("127.0.0.1:{port}").parse().unwrap();
     let load = load::Load::start(
         addr,
@@ -425,6 +426,12 @@ fn a_program_not_built_on_handover_restarts_twenty_times_without_a_failed_reques
     assert!(report.bodies.len() >= 10, "{report}");
     let main = sup.host(*mains.last().unwrap());
     sup.wait_settled(main);
+    // No fd left behind by 20 instances and 20 control connections.
+    wait_for(
+        "the supervisor's fds to be what they were at start",
+        T,
+        || (fd_kinds(sup.pid) == fds_at_start).then_some(()),
+    );
     let mut sup = sup;
     sup.signal(Signal::SIGTERM);
     assert_eq!(sup.wait_exit(), 0);
@@ -722,4 +729,51 @@ fn ctrl_c_in_a_terminal_reaches_the_program_once() {
     );
     assert_eq!(status.code(), Some(5), "{text}");
     drop(stdin);
+}
+
+#[test]
+fn a_program_that_cannot_notify_is_ready_after_a_delay() {
+    // `--ready SECS`: no READY=1 ever; a new instance counts as ready once
+    // it has run that long. No root needed.
+    let (dir, exe, _) = copy_of("plain_server");
+    let port = free_port();
+    let listen = format!("http=127.0.0.1:{port}");
+    let args = [
+        "--ready",
+        "0.3",
+        "-l",
+        &listen,
+        "--",
+        exe.to_str().unwrap(),
+        "--no-notify",
+    ];
+    let mut sup = Supervised::start(false, &args, dir);
+    sup.wait_ready();
+    let addr = format!("127.0.0.1:{port}").parse().unwrap();
+    let load = load::Load::start(
+        addr,
+        load::LoadConfig {
+            keepalive_clients: 0,
+            per_request_clients: 4,
+            ..Default::default()
+        },
+    );
+    traffic_flows(&load, 20);
+    let mut main = sup.main_pid();
+    for _ in 0..3 {
+        let started = std::time::Instant::now();
+        let new = sup.reload_ok();
+        assert!(
+            started.elapsed() >= Duration::from_millis(300),
+            "ready only after the delay"
+        );
+        assert_ne!(new, main);
+        main = new;
+        traffic_flows(&load, 20);
+    }
+    let report = load.stop();
+    report.assert_no_errors();
+    sup.wait_settled(main);
+    sup.signal(Signal::SIGTERM);
+    assert_eq!(sup.wait_exit(), 0);
 }
