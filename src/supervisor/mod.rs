@@ -440,6 +440,7 @@ fn inherited() -> Result<Vec<listeners::Passed>, SupervisorError> {
         listen_fdnames: names.as_deref(),
         channel: None,
         generation: None,
+        allow_missing_pid: env(activation::ENV_ALLOW_NO_PID).is_some_and(|v| v == "1"),
     };
     match activation::read(vars, std::process::id())? {
         Found::Nothing => Ok(Vec::new()),
