@@ -183,7 +183,9 @@ fn run(args: Vec<OsString>) -> ExitCode {
         Ok(c) => c,
         Err(e) => return usage(&e),
     };
-    handover::logging::init();
+    if let Err(e) = handover::logging::init() {
+        eprintln!("handover: {e}");
+    }
     match supervisor::run(config) {
         Ok(exit) => ExitCode::from(exit.code().clamp(0, 255) as u8),
         Err(e) => {
