@@ -42,8 +42,9 @@
 //! the new process and speaks the handoff channel, [`notify`] talks to
 //! systemd, [`drain`] counts in-flight work, [`http`] serves and drains
 //! HTTP/1 and HTTP/2, [`control`] is the control socket for a truthful
-//! reload, `pidfile` and `signals` do what they say, and `sys` holds every
-//! `unsafe` block.
+//! reload, `pidfile` and `signals` do what they say, [`supervisor`] is the
+//! service manager behind the `handover run` command (for containers and a
+//! developer's terminal), and `sys` holds every `unsafe` block.
 //!
 //! # Cargo features
 //!
@@ -93,6 +94,7 @@ pub mod notify;
 mod pidfile;
 mod signals;
 mod spare;
+pub mod supervisor;
 #[allow(unsafe_code)]
 mod sys;
 

@@ -179,6 +179,21 @@ pub(crate) fn spawn(image: &mut ExecImage, reparent: bool) -> io::Result<Spawned
 }
 
 fn spawn_with(image: &mut ExecImage, reparent: bool, legacy: bool) -> io::Result<Spawned> {
+    // The channel's source fd stays open in the child until a successful
+    // exec (it is close-on-exec), so failures are reported there.
+    let report = image.fds.last().map(|f| f.as_raw_fd()).unwrap_or(-1);
+    clone_and_exec(image, reparent, legacy, report)
+}
+
+/// The clone and exec behind [`spawn`] and [`spawn_reporting`]: failures
+/// before `execve` are written to `report`, which must be close-on-exec and
+/// at or above `3 + image.fds.len()`.
+fn clone_and_exec(
+    image: &mut ExecImage,
+    reparent: bool,
+    legacy: bool,
+    report: RawFd,
+) -> io::Result<Spawned> {
     let mut pidfd: RawFd = -1;
     let mut args = CloneArgs {
         flags: CLONE_PIDFD | if reparent { CLONE_PARENT } else { 0 },
@@ -192,9 +207,6 @@ fn spawn_with(image: &mut ExecImage, reparent: bool, legacy: bool) -> io::Result
         tls: 0,
     };
     let raw_fds: Vec<RawFd> = image.fds.iter().map(|f| f.as_raw_fd()).collect();
-    // The channel's source fd stays open in the child until a successful
-    // exec (it is close-on-exec), so failures are reported there.
-    let report = raw_fds.last().copied().unwrap_or(-1);
 
     // SAFETY: sigset_t is a plain C bitset; sigfillset/sigemptyset initialise it.
     let mut all: libc::sigset_t = unsafe { std::mem::zeroed() };
@@ -484,6 +496,17 @@ pub(crate) fn kill_and_wait(child: &Spawned, ours: bool, timeout: std::time::Dur
     }
 }
 
+/// Registers a signalfd with tokio's reactor for readability.
+pub(crate) fn async_signalfd(
+    fd: nix::sys::signalfd::SignalFd,
+) -> io::Result<tokio::io::unix::AsyncFd<nix::sys::signalfd::SignalFd>> {
+    // SAFETY: a SignalFd owns its fd (an OwnedFd inside), which stays open
+    // and the same description until the AsyncFd drops it, and its
+    // as_raw_fd() always returns that fd.
+    unsafe { tokio::io::unix::AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE) }
+        .map_err(|e| e.into_parts().1)
+}
+
 /// Borrows a raw fd that the caller knows to be open for the duration of
 /// `f`. Used only for fds this process inherited and has not taken yet.
 pub(crate) fn with_borrowed<T>(fd: RawFd, f: impl FnOnce(BorrowedFd<'_>) -> T) -> Option<T> {
@@ -493,6 +516,46 @@ pub(crate) fn with_borrowed<T>(fd: RawFd, f: impl FnOnce(BorrowedFd<'_>) -> T) -
     // SAFETY: `fd` is open (checked just above) and stays open while `f`
     // runs: this process does not close inherited fds it has not taken.
     Some(f(unsafe { BorrowedFd::borrow_raw(fd) }))
+}
+
+/// Starts `image` as our own child, like [`spawn`] without reparenting
+/// (exit signal SIGCHLD), but writes a failure before `execve` (`spawn
+/// <errno>` or `exec <errno>`) to `report` instead of the last handed-over
+/// fd. `report` is duplicated above the handed-over range, close-on-exec,
+/// so the new program never holds it: its other end sees end of file once
+/// `execve` succeeded, or the failure line and then end of file.
+pub(crate) fn spawn_reporting(
+    image: &mut ExecImage,
+    report: BorrowedFd<'_>,
+) -> io::Result<Spawned> {
+    let min = 3 + image.fds.len() as i32;
+    let high = nix::fcntl::fcntl(report, nix::fcntl::FcntlArg::F_DUPFD_CLOEXEC(min))?;
+    // SAFETY: F_DUPFD_CLOEXEC returned a new fd that nothing else owns.
+    let high = unsafe { OwnedFd::from_raw_fd(high) };
+    clone_and_exec(image, false, false, high.as_raw_fd())
+}
+
+/// A pidfd for `pid` (`pidfd_open(2)`, Linux 5.3). Race-free only while
+/// `pid` cannot be recycled: for a child that has not been reaped yet.
+pub(crate) fn pidfd_open(pid: i32) -> io::Result<OwnedFd> {
+    // SAFETY: pidfd_open takes a pid and flags, no pointers.
+    let r = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    if r == -1 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: on success the kernel returned a new fd that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(r as RawFd) })
+}
+
+/// Takes ownership of fds this process has just received in an
+/// `SCM_RIGHTS` message, so that dropping them closes them.
+pub(crate) fn take_received_fds(fds: &[RawFd]) -> Vec<OwnedFd> {
+    fds.iter()
+        // SAFETY: recvmsg installed each of these as a new fd of this
+        // process; nothing else knows its number, and the caller takes each
+        // one once (right after the recvmsg that returned it).
+        .map(|&fd| unsafe { OwnedFd::from_raw_fd(fd) })
+        .collect()
 }
 
 #[cfg(test)]

@@ -1,0 +1,779 @@
+//! `handover run`: the supervisor for containers and a developer's
+//! terminal, with real processes and sockets.
+//!
+//! The container tests run the supervisor as PID 1 of a new PID namespace
+//! (`unshare --pid --fork --mount-proc`), as `docker run` does; they need
+//! root and skip otherwise (and fail under `CI=true`). The terminal tests
+//! run it as a plain child of the test, with no root.
+
+#[path = "support/load.rs"]
+mod load;
+#[path = "support/server.rs"]
+mod server;
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::PathBuf;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::Duration;
+
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+
+use server::{alive, deploy, example, fd_kinds, free_port, get, wait_for, zombie_children, Log};
+
+const T: Duration = Duration::from_secs(30);
+
+fn handover() -> &'static str {
+    env!("CARGO_BIN_EXE_handover")
+}
+
+/// Whether this machine can run the supervisor as PID 1 of a new PID
+/// namespace; says why not (and fails under `CI=true`).
+fn pid1_or_skip(test: &str) -> bool {
+    let why = if !nix::unistd::geteuid().is_root() {
+        Some("needs root for a PID namespace".to_owned())
+    } else {
+        match Command::new("unshare")
+            .args(["--pid", "--fork", "--mount-proc", "true"])
+            .output()
+        {
+            Ok(o) if o.status.success() => None,
+            Ok(o) => Some(format!(
+                "unshare --pid fails: {}",
+                String::from_utf8_lossy(&o.stderr).trim()
+            )),
+            Err(e) => Some(format!("cannot run unshare: {e}")),
+        }
+    };
+    match why {
+        None => true,
+        Some(why) => skip(test, &why),
+    }
+}
+
+/// Says why `test` skips; fails instead under `CI=true`.
+fn skip(test: &str, why: &str) -> bool {
+    let ci = std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "0" && v != "false");
+    assert!(!ci, "{test}: cannot run here (CI is set): {why}");
+    eprintln!("SKIP {test}: {why}");
+    false
+}
+
+/// The children of `pid` (any state), from /proc.
+fn children(pid: u32) -> Vec<u32> {
+    let mut out = vec![];
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(p) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{p}/stat")) else {
+            continue;
+        };
+        let ppid = stat
+            .rsplit(')')
+            .next()
+            .and_then(|rest| rest.split_whitespace().nth(1))
+            .and_then(|s| s.parse::<u32>().ok());
+        if ppid == Some(pid) {
+            out.push(p);
+        }
+    }
+    out.sort();
+    out
+}
+
+/// The pid, as this test sees it, of the process `ns_pid` in the PID
+/// namespace of `anchor`.
+fn host_pid(anchor: u32, ns_pid: u32) -> Option<u32> {
+    let ns = std::fs::read_link(format!("/proc/{anchor}/ns/pid")).ok()?;
+    for e in std::fs::read_dir("/proc").ok()?.flatten() {
+        let Ok(p) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        if std::fs::read_link(format!("/proc/{p}/ns/pid"))
+            .ok()
+            .as_ref()
+            != Some(&ns)
+        {
+            continue;
+        }
+        let Ok(status) = std::fs::read_to_string(format!("/proc/{p}/status")) else {
+            continue;
+        };
+        let last = status
+            .lines()
+            .find_map(|l| l.strip_prefix("NSpid:"))
+            .and_then(|l| l.split_whitespace().last())
+            .and_then(|s| s.parse::<u32>().ok());
+        if last == Some(ns_pid) {
+            return Some(p);
+        }
+    }
+    None
+}
+
+/// A supervisor started by a test, as PID 1 of a new PID namespace or as
+/// a plain child. Killed (with everything under it) when dropped.
+struct Supervised {
+    child: Child,
+    /// The supervisor's pid, as this test sees it.
+    pid: u32,
+    log: Log,
+    runtime: PathBuf,
+    _dir: tempfile::TempDir,
+    in_namespace: bool,
+}
+
+impl Supervised {
+    /// `handover run ARGS`, with `XDG_RUNTIME_DIR` in a fresh directory.
+    fn start(in_namespace: bool, args: &[&str], dir: tempfile::TempDir) -> Supervised {
+        let runtime = dir.path().join("runtime");
+        std::fs::create_dir(&runtime).unwrap();
+        std::fs::set_permissions(&runtime, std::fs::Permissions::from_mode(0o700)).unwrap();
+        let mut cmd = if in_namespace {
+            let mut c = Command::new("unshare");
+            c.args(["--pid", "--fork", "--mount-proc", handover(), "run"]);
+            c
+        } else {
+            let mut c = Command::new(handover());
+            c.arg("run");
+            c
+        };
+        cmd.args(args)
+            .current_dir(dir.path())
+            .env("XDG_RUNTIME_DIR", &runtime)
+            .env("RUST_LOG", "info")
+            .env_remove("NOTIFY_SOCKET")
+            .env_remove("LISTEN_FDS")
+            .env_remove("LISTEN_PID")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        let mut child = wait_for("the supervisor to start", T, || match cmd.spawn() {
+            Err(e) if e.kind() == std::io::ErrorKind::ExecutableFileBusy => None,
+            r => Some(r.unwrap()),
+        });
+        let log = Log::capture(child.stderr.take().unwrap());
+        let pid = if in_namespace {
+            let unshare = child.id();
+            wait_for("unshare's child", T, || children(unshare).first().copied())
+        } else {
+            child.id()
+        };
+        Supervised {
+            child,
+            pid,
+            log,
+            runtime,
+            _dir: dir,
+            in_namespace,
+        }
+    }
+
+    fn wait_ready(&self) {
+        self.log.wait_line(0, &["the program is ready"], T);
+    }
+
+    /// `handover CMD ARGS` with the same runtime directory.
+    fn command(&self, cmd: &str, args: &[&str]) -> Output {
+        Command::new(handover())
+            .arg(cmd)
+            .args(args)
+            .env("XDG_RUNTIME_DIR", &self.runtime)
+            .output()
+            .unwrap()
+    }
+
+    /// `handover reload`: (exit code, stdout, stderr).
+    fn reload(&self) -> (i32, String, String) {
+        let out = self.command("reload", &["--timeout", "30"]);
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
+    /// A reload that must succeed; returns the new main pid (as the
+    /// supervisor sees it).
+    fn reload_ok(&self) -> u32 {
+        let (code, stdout, stderr) = self.reload();
+        assert_eq!(code, 0, "handover reload: {stdout} {stderr}");
+        stdout
+            .trim()
+            .strip_prefix("reloaded: main PID ")
+            .and_then(|p| p.parse().ok())
+            .unwrap_or_else(|| panic!("unexpected output {stdout:?}"))
+    }
+
+    /// The main pid as the supervisor sees it, from `handover status`.
+    fn main_pid(&self) -> u32 {
+        let out = self.command("status", &[]);
+        let line = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(out.status.success(), "status: {line}");
+        line.split_whitespace()
+            .find_map(|w| w.strip_prefix("pid="))
+            .and_then(|p| p.parse().ok())
+            .unwrap_or_else(|| panic!("no pid in {line:?}"))
+    }
+
+    /// A pid the supervisor reports, as this test sees it.
+    fn host(&self, pid: u32) -> u32 {
+        if self.in_namespace {
+            wait_for("the pid in the namespace", T, || host_pid(self.pid, pid))
+        } else {
+            pid
+        }
+    }
+
+    fn signal(&self, signal: Signal) {
+        kill(Pid::from_raw(self.pid as i32), signal).unwrap();
+    }
+
+    /// Waits (bounded) for the supervisor to exit; its exit code.
+    fn wait_exit(&mut self) -> i32 {
+        let status = wait_for("the supervisor to exit", T, || {
+            self.child.try_wait().unwrap()
+        });
+        status.code().unwrap_or(-1)
+    }
+
+    /// Waits until the only child of the supervisor is `main` and nothing
+    /// under it is a zombie.
+    fn wait_settled(&self, main: u32) {
+        wait_for(
+            "the supervisor to have only the main process as child, and no zombie",
+            T,
+            || (children(self.pid) == [main] && zombie_children(self.pid).is_empty()).then_some(()),
+        );
+    }
+}
+
+impl Drop for Supervised {
+    fn drop(&mut self) {
+        if self.child.try_wait().ok().flatten().is_none() {
+            // As PID 1 of its namespace, its death takes everything in it.
+            let _ = kill(Pid::from_raw(self.pid as i32), Signal::SIGKILL);
+            if !self.in_namespace {
+                for c in children(self.pid) {
+                    let _ = kill(Pid::from_raw(c as i32), Signal::SIGKILL);
+                }
+            }
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// Waits until the load has completed `n` more requests.
+fn traffic_flows(load: &load::Load, n: u64) {
+    let since = load.ok();
+    wait_for("requests to flow", T, || {
+        (load.ok() >= since + n).then_some(())
+    });
+}
+
+/// A copy of an example in a fresh directory (so a test can replace it).
+fn copy_of(name: &str) -> (tempfile::TempDir, PathBuf, Vec<u8>) {
+    let dir = tempfile::tempdir().unwrap();
+    let exe = dir.path().join(name);
+    let real = std::fs::read(example(name)).unwrap();
+    deploy(&exe, &real, 0o755);
+    (dir, exe, real)
+}
+
+fn fd_target(pid: u32, fd: u32) -> String {
+    std::fs::read_link(format!("/proc/{pid}/fd/{fd}"))
+        .map(|p| p.display().to_string())
+        .unwrap_or_else(|e| format!("({e})"))
+}
+
+#[test]
+fn hello_upgrades_itself_twenty_times_under_load_as_pid_1() {
+    if !pid1_or_skip("hello_upgrades_itself_twenty_times_under_load_as_pid_1") {
+        return;
+    }
+    let (dir, exe, _) = copy_of("hello");
+    let port = free_port();
+    let listen = format!("http=127.0.0.1:{port}");
+    let addr = format!("127.0.0.1:{port}");
+    let exe = exe.to_str().unwrap();
+    let sup = Supervised::start(
+        true,
+        &[
+            "--reload", "handoff", "-l", &listen, "--", exe, "--addr", &addr,
+        ],
+        dir,
+    );
+    sup.wait_ready();
+    assert_eq!(
+        get(addr.parse().unwrap(), "/").1,
+        "Welcome to the Home Page!\n"
+    );
+
+    let load = load::Load::start(
+        addr.parse().unwrap(),
+        load::LoadConfig {
+            keepalive_clients: 4,
+            per_request_clients: 4,
+            ..Default::default()
+        },
+    );
+    traffic_flows(&load, 50);
+    let mut mains = vec![sup.main_pid()];
+    for i in 1..=20 {
+        let new = if i % 2 == 0 {
+            sup.reload_ok()
+        } else {
+            // SIGHUP to the supervisor: the same reload, without an answer.
+            let old = *mains.last().unwrap();
+            sup.signal(Signal::SIGHUP);
+            wait_for("a new main process after SIGHUP", T, || {
+                Some(sup.main_pid()).filter(|p| *p != old)
+            })
+        };
+        assert!(!mains.contains(&new), "reload {i}: pid {new} seen before");
+        // CLONE_PARENT: the new version is the supervisor's own child.
+        let host = sup.host(new);
+        assert!(children(sup.pid).contains(&host), "reload {i}");
+        mains.push(new);
+        traffic_flows(&load, 20);
+    }
+    let report = load.stop();
+    eprintln!("{report}");
+    report.assert_no_errors();
+    assert!(report.ok > 1000, "too little load: {report}");
+
+    let main = sup.host(*mains.last().unwrap());
+    sup.wait_settled(main);
+    sup.log.wait_line(0, &["ready", "generation=20"], T);
+    // The terminal is kept: the twentieth generation writes where the
+    // supervisor writes.
+    for fd in [1, 2] {
+        assert_eq!(fd_target(main, fd), fd_target(sup.pid, fd), "fd {fd}");
+    }
+    let mut sup = sup;
+    sup.signal(Signal::SIGINT);
+    assert_eq!(sup.wait_exit(), 0, "hello exits 0 after SIGINT");
+    assert!(!alive(main));
+    eprintln!(
+        "hello under handover run as PID 1: 20 reloads (10 handover reload, exit 0 each; 10 SIGHUP), {} requests, {} failed",
+        report.ok,
+        report.errors_total()
+    );
+}
+
+#[test]
+fn a_program_not_built_on_handover_restarts_twenty_times_without_a_failed_request() {
+    if !pid1_or_skip(
+        "a_program_not_built_on_handover_restarts_twenty_times_without_a_failed_request",
+    ) {
+        return;
+    }
+    let (dir, exe, _) = copy_of("plain_server");
+    let port = free_port();
+    let listen = format!("http=127.0.0.1:{port}");
+    let sup = Supervised::start(true, &["-l", &listen, "--", exe.to_str().unwrap()], dir);
+    sup.wait_ready();
+    let fds_at_start = fd_kinds(sup.pid);
+    let addr = format!("127.0.0.1:{port}").parse().unwrap();
+    let load = load::Load::start(
+        addr,
+        load::LoadConfig {
+            keepalive_clients: 0,
+            per_request_clients: 8,
+            ..Default::default()
+        },
+    );
+    traffic_flows(&load, 50);
+    let mut mains = vec![sup.main_pid()];
+    for i in 1..=20 {
+        let new = if i < 20 {
+            sup.reload_ok()
+        } else {
+            // The systemd-side command speaks the same protocol (it sends
+            // its environment too, which the supervisor does not apply).
+            let socket = sup.runtime.join("handover/plain_server.sock");
+            let out = Command::new(env!("CARGO_BIN_EXE_handover-reload"))
+                .arg("--socket")
+                .arg(&socket)
+                .output()
+                .unwrap();
+            let stdout = String::from_utf8_lossy(&out.stdout);
+            assert!(out.status.success(), "handover-reload: {stdout}");
+            stdout.trim().rsplit(' ').next().unwrap().parse().unwrap()
+        };
+        assert!(!mains.contains(&new), "reload {i}: pid {new} seen before");
+        let old = *mains.last().unwrap();
+        // The old instance got SIGTERM, drained and exited 0.
+        sup.log.wait_line(
+            0,
+            &[
+                "old instance exited",
+                &format!("pid={old} "),
+                "exit status 0",
+            ],
+            T,
+        );
+        mains.push(new);
+        traffic_flows(&load, 20);
+    }
+    let report = load.stop();
+    eprintln!("{report}");
+    report.assert_no_errors();
+    assert!(report.ok > 500, "too little load: {report}");
+    // Each instance answered some of the requests.
+    assert!(report.bodies.len() >= 10, "{report}");
+    let main = sup.host(*mains.last().unwrap());
+    sup.wait_settled(main);
+    // No fd left behind by 20 instances and 20 control connections.
+    wait_for(
+        "the supervisor's fds to be what they were at start",
+        T,
+        || (fd_kinds(sup.pid) == fds_at_start).then_some(()),
+    );
+    let mut sup = sup;
+    sup.signal(Signal::SIGTERM);
+    assert_eq!(sup.wait_exit(), 0);
+    eprintln!(
+        "plain_server under handover run as PID 1: 20 reloads (19 handover reload + 1 handover-reload --socket, exit 0 each), {} connection-per-request requests, {} failed",
+        report.ok,
+        report.errors_total()
+    );
+}
+
+#[test]
+fn a_broken_new_binary_fails_the_reload_and_the_old_keeps_serving() {
+    if !pid1_or_skip("a_broken_new_binary_fails_the_reload_and_the_old_keeps_serving") {
+        return;
+    }
+    // Restart mode: the supervisor starts the new binary itself.
+    let (dir, exe, real) = copy_of("plain_server");
+    let port = free_port();
+    let listen = format!("http=127.0.0.1:{port}");
+    let args = [
+        "--ready-timeout",
+        "1",
+        "-l",
+        &listen,
+        "--",
+        exe.to_str().unwrap(),
+    ];
+    let sup = Supervised::start(true, &args, dir);
+    sup.wait_ready();
+    let addr = format!("127.0.0.1:{port}").parse().unwrap();
+    let load = load::Load::start(
+        addr,
+        load::LoadConfig {
+            keepalive_clients: 0,
+            per_request_clients: 4,
+            ..Default::default()
+        },
+    );
+    traffic_flows(&load, 20);
+    let main = sup.main_pid();
+    let cases: [(&str, &[u8], u32, &str); 3] = [
+        (
+            "exits",
+            b"#!/bin/sh\nexit 3\n",
+            0o755,
+            "exited before it was ready: exit status 3",
+        ),
+        (
+            "never ready",
+            b"#!/bin/sh\nexec sleep 30\n",
+            0o755,
+            "was not ready within 1s; killed",
+        ),
+        (
+            "not executable",
+            b"#!/bin/sh\nexit 0\n",
+            0o644,
+            "cannot execute the program: Permission denied",
+        ),
+    ];
+    for (what, contents, mode, want) in cases {
+        deploy(&exe, contents, mode);
+        let (code, stdout, stderr) = sup.reload();
+        assert_eq!(code, 1, "{what}: {stdout} {stderr}");
+        assert!(stderr.contains(want), "{what}: {stderr}");
+        assert_eq!(sup.main_pid(), main, "{what}: the old one is still main");
+        traffic_flows(&load, 10);
+        eprintln!(
+            "restart, new binary {what}: handover reload exit {code}: {}",
+            stderr.trim()
+        );
+    }
+    deploy(&exe, &real, 0o755);
+    let new = sup.reload_ok();
+    assert_ne!(new, main);
+    traffic_flows(&load, 10);
+    let report = load.stop();
+    report.assert_no_errors();
+    sup.wait_settled(sup.host(new));
+    drop(sup);
+
+    // Handoff mode: hello starts the broken binary, which the supervisor
+    // reaps (it is its child through CLONE_PARENT).
+    let (dir, exe, real) = copy_of("hello");
+    let port = free_port();
+    let listen = format!("http=127.0.0.1:{port}");
+    let addr = format!("127.0.0.1:{port}");
+    let args = [
+        "--reload",
+        "handoff",
+        "-l",
+        &listen,
+        "--",
+        exe.to_str().unwrap(),
+        "--addr",
+        &addr,
+    ];
+    let sup = Supervised::start(true, &args, dir);
+    sup.wait_ready();
+    let main = sup.main_pid();
+    deploy(&exe, b"#!/bin/sh\nexit 3\n", 0o755);
+    let (code, stdout, stderr) = sup.reload();
+    assert_eq!(code, 1, "{stdout} {stderr}");
+    assert!(
+        stderr.contains("upgrade to generation 1 failed") && stderr.contains("(exit status 3)"),
+        "{stderr}"
+    );
+    eprintln!(
+        "handoff, new binary exits: handover reload exit {code}: {}",
+        stderr.trim()
+    );
+    assert_eq!(sup.main_pid(), main);
+    assert_eq!(get(addr.parse().unwrap(), "/").0, 200);
+    sup.wait_settled(sup.host(main));
+    deploy(&exe, &real, 0o755);
+    assert_ne!(sup.reload_ok(), main, "the next reload works");
+}
+
+#[test]
+fn sigint_stops_everything_with_the_programs_exit_status() {
+    if !pid1_or_skip("sigint_stops_everything_with_the_programs_exit_status") {
+        return;
+    }
+    // An old instance still draining a connection when SIGINT arrives:
+    // the supervisor waits for it (at most the stop timeout), then exits
+    // with the main process's status.
+    let (dir, exe, _) = copy_of("plain_server");
+    let port = free_port();
+    let listen = format!("http=127.0.0.1:{port}");
+    let args = [
+        "--stop-timeout",
+        "2",
+        "-l",
+        &listen,
+        "--",
+        exe.to_str().unwrap(),
+    ];
+    let mut sup = Supervised::start(true, &args, dir);
+    sup.wait_ready();
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    // A keep-alive connection to the first instance, which it will drain.
+    let mut held = std::net::TcpStream::connect(addr).unwrap();
+    {
+        use std::io::{Read, Write};
+        write!(held, "GET / HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+        let mut buf = [0u8; 256];
+        let n = held.read(&mut buf).unwrap();
+        assert!(buf[..n].starts_with(b"HTTP/1.1 200"));
+    }
+    let old = sup.host(sup.main_pid());
+    let new = sup.host(sup.reload_ok());
+    assert!(alive(old), "the old instance drains the held connection");
+    sup.signal(Signal::SIGINT);
+    assert_eq!(sup.wait_exit(), 0, "plain_server exits 0");
+    assert!(!alive(old) && !alive(new));
+    sup.log.wait_line(
+        0,
+        &["old instance", "did not exit within the stop timeout"],
+        T,
+    );
+    drop(held);
+
+    // The program's own status comes back: an exit code, and a signal as
+    // 128 + its number.
+    let cases: [(&str, i32); 2] = [
+        ("trap 'exit 7' INT; echo armed >&2; sleep 30 & wait", 7),
+        ("echo armed >&2; exec sleep 30", 130),
+    ];
+    for (script, want) in cases {
+        let dir = tempfile::tempdir().unwrap();
+        let mut sup = Supervised::start(true, &["--ready", "0", "--", "sh", "-c", script], dir);
+        sup.log.wait_line(0, &["armed"], T);
+        sup.wait_ready();
+        sup.signal(Signal::SIGINT);
+        assert_eq!(sup.wait_exit(), want, "{script}");
+        eprintln!("SIGINT to `{script}` under handover run: exit {want}");
+    }
+}
+
+#[test]
+fn orphans_are_reaped_as_pid_1() {
+    if !pid1_or_skip("orphans_are_reaped_as_pid_1") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let script = "(sleep 1 &); echo armed >&2; exec sleep 30";
+    let mut sup = Supervised::start(true, &["--ready", "0", "--", "sh", "-c", script], dir);
+    sup.log.wait_line(0, &["armed"], T);
+    // The orphaned `sleep 1` is the supervisor's child now...
+    wait_for("the orphan to be reparented to PID 1", T, || {
+        (children(sup.pid).len() == 2).then_some(())
+    });
+    // ...and once it exits, it is reaped: no zombie.
+    let main = sup.host(sup.main_pid());
+    sup.wait_settled(main);
+    sup.signal(Signal::SIGTERM);
+    assert_eq!(sup.wait_exit(), 128 + 15);
+}
+
+#[test]
+fn in_a_terminal_the_program_stays_the_supervisors_child_across_upgrades() {
+    // No namespace and no root: handover run in a developer's shell.
+    let (dir, exe, _) = copy_of("hello");
+    let port = free_port();
+    let listen = format!("http=127.0.0.1:{port}");
+    let addr = format!("127.0.0.1:{port}");
+    let args = [
+        "--reload",
+        "handoff",
+        "-l",
+        &listen,
+        "--",
+        exe.to_str().unwrap(),
+        "--addr",
+        &addr,
+    ];
+    let mut sup = Supervised::start(false, &args, dir);
+    sup.wait_ready();
+    let first = sup.main_pid();
+    let mut main = first;
+    for _ in 0..3 {
+        sup.signal(Signal::SIGHUP);
+        main = wait_for("a new main process", T, || {
+            Some(sup.main_pid()).filter(|p| *p != main)
+        });
+        assert!(children(sup.pid).contains(&main));
+        assert_eq!(get(addr.parse().unwrap(), "/").0, 200);
+    }
+    sup.wait_settled(main);
+    assert!(!alive(first));
+    for fd in [1, 2] {
+        assert_eq!(fd_target(main, fd), fd_target(sup.pid, fd), "fd {fd}");
+    }
+    let socket = sup.runtime.join("handover").join("hello.sock");
+    assert!(socket.exists(), "{}", socket.display());
+    sup.signal(Signal::SIGTERM);
+    assert_eq!(sup.wait_exit(), 0);
+    assert!(!alive(main));
+    assert!(!socket.exists(), "the control socket is removed on exit");
+    let left: Vec<_> = std::fs::read_dir(sup.runtime.join("handover"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+}
+
+#[test]
+fn ctrl_c_in_a_terminal_reaches_the_program_once() {
+    // `script` gives the supervisor a terminal; ^C written to it makes the
+    // terminal send SIGINT to the foreground process group: the supervisor
+    // and the program. The supervisor must not send it a second time.
+    if Command::new("script").arg("--version").output().is_err() {
+        skip(
+            "ctrl_c_in_a_terminal_reaches_the_program_once",
+            "no `script` command (util-linux / bsdutils)",
+        );
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let runtime = dir.path().join("runtime");
+    std::fs::create_dir(&runtime).unwrap();
+    // After the first SIGINT it waits one more second, in which a second
+    // one would be counted too; the trap kills the sleep it interrupts.
+    let program =
+        "trap 'echo got-int; kill \\$! 2>/dev/null' INT; sleep 30 & echo armed; wait; sleep 1 & wait; exit 5";
+    let inner = format!(
+        "exec {} run --no-control --ready 0 -- sh -c \"{program}\"",
+        handover()
+    );
+    let mut child = Command::new("script")
+        .args(["-qfec", &inner, "/dev/null"])
+        .env("XDG_RUNTIME_DIR", &runtime)
+        .env("RUST_LOG", "info")
+        .env_remove("NOTIFY_SOCKET")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let log = Log::capture(child.stdout.take().unwrap());
+    let mut stdin = child.stdin.take().unwrap();
+    log.wait_line(0, &["armed"], T);
+    log.wait_line(0, &["the program is ready"], T);
+    use std::io::Write;
+    stdin.write_all(b"\x03").unwrap();
+    stdin.flush().unwrap();
+    log.wait_line(0, &["the terminal sent the signal to the program too"], T);
+    let status = wait_for("script to exit", T, || child.try_wait().unwrap());
+    let text = log.text();
+    assert_eq!(
+        text.matches("got-int").count(),
+        1,
+        "one SIGINT, not two:\n{text}"
+    );
+    assert_eq!(status.code(), Some(5), "{text}");
+    drop(stdin);
+}
+
+#[test]
+fn a_program_that_cannot_notify_is_ready_after_a_delay() {
+    // `--ready SECS`: no READY=1 ever; a new instance counts as ready once
+    // it has run that long. No root needed.
+    let (dir, exe, _) = copy_of("plain_server");
+    let port = free_port();
+    let listen = format!("http=127.0.0.1:{port}");
+    let args = [
+        "--ready",
+        "0.3",
+        "-l",
+        &listen,
+        "--",
+        exe.to_str().unwrap(),
+        "--no-notify",
+    ];
+    let mut sup = Supervised::start(false, &args, dir);
+    sup.wait_ready();
+    let addr = format!("127.0.0.1:{port}").parse().unwrap();
+    let load = load::Load::start(
+        addr,
+        load::LoadConfig {
+            keepalive_clients: 0,
+            per_request_clients: 4,
+            ..Default::default()
+        },
+    );
+    traffic_flows(&load, 20);
+    let mut main = sup.main_pid();
+    for _ in 0..3 {
+        let started = std::time::Instant::now();
+        let new = sup.reload_ok();
+        assert!(
+            started.elapsed() >= Duration::from_millis(300),
+            "ready only after the delay"
+        );
+        assert_ne!(new, main);
+        main = new;
+        traffic_flows(&load, 20);
+    }
+    let report = load.stop();
+    report.assert_no_errors();
+    sup.wait_settled(main);
+    sup.signal(Signal::SIGTERM);
+    assert_eq!(sup.wait_exit(), 0);
+}
