@@ -42,15 +42,11 @@ const RELOAD_CMD: &str = env!("CARGO_BIN_EXE_handover-reload");
 // ---------------------------------------------------------------------------------------------
 // helpers
 
-fn ci() -> bool {
-    std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "0" && !v.eq_ignore_ascii_case("false"))
-}
-
 /// Prints why the test cannot run here and returns false; under CI, fails.
 fn skip(why: &str) -> bool {
-    assert!(!ci(), "cannot run under CI: {why}");
+    assert!(!systemd::under_ci(), "cannot run under CI: {why}");
     let thread = std::thread::current();
-    eprintln!("SKIP {}: {why}", thread.name().unwrap_or("test"));
+    systemd::announce(&format!("SKIP {}: {why}", thread.name().unwrap_or("test")));
     false
 }
 
