@@ -304,6 +304,13 @@ struct SseSeen {
 /// An `EventSource`-like client (hyper-util's pooled client, so a new
 /// request may reuse a connection to a draining process): on each clean
 /// end of the stream it reconnects with `Last-Event-ID`.
+/// Resolves once `stop` is set (checked every 50 ms).
+async fn stopped(stop: &AtomicBool) {
+    while !stop.load(Ordering::SeqCst) {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 async fn sse_client(addr: SocketAddr, seen: Arc<Mutex<SseSeen>>, stop: Arc<AtomicBool>) {
     let client = Client::builder(TokioExecutor::new()).build_http::<Empty<Bytes>>();
     let mut last: Option<u64> = None;
@@ -312,14 +319,20 @@ async fn sse_client(addr: SocketAddr, seen: Arc<Mutex<SseSeen>>, stop: Arc<Atomi
         if let Some(last) = last {
             req = req.header("last-event-id", last.to_string());
         }
-        let res = client.request(req.body(Empty::new()).unwrap()).await;
+        let res = tokio::select! {
+            r = tokio::time::timeout(T, client.request(req.body(Empty::new()).unwrap())) => {
+                r.expect("the stream's response headers arrive within the bound")
+            }
+            _ = stopped(&stop) => return,
+        };
         let mut body = res.expect("the stream is served").into_body();
         let mut parser = EventParser::default();
         let mut events = 0;
         loop {
+            // Dropping `frame()` unfinished loses nothing: it only polls.
             let frame = tokio::select! {
                 f = body.frame() => f,
-                _ = tokio::time::sleep(Duration::from_millis(50)), if stop.load(Ordering::SeqCst) => return,
+                _ = stopped(&stop) => return,
             };
             match frame {
                 Some(Ok(f)) => {
