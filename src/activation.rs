@@ -51,6 +51,7 @@ pub(crate) struct Vars<'a> {
     pub(crate) listen_fdnames: Option<&'a OsStr>,
     pub(crate) channel: Option<&'a OsStr>,
     pub(crate) generation: Option<&'a OsStr>,
+    pub(crate) state_len: Option<&'a OsStr>,
     /// [`ENV_ALLOW_NO_PID`] is `1`.
     pub(crate) allow_missing_pid: bool,
 }
@@ -64,6 +65,8 @@ pub(crate) struct Passed {
     pub(crate) channel: Option<RawFd>,
     /// Our generation (the parent's plus one; 0 without a parent).
     pub(crate) generation: u32,
+    /// How many bytes of state follow on the channel.
+    pub(crate) state_len: usize,
 }
 
 /// The outcome of reading the environment.
@@ -92,9 +95,10 @@ fn number(name: &str, v: &OsStr) -> Result<u64> {
         .map_err(|_| Error::Activation(format!("{name}={s:?} is out of range")))
 }
 
-/// Reads and validates the variables for the process `pid`. Checks that
-/// every fd is open and a socket; takes nothing.
-pub(crate) fn read(vars: Vars<'_>, pid: u32) -> Result<Found> {
+/// Reads and validates the variables for the process `pid`, which accepts
+/// at most `state_limit` bytes of state. Checks that every fd is open,
+/// inherited and a socket; takes nothing.
+pub(crate) fn read(vars: Vars<'_>, pid: u32, state_limit: usize) -> Result<Found> {
     let Some(fds_var) = vars.listen_fds else {
         return Ok(Found::Nothing);
     };
@@ -168,6 +172,20 @@ pub(crate) fn read(vars: Vars<'_>, pid: u32) -> Result<Found> {
         }
         _ => 0,
     };
+    let state_len = match (channel, vars.state_len) {
+        (Some(_), Some(v)) => {
+            let len = number(ENV_STATE_LEN, v)?;
+            match usize::try_from(len) {
+                Ok(len) if len <= state_limit => len,
+                _ => {
+                    return Err(Error::Activation(format!(
+                        "{ENV_STATE_LEN}={len} exceeds this process's state limit of {state_limit} bytes"
+                    )))
+                }
+            }
+        }
+        _ => 0,
+    };
     let fds: Vec<(RawFd, String)> = names
         .into_iter()
         .enumerate()
@@ -183,6 +201,15 @@ pub(crate) fn read(vars: Vars<'_>, pid: u32) -> Result<Found> {
                 name: name.to_owned(),
                 fd,
                 problem: "is not open".into(),
+            });
+        }
+        // Nothing was passed there: an fd this process opened since (say,
+        // the runtime's epoll fd, which took the lowest free number).
+        if sys::fd_is_cloexec(fd) {
+            return Err(Error::InheritedSocket {
+                name: name.to_owned(),
+                fd,
+                problem: "is not open (nothing was passed there; this process has opened it since it started)".into(),
             });
         }
         match sys::fd_is_socket(fd) {
@@ -207,6 +234,7 @@ pub(crate) fn read(vars: Vars<'_>, pid: u32) -> Result<Found> {
         fds,
         channel,
         generation,
+        state_len,
     }))
 }
 
@@ -225,12 +253,12 @@ mod tests {
 
     #[test]
     fn nothing_without_listen_fds() {
-        assert_eq!(read(Vars::default(), 42).unwrap(), Found::Nothing);
+        assert_eq!(read(Vars::default(), 42, 0).unwrap(), Found::Nothing);
     }
 
     #[test]
     fn another_pid_is_left_alone() {
-        let found = read(vars("41", "garbage", None), 42).unwrap();
+        let found = read(vars("41", "garbage", None), 42, 0).unwrap();
         assert!(
             matches!(found, Found::NotOurs(ref why) if why.contains("41")),
             "{found:?}"
@@ -241,6 +269,7 @@ mod tests {
                 ..vars("", "1", None)
             },
             42,
+            0,
         )
         .unwrap();
         assert!(matches!(found, Found::NotOurs(_)));
@@ -261,7 +290,7 @@ mod tests {
                 allow_missing_pid: allow,
                 ..vars("", "0", None)
             };
-            let found = read(v, 42).unwrap();
+            let found = read(v, 42, 0).unwrap();
             assert_eq!(
                 matches!(found, Found::Passed(_)),
                 ours,
@@ -283,7 +312,7 @@ mod tests {
             ("4x2", "1", None, "LISTEN_PID=\"4x2\" is not a number"),
             ("42", "0", Some("a:b"), "has 2 names for LISTEN_FDS=0"),
         ] {
-            let err = read(vars(pid, fds, names), 42).unwrap_err();
+            let err = read(vars(pid, fds, names), 42, 0).unwrap_err();
             assert!(matches!(err, Error::Activation(_)), "{err:?}");
             assert!(
                 err.to_string().contains(want),
@@ -294,13 +323,14 @@ mod tests {
 
     #[test]
     fn zero_fds_is_fine() {
-        let found = read(vars("42", "0", None), 42).unwrap();
+        let found = read(vars("42", "0", None), 42, 0).unwrap();
         assert_eq!(
             found,
             Found::Passed(Passed {
                 fds: vec![],
                 channel: None,
-                generation: 0
+                generation: 0,
+                state_len: 0,
             })
         );
     }
@@ -314,7 +344,38 @@ mod tests {
             channel: Some(OsStr::new("9")),
             ..vars("42", "0", None)
         };
-        let err = read(v, 42).unwrap_err();
+        let err = read(v, 42, 0).unwrap_err();
         assert!(err.to_string().contains("expected 3"), "{err}");
+    }
+
+    // The length is checked before any fd: a channel at fd 3 that is not
+    // even open still fails on the length first. 2^64-1 once panicked
+    // ("capacity overflow") and 10^12 aborted the process.
+    #[test]
+    fn the_state_length_is_bounded_by_the_receivers_limit() {
+        for (len, want) in [
+            (
+                "18446744073709551615",
+                "exceeds this process's state limit of 1024 bytes",
+            ),
+            (
+                "1000000000000",
+                "exceeds this process's state limit of 1024 bytes",
+            ),
+            ("99999999999999999999999", "out of range"),
+            ("-1", "is not a number"),
+        ] {
+            let v = Vars {
+                channel: Some(OsStr::new("3")),
+                state_len: Some(OsStr::new(len)),
+                ..vars("42", "0", None)
+            };
+            let err = read(v, 42, 1024).unwrap_err();
+            assert!(matches!(err, Error::Activation(_)), "{err:?}");
+            assert!(
+                err.to_string().contains(want),
+                "{err} should contain {want}"
+            );
+        }
     }
 }

@@ -11,12 +11,13 @@
 //!
 //! | request | reply |
 //! |---|---|
-//! | `upgrade\n` | `ok <new pid>\n` or `error <reason>\n` |
+//! | `upgrade\n` | `ok <new pid>\n`, `error <reason>\n`, or `cancelled <reason>\n` when the service is being stopped |
 //! | `upgrade env <n>\n` then `n` bytes of `KEY=VALUE\0...` | as above; the new process gets this environment (see [`Handover::upgrade_with_env`](crate::Handover::upgrade_with_env)) |
 //! | `status\n` | `ok <phase> generation=<g> pid=<pid>\n` |
 //!
 //! The peer must run as the same user as the service, or as root
-//! (`SO_PEERCRED`); the socket file is mode 0600.
+//! (`SO_PEERCRED`); any other gets `error permission denied\n` (after its
+//! request was read). The socket file is created with mode 0600.
 
 use std::ffi::OsString;
 use std::io::{self, BufRead, Read, Write};
@@ -27,6 +28,7 @@ use std::time::Duration;
 
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 
+use crate::drain::{Drain, DrainReason};
 use crate::Handover;
 
 /// The largest environment a reload command may send.
@@ -58,6 +60,10 @@ pub enum ControlError {
     /// The service answered that it could not do it.
     #[error("{0}")]
     Refused(String),
+    /// The service is being stopped; the upgrade did not happen and will
+    /// not.
+    #[error("cancelled by stop: {0}")]
+    Cancelled(String),
     /// No answer within the timeout.
     #[error("no answer within {0:?}")]
     Timeout(Duration),
@@ -152,16 +158,25 @@ fn exchange(socket: &Path, request: &[u8], timeout: Duration) -> Result<String, 
     };
     stream.set_write_timeout(Some(timeout)).map_err(io_err)?;
     stream.set_read_timeout(Some(timeout)).map_err(io_err)?;
-    stream.write_all(request).map_err(io_err)?;
+    // If the write fails because the service closed the connection early,
+    // its answer may still be there to read: prefer it.
+    let written = stream.write_all(request);
     let mut line = String::new();
-    io::BufReader::new(stream.take(64 * 1024))
-        .read_line(&mut line)
-        .map_err(io_err)?;
+    let read = io::BufReader::new(&stream)
+        .take(64 * 1024)
+        .read_line(&mut line);
+    match (written, read) {
+        (Err(e), _) if line.is_empty() => return Err(io_err(e)),
+        (_, Err(e)) if line.is_empty() => return Err(io_err(e)),
+        _ => {}
+    }
     let line = line.trim_end();
     if let Some(ok) = line.strip_prefix("ok ") {
         Ok(ok.to_owned())
     } else if let Some(e) = line.strip_prefix("error ") {
         Err(ControlError::Refused(e.to_owned()))
+    } else if let Some(e) = line.strip_prefix("cancelled ") {
+        Err(ControlError::Cancelled(e.to_owned()))
     } else {
         Err(ControlError::Io(io::Error::new(
             io::ErrorKind::UnexpectedEof,
@@ -170,24 +185,29 @@ fn exchange(socket: &Path, request: &[u8], timeout: Duration) -> Result<String, 
     }
 }
 
-/// Serves the control socket until the drain starts. Runs in the main
-/// process only (started by `ready()`).
+/// Serves the control socket until the drain starts, and again if the
+/// drain is taken back; keeps the listener until the drain is final. Runs
+/// in the main process only (started by `ready()`).
 pub(crate) async fn serve(listener: tokio::net::UnixListener, handover: Handover) {
     let drain = handover.drain();
     loop {
         let conn = tokio::select! {
             r = listener.accept() => r,
-            _ = drain.draining() => break,
+            _ = drain.draining() => {
+                if drain.resumed().await {
+                    continue;
+                }
+                break;
+            }
         };
         match conn {
             Ok((stream, _)) => {
                 let h = handover.clone();
-                let guard = drain.guard();
+                let drain = drain.clone();
                 tokio::spawn(async move {
-                    if let Err(e) = handle(stream, h).await {
+                    if let Err(e) = handle(stream, h, drain).await {
                         tracing::warn!(error = %e, "control request failed");
                     }
-                    drop(guard);
                 });
             }
             Err(e) => {
@@ -204,47 +224,79 @@ fn peer_allowed(stream: &tokio::net::UnixStream) -> io::Result<bool> {
     Ok(cred.uid() == 0 || cred.uid() == me)
 }
 
-async fn handle(stream: tokio::net::UnixStream, handover: Handover) -> io::Result<()> {
-    let allowed = peer_allowed(&stream)?;
-    let mut stream = BufReader::new(stream);
-    if !allowed {
-        stream
-            .get_mut()
-            .write_all(b"error permission denied\n")
-            .await?;
-        return Ok(());
-    }
+/// A request as read from the socket.
+enum Request {
+    Upgrade(Option<Vec<(OsString, OsString)>>),
+    Status,
+    /// Answered at once with this error.
+    Bad(String),
+}
+
+/// Reads one request: its line and, for `upgrade env <n>`, its body.
+async fn read_request(stream: &mut BufReader<tokio::net::UnixStream>) -> io::Result<Request> {
     let mut line = String::new();
-    let mut limited = (&mut stream).take(MAX_LINE);
+    let mut limited = (&mut *stream).take(MAX_LINE);
     tokio::time::timeout(REQUEST_TIMEOUT, limited.read_line(&mut line))
         .await
         .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "no request"))??;
     let words: Vec<&str> = line.split_whitespace().collect();
-    let reply = match words.as_slice() {
-        ["upgrade"] => upgrade_reply(&handover, None).await,
+    Ok(match words.as_slice() {
+        ["upgrade"] => Request::Upgrade(None),
         ["upgrade", "env", n] => match n.parse::<usize>() {
             Ok(n) if n <= MAX_ENV_BYTES => {
                 let mut body = vec![0; n];
                 tokio::time::timeout(REQUEST_TIMEOUT, stream.read_exact(&mut body))
                     .await
                     .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "short environment"))??;
-                upgrade_reply(&handover, Some(decode_env(&body))).await
+                Request::Upgrade(Some(decode_env(&body)))
             }
-            Ok(n) => format!(
-                "error the environment is {n} bytes, more than the limit of {MAX_ENV_BYTES}"
-            ),
-            Err(_) => "error malformed request".into(),
+            Ok(n) => Request::Bad(format!(
+                "the environment is {n} bytes, more than the limit of {MAX_ENV_BYTES}"
+            )),
+            Err(_) => Request::Bad("malformed request".into()),
         },
-        ["status"] => format!(
+        ["status"] => Request::Status,
+        _ => Request::Bad("unknown request".into()),
+    })
+}
+
+async fn handle(
+    stream: tokio::net::UnixStream,
+    handover: Handover,
+    drain: Drain,
+) -> io::Result<()> {
+    // A connection counts as in-flight work only once its request starts to
+    // arrive: an idle one must not keep a draining process alive.
+    let allowed = peer_allowed(&stream)?;
+    let mut stream = BufReader::new(stream);
+    tokio::time::timeout(REQUEST_TIMEOUT, stream.fill_buf())
+        .await
+        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "no request"))??;
+    let _guard = drain.guard();
+    // The request is read in full even from a peer that is refused: closing
+    // with it unread would make the peer's write fail (EPIPE) before it can
+    // read the answer.
+    let request = read_request(&mut stream).await?;
+    let reply = match request {
+        _ if !allowed => "error permission denied".to_owned(),
+        Request::Upgrade(env) => upgrade_reply(&handover, env).await,
+        Request::Status => format!(
             "ok {:?} generation={} pid={}",
             handover.phase(),
             handover.generation(),
             std::process::id()
         ),
-        _ => "error unknown request".into(),
+        Request::Bad(why) => format!("error {why}"),
     };
     let reply = format!("{}\n", crate::notify::status_text(&reply));
-    stream.get_mut().write_all(reply.as_bytes()).await
+    match stream.get_mut().write_all(reply.as_bytes()).await {
+        // The client went away first (killed by a stop, or timed out).
+        Err(e) if e.kind() == io::ErrorKind::BrokenPipe => {
+            tracing::debug!(%reply, "control client gone before the answer");
+            Ok(())
+        }
+        r => r,
+    }
 }
 
 async fn upgrade_reply(handover: &Handover, env: Option<Vec<(OsString, OsString)>>) -> String {
@@ -254,6 +306,10 @@ async fn upgrade_reply(handover: &Handover, env: Option<Vec<(OsString, OsString)
     );
     match handover.upgrade_with_env(env).await {
         Ok(pid) => format!("ok {pid}"),
+        // The service is being stopped: not a failed reload.
+        Err(e) if handover.drain().reason() == Some(DrainReason::Stopped) => {
+            format!("cancelled {e}")
+        }
         Err(e) => format!("error upgrade failed: {e}"),
     }
 }

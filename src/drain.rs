@@ -13,6 +13,29 @@
 //! [`DrainSignal`] and ends when it fires; [`Drain::outcome`] then tells how
 //! many long-lived guards ended during the drain and how many were still
 //! alive, and so cut, at the drain timeout.
+//!
+//! A drain [`Handover`](crate::Handover) starts after handing over to a new
+//! process run by hand (no service manager) can be *taken back*: if the new
+//! process dies while this one drains, this one serves again. So an accept
+//! loop that stopped accepting keeps its listener until
+//! [`Drain::resumed`] says whether to accept again or to drop it:
+//!
+//! ```no_run
+//! # async fn f(listener: tokio::net::TcpListener, drain: handover::Drain) {
+//! loop {
+//!     tokio::select! {
+//!         _ = drain.draining() => {}
+//!         r = listener.accept() => { /* serve it, holding drain.guard() */ continue; }
+//!     }
+//!     if !drain.resumed().await {
+//!         break; // final: drop the listener
+//!     }
+//! }
+//! # }
+//! ```
+//!
+//! A drain started with [`Drain::start`] (a stop, or any drain of your own)
+//! is final at once.
 
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -31,9 +54,19 @@ pub enum DrainReason {
     Stopped,
 }
 
+/// Where the drain is.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct State {
+    /// Why it started; `None` while serving (before it, or after it was
+    /// taken back).
+    reason: Option<DrainReason>,
+    /// It can no longer be taken back: listeners may go.
+    settled: bool,
+}
+
 #[derive(Debug)]
 struct Shared {
-    started: watch::Sender<Option<DrainReason>>,
+    state: watch::Sender<State>,
     in_flight: AtomicUsize,
     idle: Notify,
     long_lived: Mutex<LongLived>,
@@ -88,10 +121,10 @@ impl Default for Drain {
 impl Drain {
     /// A drain that has not started, with nothing in flight.
     pub fn new() -> Self {
-        let (started, _) = watch::channel(None);
+        let (state, _) = watch::channel(State::default());
         Drain {
             shared: Arc::new(Shared {
-                started,
+                state,
                 in_flight: AtomicUsize::new(0),
                 idle: Notify::new(),
                 long_lived: Mutex::new(LongLived::default()),
@@ -99,37 +132,111 @@ impl Drain {
         }
     }
 
-    /// Starts the drain. The first reason given wins; later calls do nothing.
-    /// Returns `true` if this call started it.
+    /// Starts the drain, final at once: accept loops drop their listeners.
+    /// The first reason wins; a later call only makes a drain that could
+    /// still be taken back final. Returns `true` if this call started it.
     pub fn start(&self, reason: DrainReason) -> bool {
-        self.shared.started.send_if_modified(|r| {
-            if r.is_none() {
-                *r = Some(reason);
+        let mut started = false;
+        self.shared.state.send_if_modified(|s| match s.reason {
+            None => {
+                *s = State {
+                    reason: Some(reason),
+                    settled: true,
+                };
+                started = true;
                 true
-            } else {
-                false
             }
+            Some(_) if !s.settled => {
+                s.settled = true;
+                true
+            }
+            Some(_) => false,
+        });
+        started
+    }
+
+    /// Starts a drain that [`take_back`](Self::take_back) can still undo,
+    /// until [`settle`](Self::settle) or [`start`](Self::start) makes it
+    /// final. Returns `true` if this call started it.
+    pub(crate) fn start_revocable(&self, reason: DrainReason) -> bool {
+        self.shared.state.send_if_modified(|s| {
+            let start = s.reason.is_none();
+            if start {
+                *s = State {
+                    reason: Some(reason),
+                    settled: false,
+                };
+            }
+            start
         })
     }
 
-    /// Whether the drain has started.
+    /// Undoes a drain that is not final: serving again. Returns whether it
+    /// did.
+    pub(crate) fn take_back(&self) -> bool {
+        let undone = self.shared.state.send_if_modified(|s| {
+            let undo = s.reason.is_some() && !s.settled;
+            if undo {
+                *s = State::default();
+            }
+            undo
+        });
+        if undone {
+            // The next drain's outcome counts from its own start.
+            self.shared.long_lived().closed_while_draining = 0;
+        }
+        undone
+    }
+
+    /// Makes a started drain final. Returns `false` when no drain is
+    /// running (none started, or it was taken back).
+    pub(crate) fn settle(&self) -> bool {
+        let mut draining = false;
+        self.shared.state.send_if_modified(|s| {
+            draining = s.reason.is_some();
+            let settle = draining && !s.settled;
+            if settle {
+                s.settled = true;
+            }
+            settle
+        });
+        draining
+    }
+
+    /// Whether the drain has started (and was not taken back).
     pub fn is_draining(&self) -> bool {
-        self.shared.started.borrow().is_some()
+        self.shared.state.borrow().reason.is_some()
     }
 
     /// Why the drain started, if it has.
     pub fn reason(&self) -> Option<DrainReason> {
-        *self.shared.started.borrow()
+        self.shared.state.borrow().reason
     }
 
     /// Resolves once the drain has started. Cancel-safe: use it in `select!`
     /// next to `accept()`.
     pub async fn draining(&self) -> DrainReason {
-        let mut rx = self.shared.started.subscribe();
-        let r = rx.wait_for(Option::is_some).await;
+        let mut rx = self.shared.state.subscribe();
         // The sender lives in `self`, so the channel cannot close here.
-        r.map(|r| r.expect("checked by wait_for"))
+        let r = rx.wait_for(|s| s.reason.is_some()).await;
+        r.ok()
+            .and_then(|s| s.reason)
             .unwrap_or(DrainReason::Stopped)
+    }
+
+    /// After the drain started: resolves with `true` when it was taken back
+    /// (the process serves again: accept again) or `false` when it is final
+    /// (drop the listener). `true` at once when no drain runs.
+    pub async fn resumed(&self) -> bool {
+        let mut rx = self.shared.state.subscribe();
+        let r = rx.wait_for(|s| s.reason.is_none() || s.settled).await;
+        r.map(|s| s.reason.is_none()).unwrap_or(false)
+    }
+
+    /// Resolves when a started drain was taken back.
+    pub(crate) async fn taken_back(&self) {
+        let mut rx = self.shared.state.subscribe();
+        let _ = rx.wait_for(|s| s.reason.is_none()).await;
     }
 
     /// Counts one unit of in-flight work until the guard is dropped.
@@ -271,14 +378,14 @@ pub struct DrainSignal {
 }
 
 impl DrainSignal {
-    /// Whether the drain has started.
+    /// Whether the drain has started (and was not taken back).
     pub fn is_draining(&self) -> bool {
-        self.shared.started.borrow().is_some()
+        self.shared.state.borrow().reason.is_some()
     }
 
     /// Why the drain started, if it has.
     pub fn reason(&self) -> Option<DrainReason> {
-        *self.shared.started.borrow()
+        self.shared.state.borrow().reason
     }
 
     /// Resolves once the drain has started (at once if it has). The future
@@ -324,7 +431,7 @@ impl Drop for DrainGuard {
         let last = if *self.long_lived.get_mut() {
             let mut long_lived = self.shared.long_lived();
             long_lived.open -= 1;
-            if self.shared.started.borrow().is_some() {
+            if self.shared.state.borrow().reason.is_some() {
                 long_lived.closed_while_draining += 1;
             }
             self.shared.in_flight.fetch_sub(1, Ordering::AcqRel) == 1
@@ -393,6 +500,36 @@ mod tests {
             }
         );
         assert!(cut.is_long_lived());
+    }
+
+    #[tokio::test]
+    async fn a_revocable_drain_is_taken_back_or_settled() {
+        let drain = Drain::new();
+        assert!(drain.resumed().await, "nothing to resume from");
+        assert!(drain.start_revocable(DrainReason::Upgraded));
+        assert!(drain.is_draining());
+        let accept_loop = tokio::spawn({
+            let d = drain.clone();
+            async move { d.resumed().await }
+        });
+        tokio::task::yield_now().await;
+        assert!(!accept_loop.is_finished(), "neither taken back nor final");
+        assert!(drain.take_back());
+        assert!(accept_loop.await.unwrap(), "taken back: accept again");
+        assert!(!drain.is_draining() && drain.reason().is_none());
+        assert!(!drain.settle(), "nothing to settle");
+
+        assert!(drain.start_revocable(DrainReason::Upgraded));
+        assert!(!drain.start(DrainReason::Stopped), "first reason wins");
+        assert_eq!(drain.reason(), Some(DrainReason::Upgraded));
+        assert!(!drain.take_back(), "a stop made it final");
+        assert!(!drain.resumed().await, "final: drop the listener");
+        assert!(drain.settle());
+
+        let plain = Drain::new();
+        plain.start(DrainReason::Stopped);
+        assert!(!plain.take_back(), "a plain start is final");
+        assert!(!plain.resumed().await);
     }
 
     #[tokio::test(start_paused = true)]

@@ -11,12 +11,16 @@
 //! | child | `fail <reason>` | giving up before `ready` (then exits) |
 //! | child (pre-exec) | `exec <errno>` / `spawn <errno>` | `execve`/`dup2` failed |
 //! | parent | `main` | the manager knows the child as main PID; take over |
+//! | child (main) | `upgraded <pid>` | it handed the service on to `<pid>` |
+//! | child (main) | `stopping` | it was asked to stop |
 //!
-//! End of file on either side means the other is gone.
+//! End of file on either side means the other is gone. The channel stays
+//! open while the parent drains: run by hand, a parent whose new process
+//! dies without saying `upgraded` or `stopping` takes the service back.
 
 use std::ffi::{OsStr, OsString};
 use std::io;
-use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -102,9 +106,42 @@ pub(crate) struct Child {
     pub(crate) pid: u32,
     pidfd: AsyncFd<OwnedFd>,
     channel: BufReader<UnixStream>,
+    /// The channel reached end of file: the child said all it will.
+    channel_eof: bool,
     /// Our own child (standalone), which we must reap; otherwise the
     /// manager's.
     ours: bool,
+    /// Killed when dropped: set until it was killed or handed over.
+    armed: bool,
+}
+
+impl Drop for Child {
+    /// An upgrade abandoned half-way (its future dropped, or a panic) must
+    /// not leave the new process running unsupervised: kill it, and reap it
+    /// in the background if it is ours.
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        let _ = sys::pidfd_signal(self.pidfd.get_ref().as_fd(), libc::SIGKILL);
+        tracing::warn!(pid = self.pid, "upgrade abandoned; new process killed");
+        if !self.ours {
+            return;
+        }
+        let (Ok(rt), Ok(fd)) = (
+            tokio::runtime::Handle::try_current(),
+            self.pidfd.get_ref().try_clone(),
+        ) else {
+            return;
+        };
+        rt.spawn(async move {
+            if let Ok(fd) = sys::async_readable(fd) {
+                if tokio::time::timeout(KILL_WAIT, fd.readable()).await.is_ok() {
+                    let _ = sys::reap(fd.get_ref().as_fd());
+                }
+            }
+        });
+    }
 }
 
 /// Variables of the reload command's environment that describe that
@@ -151,8 +188,8 @@ fn child_env(
 }
 
 /// Everything needed to start the new process, prepared on the caller's
-/// thread (cheap); [`Launch::run`] then clones on a blocking thread, so the
-/// copy of the page tables does not stall a runtime thread that serves.
+/// thread (cheap); [`Launch::run`] then clones on a thread of its own, so
+/// the copy of the page tables does not stall a runtime thread that serves.
 pub(crate) struct Launch {
     image: sys::ExecImage,
     ours_end: std::os::unix::net::UnixStream,
@@ -209,9 +246,21 @@ pub(crate) fn prepare(
     })
 }
 
+/// The stack of the thread that clones: it only makes a few system calls
+/// (the new process runs on a copy of it until `execve`).
+const SPAWN_STACK: usize = 64 * 1024;
+
 impl Launch {
-    /// Starts the new process.
-    pub(crate) async fn run(self) -> Result<Child, UpgradeError> {
+    /// Starts the new process. `spare` (an fd kept free for this moment,
+    /// see [`crate::spare`]) is closed right before the clone, so that the
+    /// pidfd finds a free slot even at the fd limit.
+    ///
+    /// The clone runs on a thread made for it with
+    /// `std::thread::Builder`, which fails with an error where tokio's
+    /// `spawn_blocking` would panic (no thread can be created: a pids limit,
+    /// no memory): the upgrade then fails with that reason and the next one
+    /// can start.
+    pub(crate) async fn run(self, spare: Option<OwnedFd>) -> Result<Child, UpgradeError> {
         let Launch {
             mut image,
             ours_end,
@@ -223,21 +272,57 @@ impl Launch {
             exe: exe.display().to_string(),
             source,
         };
-        let spawned = tokio::task::spawn_blocking(move || sys::spawn(&mut image, reparent))
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        std::thread::Builder::new()
+            .name("handover-spawn".into())
+            .stack_size(SPAWN_STACK)
+            .spawn(move || {
+                drop(spare);
+                let spawned = sys::spawn(&mut image, reparent);
+                drop(image);
+                if let Err(Ok(orphan)) = tx.send(spawned) {
+                    // The upgrade was abandoned meanwhile: nobody would
+                    // ever kill or reap this process.
+                    sys::kill_and_wait(&orphan, !reparent, KILL_WAIT);
+                }
+            })
+            .map_err(|e| {
+                spawn_err(io::Error::new(
+                    e.kind(),
+                    format!("cannot create a thread to start it: {e}"),
+                ))
+            })?;
+        let spawned = rx
             .await
-            .map_err(|e| spawn_err(io::Error::other(e)))?
+            .map_err(|_| spawn_err(io::Error::other("the thread starting it died")))?
             .map_err(spawn_err)?;
         // Our copies of the child's fds are gone with the image; the
         // channel's end goes now, so that the child's exit shows as EOF.
         drop(theirs);
-        ours_end.set_nonblocking(true).map_err(spawn_err)?;
-        let channel = UnixStream::from_std(ours_end).map_err(spawn_err)?;
-        let pidfd = sys::async_readable(spawned.pidfd).map_err(spawn_err)?;
+        let pid = spawned.pid;
+        let channel = ours_end
+            .set_nonblocking(true)
+            .and_then(|()| UnixStream::from_std(ours_end));
+        let (channel, pidfd) = match channel {
+            Ok(channel) => match sys::async_readable(spawned.pidfd) {
+                Ok(pidfd) => (channel, pidfd),
+                Err((e, pidfd)) => {
+                    sys::kill_and_wait(&sys::Spawned { pid, pidfd }, !reparent, KILL_WAIT);
+                    return Err(spawn_err(e));
+                }
+            },
+            Err(e) => {
+                sys::kill_and_wait(&spawned, !reparent, KILL_WAIT);
+                return Err(spawn_err(e));
+            }
+        };
         Ok(Child {
-            pid: spawned.pid,
+            pid,
             pidfd,
             channel: BufReader::new(channel),
+            channel_eof: false,
             ours: !reparent,
+            armed: true,
         })
     }
 }
@@ -329,6 +414,7 @@ impl Child {
     /// Kills the child (a no-op if it is gone), waits for it to exit, reaps
     /// it if it is ours, and says how it ended.
     pub(crate) async fn kill(&mut self) -> String {
+        self.armed = false;
         if let Err(e) = sys::pidfd_signal(self.pidfd.get_ref().as_fd(), libc::SIGKILL) {
             tracing::error!(pid = self.pid, error = %e, "cannot kill the new process");
         }
@@ -352,20 +438,50 @@ impl Child {
         }
     }
 
-    /// After a successful handoff in standalone mode the new process is
-    /// still our child: reap it if it dies before we exit, so it does not
-    /// linger as a zombie of ours.
-    pub(crate) fn reap_in_background(self) {
-        if !self.ours {
-            return;
-        }
-        tokio::spawn(async move {
-            if self.pidfd.readable().await.is_ok() {
-                let status = self.reap_status();
-                tracing::warn!(pid = self.pid, %status, "the new process exited while this one was draining");
-            }
-        });
+    /// The child is the main process now: dropping this no longer kills
+    /// it.
+    pub(crate) fn handed_over(&mut self) {
+        self.armed = false;
     }
+
+    /// After the handoff: the next line the new process says, or its exit
+    /// (reaped here if it is ours) once it has said everything.
+    pub(crate) async fn next_event(&mut self) -> Event {
+        loop {
+            if self.channel_eof {
+                let _ = self.pidfd.readable().await;
+                return Event::Exited(self.reap_status());
+            }
+            let mut line = String::new();
+            let said = tokio::select! {
+                r = self.channel.read_line(&mut line) => r,
+                _ = self.pidfd.readable() => {
+                    // It exited: read what it wrote before, to the end
+                    // (bounded, in case something it started holds its end).
+                    tokio::time::timeout(EXIT_READ, self.channel.read_line(&mut line))
+                        .await
+                        .unwrap_or(Ok(0))
+                }
+            };
+            match said {
+                Ok(n) if n > 0 => {
+                    if !line.trim().is_empty() {
+                        return Event::Said(line.trim_end().to_owned());
+                    }
+                }
+                _ => self.channel_eof = true,
+            }
+        }
+    }
+}
+
+/// What a new process did after the handoff.
+#[derive(Debug)]
+pub(crate) enum Event {
+    /// It said this line (`upgraded <pid>`, `stopping`).
+    Said(String),
+    /// It exited; how, as far as this process can know.
+    Exited(String),
 }
 
 fn parse_failure(msg: &str, pid: u32, exe: &Path) -> UpgradeError {
@@ -402,19 +518,38 @@ pub(crate) struct ParentLink {
 impl ParentLink {
     /// Takes the channel; first reads `state_len` bytes of state the parent
     /// sends right after the start (blocking, bounded by `STATE_TIMEOUT`).
-    pub(crate) fn new(fd: OwnedFd, state_len: usize) -> io::Result<(ParentLink, Vec<u8>)> {
+    /// On failure the fd comes back (when it can), to report the error on.
+    pub(crate) fn new(
+        fd: OwnedFd,
+        state_len: usize,
+    ) -> Result<(ParentLink, Vec<u8>), (io::Error, Option<OwnedFd>)> {
         let std = std::os::unix::net::UnixStream::from(fd);
-        let mut state = vec![0; state_len];
-        if state_len > 0 {
-            use std::io::Read;
-            std.set_read_timeout(Some(STATE_TIMEOUT))?;
-            (&std).read_exact(&mut state)?;
-        }
-        std.set_nonblocking(true)?;
-        let link = ParentLink {
-            stream: BufReader::new(UnixStream::from_std(std)?),
+        let setup = (|| {
+            let mut state = vec![0; state_len];
+            if state_len > 0 {
+                use std::io::Read;
+                std.set_read_timeout(Some(STATE_TIMEOUT))?;
+                (&std).read_exact(&mut state)?;
+            }
+            std.set_nonblocking(true)?;
+            Ok(state)
+        })();
+        let state = match setup {
+            Ok(state) => state,
+            Err(e) => return Err((e, Some(std.into()))),
         };
-        Ok((link, state))
+        // from_std gives nothing back on failure: keep a copy to report on.
+        let copy = std.try_clone().ok();
+        let stream = match UnixStream::from_std(std) {
+            Ok(stream) => stream,
+            Err(e) => return Err((e, copy.map(OwnedFd::from))),
+        };
+        Ok((
+            ParentLink {
+                stream: BufReader::new(stream),
+            },
+            state,
+        ))
     }
 
     /// Says `ready` and waits for `main`. Returns `false` when the parent
@@ -426,18 +561,66 @@ impl ParentLink {
         Ok(line.trim_end() == "main")
     }
 
-    /// Reports a failure without blocking (from `Drop` or an error path).
+    /// The channel, once this process is main: it tells the parent that it
+    /// let go of the service (`upgraded`, `stopping`).
+    pub(crate) fn into_stream(self) -> UnixStream {
+        self.stream.into_inner()
+    }
+
+    /// Reports a failure (from `Drop` or an error path): one line, written
+    /// on the raw fd, waiting (bounded) until it is in the socket. tokio's
+    /// `try_write` on a stream that the reactor has not seen writable yet
+    /// writes nothing, and the parent would then only see the exit.
     pub(crate) fn fail(&self, reason: &str) {
-        let line = format!("fail {}\n", crate::notify::status_text(reason));
-        let _ = self.stream.get_ref().try_write(line.as_bytes());
+        fail_raw(self.stream.get_ref().as_fd(), reason);
     }
 }
 
-/// Reports `reason` on a channel fd we could not take properly (the
-/// environment around it was invalid).
+/// How long a failing child waits for room in the channel for its reason.
+const FAIL_WRITE: Duration = Duration::from_secs(1);
+
+/// Reports `reason` on the channel `fd`: `fail <reason>`, one line.
 pub(crate) fn fail_raw(fd: BorrowedFd<'_>, reason: &str) {
     let line = format!("fail {}\n", crate::notify::status_text(reason));
-    let _ = nix::unistd::write(fd, line.as_bytes());
+    if let Err(e) = write_blocking(fd, line.as_bytes(), FAIL_WRITE) {
+        tracing::debug!(error = %e, "cannot tell the parent why");
+    }
+}
+
+/// Writes all of `buf` to the socket `fd`, blocking or not, waiting for room
+/// at most `timeout`; never raises SIGPIPE.
+pub(crate) fn write_blocking(
+    fd: BorrowedFd<'_>,
+    mut buf: &[u8],
+    timeout: Duration,
+) -> io::Result<()> {
+    use nix::errno::Errno;
+    use nix::sys::socket::{send, MsgFlags};
+    let end = std::time::Instant::now() + timeout;
+    while !buf.is_empty() {
+        match send(
+            fd.as_raw_fd(),
+            buf,
+            MsgFlags::MSG_NOSIGNAL | MsgFlags::MSG_DONTWAIT,
+        ) {
+            Ok(n) => buf = buf.get(n..).unwrap_or_default(),
+            Err(Errno::EINTR) => {}
+            Err(Errno::EAGAIN) => {
+                let left = end.saturating_duration_since(std::time::Instant::now());
+                if left.is_zero() {
+                    return Err(io::Error::from(io::ErrorKind::TimedOut));
+                }
+                let ms = u16::try_from(left.as_millis()).unwrap_or(u16::MAX);
+                let mut fds = [nix::poll::PollFd::new(fd, nix::poll::PollFlags::POLLOUT)];
+                match nix::poll::poll(&mut fds, ms) {
+                    Ok(_) | Err(Errno::EINTR) => {}
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -93,6 +93,7 @@ pub mod logging;
 pub mod notify;
 mod pidfile;
 mod signals;
+mod spare;
 pub mod supervisor;
 #[allow(unsafe_code)]
 mod sys;
@@ -115,6 +116,8 @@ use notify::{status_text, Notifier};
 
 /// How long the old process waits for the manager to confirm `MAINPID=`.
 const BARRIER_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a new process's death may precede the stop that caused it.
+const STOP_GRACE: Duration = Duration::from_millis(200);
 
 /// Where a process is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -126,6 +129,7 @@ pub enum Phase {
     /// An upgrade is running; a SIGHUP now is coalesced into it.
     Upgrading,
     /// Handed over or stopping: finishing in-flight work, then exiting.
+    /// Run by hand, back to `Ready` if the new process dies meanwhile.
     Draining,
 }
 
@@ -244,12 +248,13 @@ impl Builder {
         }
         let pid = std::process::id();
         let env = |k: &str| std::env::var_os(k);
-        let (listen_pid, listen_fds, listen_fdnames, channel, generation) = (
+        let (listen_pid, listen_fds, listen_fdnames, channel, generation, state_len) = (
             env("LISTEN_PID"),
             env("LISTEN_FDS"),
             env("LISTEN_FDNAMES"),
             env(activation::ENV_CHANNEL),
             env(activation::ENV_GENERATION),
+            env(activation::ENV_STATE_LEN),
         );
         let vars = activation::Vars {
             listen_pid: listen_pid.as_deref(),
@@ -257,29 +262,41 @@ impl Builder {
             listen_fdnames: listen_fdnames.as_deref(),
             channel: channel.as_deref(),
             generation: generation.as_deref(),
+            state_len: state_len.as_deref(),
             allow_missing_pid: env(activation::ENV_ALLOW_NO_PID).is_some_and(|v| v == "1"),
         };
-        let found = activation::read(vars, pid).inspect_err(|e| report_to_parent(vars, pid, e))?;
-        let (passed, link, generation) = match found {
-            Found::Nothing => (Vec::new(), None, 0),
+        // Everything is validated before any inherited fd is touched.
+        let found = activation::read(vars, pid, self.state_limit)
+            .inspect_err(|e| report_to_parent(vars, pid, e))?;
+        let (passed, link, generation, state_len) = match found {
+            Found::Nothing => (Vec::new(), None, 0, 0),
             Found::NotOurs(why) => {
                 tracing::warn!("ignoring the socket activation environment: {why}");
-                (Vec::new(), None, 0)
+                (Vec::new(), None, 0, 0)
             }
             Found::Passed(p) => {
                 let raw: Vec<_> = p.fds.iter().map(|(fd, _)| *fd).chain(p.channel).collect();
-                let mut owned =
-                    sys::take_inherited(&raw).map_err(|e| Error::io("take inherited fds", e))?;
+                let mut owned = sys::take_inherited(&raw).map_err(|e| {
+                    let e = Error::io("take inherited fds", e);
+                    report_to_parent(vars, pid, &e);
+                    e
+                })?;
                 for fd in &owned {
                     nix::fcntl::fcntl(
                         fd,
                         nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
                     )
-                    .map_err(|e| Error::io("set FD_CLOEXEC on inherited fds", e.into()))?;
+                    .map_err(|e| {
+                        let e = Error::io("set FD_CLOEXEC on inherited fds", e.into());
+                        report_to_parent(vars, pid, &e);
+                        e
+                    })?;
                 }
-                let link = p
-                    .channel
-                    .map(|_| owned.pop().expect("the channel is the last fd"));
+                // The channel is the last fd taken, when there is one.
+                let link = match p.channel {
+                    Some(_) => owned.pop(),
+                    None => None,
+                };
                 // From our parent, the listeners it names in HANDOVER_BOUND
                 // were bound from the configuration; every other one (and
                 // all of them from systemd) has the address a socket unit
@@ -303,22 +320,18 @@ impl Builder {
                         }
                     })
                     .collect();
-                (passed, link, p.generation)
+                (passed, link, p.generation, p.state_len)
             }
-        };
-        let state_len = match (&link, std::env::var(activation::ENV_STATE_LEN)) {
-            (Some(_), Ok(v)) => v.parse::<usize>().map_err(|_| {
-                Error::Activation(format!(
-                    "{}={v:?} is not a number",
-                    activation::ENV_STATE_LEN
-                ))
-            })?,
-            _ => 0,
         };
         let (link, state) = match link {
             Some(fd) => {
-                let (link, state) = ParentLink::new(fd, state_len)
-                    .map_err(|e| Error::io("read the handed-over state", e))?;
+                let (link, state) = ParentLink::new(fd, state_len).map_err(|(e, fd)| {
+                    let e = Error::io("read the handed-over state", e);
+                    if let Some(fd) = fd {
+                        handoff::fail_raw(std::os::fd::AsFd::as_fd(&fd), &e.to_string());
+                    }
+                    e
+                })?;
                 (Some(link), state)
             }
             None => (None, Vec::new()),
@@ -356,6 +369,8 @@ impl Builder {
             ready_called: AtomicBool::new(false),
             is_main: AtomicBool::new(first),
             last_error: Mutex::new(None),
+            spares: spare::Spares::default(),
+            to_parent: Mutex::new(None),
             config: self,
         });
         if inner.config.signals {
@@ -375,15 +390,18 @@ fn control_listener(
     listeners: &mut Listeners,
     path: &Path,
 ) -> Result<std::os::unix::net::UnixListener> {
-    let l = listeners.unix(listeners::CONTROL_NAME, path)?;
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(|source| {
-        Error::Bind {
-            name: listeners::CONTROL_NAME.into(),
-            addr: path.display().to_string(),
-            source,
-        }
-    })?;
+    // Bound here: created with mode 0600. Inherited: as the first
+    // generation created it. Never chmod by path: in a directory others can
+    // write to, the path may name another file by now.
+    let l = listeners.control(path)?;
+    use std::os::unix::fs::FileTypeExt;
+    let is_socket = std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_socket());
+    if !is_socket {
+        tracing::warn!(
+            path = %path.display(),
+            "the control socket's file is gone or was replaced; reload commands cannot reach this service there"
+        );
+    }
     Ok(l)
 }
 
@@ -401,7 +419,13 @@ fn report_to_parent(vars: activation::Vars<'_>, pid: u32, e: &Error) {
         .channel
         .and_then(|c| c.to_str())
         .and_then(|c| c.parse::<i32>().ok());
-    if let (true, Some(fd)) = (ours, fd) {
+    // Only on an fd that was passed to us and is a socket: the number may
+    // name one of the runtime's own fds instead (its epoll fd, its signal
+    // pipe), which must not get a stray line.
+    let Some(fd) = fd.filter(|fd| !sys::fd_is_cloexec(*fd)) else {
+        return;
+    };
+    if ours && sys::fd_is_socket(fd).unwrap_or(false) {
         let _ = sys::with_borrowed(fd, |fd| handoff::fail_raw(fd, &e.to_string()));
     }
 }
@@ -459,6 +483,86 @@ struct Inner {
     /// from the start for a first process, after the handoff for a new one.
     is_main: AtomicBool,
     last_error: Mutex<Option<String>>,
+    /// Fds kept free for the next upgrade.
+    spares: spare::Spares,
+    /// The handoff channel to the parent, once this process is main and
+    /// while the parent lives: to tell it that this process let go.
+    to_parent: Mutex<Option<Arc<tokio::net::UnixStream>>>,
+}
+
+impl Inner {
+    /// (Re)opens the spare fds the next upgrade needs (see `spare`).
+    fn keep_spares(&self) {
+        let n = self
+            .listeners
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .for_handoff()
+            .len();
+        // The image copies n listeners and the channel to 3+n+1 and above.
+        self.spares.keep(n + spare::FIXED, 3 + n + 1);
+    }
+
+    /// Keeps the channel to the parent, which drains now, until the parent
+    /// closes it (it exited): what `tell_parent` says there tells it not to
+    /// take the service back.
+    fn keep_parent_link(self: &Arc<Self>, link: ParentLink) {
+        let stream = Arc::new(link.into_stream());
+        *self.to_parent.lock().unwrap_or_else(|p| p.into_inner()) = Some(stream.clone());
+        let weak = Arc::downgrade(self);
+        tokio::spawn(async move {
+            // The parent says nothing after `main`: readable means gone.
+            let mut buf = [0u8; 64];
+            loop {
+                if stream.readable().await.is_err() {
+                    break;
+                }
+                match stream.try_read(&mut buf) {
+                    Ok(0) => break,
+                    Ok(_) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                    Err(_) => break,
+                }
+            }
+            if let Some(inner) = weak.upgrade() {
+                inner
+                    .to_parent
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .take();
+            }
+        });
+    }
+
+    /// Tells a parent that still drains that this process let go of the
+    /// service (`upgraded <pid>`, `stopping`), once.
+    fn tell_parent(&self, line: &str) {
+        let link = self
+            .to_parent
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some(link) = link {
+            let line = format!("{line}\n");
+            let r = handoff::write_blocking(
+                std::os::fd::AsFd::as_fd(&*link),
+                line.as_bytes(),
+                Duration::from_secs(1),
+            );
+            if let Err(e) = r {
+                tracing::debug!(error = %e, "cannot tell the parent");
+            }
+        }
+    }
+
+    /// Writes this process's PID to the PID file, with a spare fd freed for
+    /// it (at the fd limit too).
+    fn write_pid_file(&self, path: &Path) -> Result<()> {
+        drop(self.spares.take(1));
+        let r = pidfile::write(path, std::process::id());
+        self.spares.refill();
+        r
+    }
 }
 
 impl std::fmt::Debug for Inner {
@@ -479,6 +583,53 @@ impl Drop for Inner {
             let why = self.last_error.get_mut().map(|e| e.take()).ok().flatten();
             link.fail(&why.unwrap_or_else(|| "exited before it was ready".into()));
         }
+    }
+}
+
+/// Ends an upgrade on every way out, including a panic or a dropped
+/// future: the phase leaves `Upgrading` (back to `Ready`, or `Draining` if
+/// a drain started), and a `RELOADING=1` that was sent is ended with
+/// `READY=1`, so that neither the next upgrade nor `systemctl reload` waits
+/// for ever.
+struct UpgradeGuard<'a> {
+    inner: &'a Inner,
+    generation: u32,
+    /// `RELOADING=1` was sent.
+    reloading: bool,
+    /// The outcome was logged and told to the manager.
+    settled: bool,
+}
+
+impl Drop for UpgradeGuard<'_> {
+    fn drop(&mut self) {
+        let draining = self.inner.drain.is_draining();
+        if !self.settled {
+            let generation = self.generation;
+            tracing::error!(
+                generation,
+                outcome = "failed",
+                "upgrade interrupted; still serving"
+            );
+            if let (true, false, Some(n)) = (self.reloading, draining, &self.inner.notify) {
+                let status = status_text(&format!(
+                    "upgrade to generation {generation} interrupted; still serving, pid {}",
+                    std::process::id()
+                ));
+                let _ = n.send(&format!("READY=1\nSTATUS={status}"));
+            }
+            self.inner.keep_spares();
+        }
+        self.inner.phase.send_if_modified(|p| {
+            let upgrading = *p == Phase::Upgrading;
+            if upgrading {
+                *p = if draining {
+                    Phase::Draining
+                } else {
+                    Phase::Ready
+                };
+            }
+            upgrading
+        });
     }
 }
 
@@ -645,7 +796,12 @@ impl Handover {
     /// parent has made it the service's main process; then it writes the
     /// PID file and accepts upgrades itself. A first process writes the PID
     /// file and sends `READY=1`. Passed fds that no `listen_*` call claimed
-    /// are closed. Calling it again does nothing.
+    /// are closed, and spare fds are opened for the next upgrade. Calling it
+    /// again does nothing.
+    ///
+    /// Errors: [`Error::PidFile`] (a first process only: a process started
+    /// by an upgrade whose parent has let go logs the error, removes a
+    /// stale PID file and serves on without one), [`Error::Notify`].
     pub async fn ready(&self) -> Result<()> {
         if self.inner.ready_called.swap(true, Ordering::AcqRel) {
             return Ok(());
@@ -660,9 +816,13 @@ impl Handover {
             return Ok(());
         }
         let mut announced_by_parent = false;
+        let had_parent = link.is_some();
         if let Some(mut link) = link {
             match link.ready().await {
-                Ok(true) => announced_by_parent = true,
+                Ok(true) => {
+                    announced_by_parent = true;
+                    self.inner.keep_parent_link(link);
+                }
                 Ok(false) => {
                     tracing::warn!("the parent went away before handing over; taking over anyway")
                 }
@@ -676,11 +836,26 @@ impl Handover {
                 "closed passed sockets that no listen_* call claimed"
             );
         }
-        if let Some(path) = &self.inner.config.pid_file {
-            self.record(pidfile::write(path, pid))?;
-        }
+        // Spares first: the PID file says "ready", to people and to tests.
+        self.inner.keep_spares();
         let generation = self.inner.generation;
-        let status = status_text(&format!("serving, generation {generation}, pid {pid}"));
+        let mut status = format!("serving, generation {generation}, pid {pid}");
+        if let Some(path) = &self.inner.config.pid_file {
+            match self.inner.write_pid_file(path) {
+                Ok(()) => {}
+                // A first process fails before it serves: nothing is lost.
+                Err(e) if !had_parent => return self.record(Err(e)),
+                // A new process: its parent has let go and is draining. An
+                // error now would take the whole service down; serve without
+                // the PID file instead, and make sure it names nobody else.
+                Err(e) => {
+                    let stale = pidfile::remove_if_other(path, pid);
+                    tracing::error!(error = %e, removed_stale = ?stale, "cannot write the PID file; serving without it");
+                    status.push_str(&format!("; {e}"));
+                }
+            }
+        }
+        let status = status_text(&status);
         if let Some(n) = &self.inner.notify {
             let msg = if announced_by_parent {
                 format!("STATUS={status}")
@@ -763,6 +938,10 @@ impl Handover {
     /// killed and reaped, this process keeps serving, and the error says
     /// why. This is what SIGHUP does.
     ///
+    /// Every way out of an upgrade (a panic, or this future dropped,
+    /// included) leaves the phase `Ready` or `Draining`, never `Upgrading`,
+    /// and ends a `RELOADING=1` with `READY=1`.
+    ///
     /// ```no_run
     /// # async fn f(handover: handover::Handover) {
     /// match handover.upgrade().await {
@@ -809,40 +988,54 @@ impl Handover {
         if let Some(e) = refused {
             return Err(e);
         }
-        let result = self.run_upgrade(env.as_deref()).await;
-        let next = if result.is_ok() || self.inner.drain.is_draining() {
-            Phase::Draining
-        } else {
-            Phase::Ready
+        let mut guard = UpgradeGuard {
+            inner: &self.inner,
+            generation: self.inner.generation + 1,
+            reloading: false,
+            settled: false,
         };
-        self.inner.phase.send_replace(next);
-        result
+        self.run_upgrade(env.as_deref(), &mut guard).await
     }
 
     async fn run_upgrade(
         &self,
         env: Option<&[(std::ffi::OsString, std::ffi::OsString)]>,
+        guard: &mut UpgradeGuard<'_>,
     ) -> Result<u32, UpgradeError> {
         let inner = &*self.inner;
         let started = Instant::now();
         let old_pid = std::process::id();
-        let generation = inner.generation + 1;
+        let generation = guard.generation;
         let timeout = inner.config.upgrade_timeout;
         tracing::info!(generation, old_pid, exe = %inner.exe.path.display(), "upgrade started");
         if let Some(n) = &inner.notify {
-            let extend = timeout + BARRIER_TIMEOUT;
+            let extend = timeout.saturating_add(BARRIER_TIMEOUT);
             let msg = format!(
                 "RELOADING=1\nMONOTONIC_USEC={}\nEXTEND_TIMEOUT_USEC={}\nSTATUS={}",
                 notify::monotonic_usec(),
                 extend.as_micros(),
                 status_text(&format!("upgrading to generation {generation}")),
             );
+            // From here on, every way out ends the reload with READY=1.
+            guard.reloading = true;
             if let Err(e) = n.send(&msg) {
                 tracing::warn!(error = %e, "cannot send RELOADING=1");
             }
         }
         let result = self.handoff(generation, timeout, env).await;
-        let elapsed_ms = started.elapsed().as_millis() as u64;
+        if let Err(
+            UpgradeError::ChildExited { .. }
+            | UpgradeError::ChildFailed { .. }
+            | UpgradeError::Channel(_),
+        ) = &result
+        {
+            // A stop signals every process of the service at once (systemd's
+            // KillMode=control-group, Ctrl-C in a terminal): the new process
+            // may die of it a moment before this one sees its own. Give that
+            // stop a moment to arrive, so it is not reported as a failure.
+            let _ = tokio::time::timeout(STOP_GRACE, inner.drain.draining()).await;
+        }
+        let elapsed_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
         match &result {
             Ok(new_pid) => {
                 tracing::info!(
@@ -854,18 +1047,24 @@ impl Handover {
                     "upgrade complete; draining"
                 );
             }
+            Err(e) if inner.drain.reason() == Some(DrainReason::Stopped) => {
+                // The stop already told the manager (STOPPING=1).
+                tracing::info!(generation, old_pid, elapsed_ms, outcome = "cancelled", reason = %e, "upgrade cancelled: stopping");
+            }
             Err(e) => {
                 tracing::error!(generation, old_pid, elapsed_ms, outcome = "failed", reason = %e, "upgrade failed; still serving");
-                if let Some(n) = &inner.notify {
-                    if !inner.drain.is_draining() {
-                        let status = status_text(&format!("upgrade to generation {generation} failed: {e}; still serving, pid {old_pid}"));
+                if guard.reloading {
+                    let status = status_text(&format!("upgrade to generation {generation} failed: {e}; still serving, pid {old_pid}"));
+                    if let Some(n) = &inner.notify {
                         if let Err(e) = n.send(&format!("READY=1\nSTATUS={status}")) {
                             tracing::warn!(error = %e, "cannot send READY=1 after the failed upgrade");
                         }
                     }
                 }
+                inner.keep_spares();
             }
         }
+        guard.settled = true;
         result
     }
 
@@ -891,6 +1090,12 @@ impl Handover {
                 limit: inner.config.state_limit,
             });
         }
+        // At the fd limit the next steps need the spares' slots: free them
+        // right before each step, with no await in between.
+        let mut spares = inner.spares.take(usize::MAX);
+        let for_barrier = spares.split_off(spares.len().saturating_sub(2));
+        let for_pidfd = spares.pop();
+        drop(spares);
         let launch = {
             let listeners = self.listeners();
             handoff::prepare(
@@ -903,7 +1108,7 @@ impl Handover {
                 state.len(),
             )?
         };
-        let mut child = launch.run().await?;
+        let mut child = launch.run(for_pidfd).await?;
         let new_pid = child.pid;
         tracing::info!(
             generation,
@@ -926,6 +1131,7 @@ impl Handover {
                     source,
                 });
             }
+            drop(for_barrier);
             if let Err(e) = n.barrier(BARRIER_TIMEOUT).await {
                 tracing::warn!(error = %e, "the manager did not confirm MAINPID=; handing over anyway");
             }
@@ -938,10 +1144,82 @@ impl Handover {
             child.kill().await;
             return Err(UpgradeError::Channel(e));
         }
-        inner.drain.start(DrainReason::Upgraded);
-        self.listeners().clear();
-        child.reap_in_background();
+        child.handed_over();
+        if reparent {
+            // The manager supervises the new process now: if it dies, the
+            // manager decides (Restart=), not us.
+            inner.drain.start(DrainReason::Upgraded);
+            self.listeners().clear();
+        } else {
+            // Run by hand: nobody else would restart the service if the new
+            // process died while this one drains. Keep the listeners (not
+            // accepting) so that this one can take the service back.
+            inner.drain.start_revocable(DrainReason::Upgraded);
+        }
+        inner.phase.send_replace(Phase::Draining);
+        inner.tell_parent(&format!("upgraded {new_pid}"));
+        self.watch_new_process(child);
         Ok(new_pid)
+    }
+
+    /// Follows the new process after the handoff until it exits (and reaps
+    /// it, if it is ours). If it dies while this process drains, without
+    /// having handed the service on or been stopped, this process takes the
+    /// service back (run by hand only).
+    fn watch_new_process(&self, mut child: handoff::Child) {
+        let weak = Arc::downgrade(&self.inner);
+        tokio::spawn(async move {
+            let pid = child.pid;
+            let mut let_go = None;
+            let status = loop {
+                match child.next_event().await {
+                    handoff::Event::Said(what) => {
+                        // It handed over or stops: no taking back from now.
+                        if let Some(inner) = weak.upgrade() {
+                            inner.drain.settle();
+                        }
+                        tracing::debug!(new_pid = pid, said = %what, "the new process let go of the service");
+                        let_go = Some(what);
+                    }
+                    handoff::Event::Exited(status) => break status,
+                }
+            };
+            let Some(inner) = weak.upgrade() else { return };
+            Handover { inner }.new_process_exited(pid, &status, let_go.as_deref());
+        });
+    }
+
+    fn new_process_exited(&self, pid: u32, status: &str, let_go: Option<&str>) {
+        let inner = &*self.inner;
+        if let Some(said) = let_go {
+            tracing::debug!(new_pid = pid, %status, said, "the new process exited");
+            return;
+        }
+        if inner.notify.is_some() {
+            tracing::warn!(new_pid = pid, %status, "the new process exited while this one was draining; the service manager decides what happens next");
+            return;
+        }
+        if !inner.drain.take_back() {
+            tracing::warn!(new_pid = pid, %status, "the new process exited while this one was stopping; not taking the service back");
+            return;
+        }
+        // Serving again: the accept loops resume on the listeners this
+        // process kept; connections that came meanwhile waited in their
+        // backlogs.
+        if let Some(path) = &inner.config.pid_file {
+            if let Err(e) = inner.write_pid_file(path) {
+                tracing::error!(error = %e, "cannot write the PID file after taking the service back");
+            }
+        }
+        inner.keep_spares();
+        inner.phase.send_replace(Phase::Ready);
+        tracing::warn!(
+            new_pid = pid,
+            %status,
+            pid = std::process::id(),
+            generation = inner.generation,
+            "the new process died while this one was draining; took the service back"
+        );
     }
 
     /// Sets what the next upgrade hands to the new process: `provider` runs
@@ -981,10 +1259,16 @@ impl Handover {
 
     /// Starts a graceful stop: `STOPPING=1`, stop accepting, finish
     /// in-flight work. This is what SIGTERM and SIGINT do. After a handoff
-    /// it does nothing more (the service lives on in the new process, and
-    /// `STOPPING=1` from us would stop it).
+    /// it only makes the drain final, so that this process does not take
+    /// the service back (the service lives on in the new process, and
+    /// `STOPPING=1` from us would stop it). A process that has a draining
+    /// parent tells it that it stops.
     pub fn stop(&self) {
-        if !self.inner.drain.start(DrainReason::Stopped) {
+        // Also makes a drain after a handoff final: once asked to stop, this
+        // process never takes the service back.
+        let started = self.inner.drain.start(DrainReason::Stopped);
+        self.inner.tell_parent("stopping");
+        if !started {
             return;
         }
         self.inner.phase.send_replace(Phase::Draining);
@@ -1003,11 +1287,30 @@ impl Handover {
     /// or stop) and every [`DrainGuard`] is gone, or the drain timeout
     /// expired. On a stop it also removes the PID file if it still holds
     /// this process's PID.
+    ///
+    /// Run by hand (no service manager), the drain after a handoff is taken
+    /// back if the new process dies without having handed the service on or
+    /// been stopped: this process then accepts again (the crate's accept
+    /// loops resume on the listeners they kept, see [`Drain::resumed`]),
+    /// rewrites the PID file, is [`Phase::Ready`], and `wait` waits for the
+    /// next drain.
     pub async fn wait(&self) -> Exit {
         let drain = &self.inner.drain;
-        let reason = drain.draining().await;
-        let started = Instant::now();
-        let outcome = drain.outcome(self.inner.config.drain_timeout).await;
+        let timeout = self.inner.config.drain_timeout;
+        let (reason, outcome, started) = loop {
+            let reason = drain.draining().await;
+            let started = Instant::now();
+            let outcome = tokio::select! {
+                o = drain.outcome(timeout) => o,
+                () = drain.taken_back() => continue,
+            };
+            // Final from here on (unless it was taken back just now): the
+            // listeners go, and a new process that dies now is not replaced.
+            if drain.settle() {
+                break (reason, outcome, started);
+            }
+        };
+        self.listeners().clear();
         let drain::DrainOutcome {
             unfinished,
             long_lived_closed,
@@ -1020,7 +1323,7 @@ impl Handover {
                 }
             }
         }
-        let drain_ms = started.elapsed().as_millis() as u64;
+        let drain_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
         if unfinished > 0 {
             tracing::warn!(
                 ?reason,

@@ -204,7 +204,9 @@ impl Listeners {
         }) else {
             return Ok(None);
         };
-        let p = self.passed[i].as_ref().expect("found above");
+        let Some(p) = self.passed.get(i).and_then(Option::as_ref) else {
+            return Ok(None);
+        };
         let actual = inspect(p.fd.as_fd(), kind).map_err(|problem| Error::InheritedSocket {
             name: p.name.clone(),
             fd: p.number,
@@ -221,12 +223,26 @@ impl Listeners {
                 }
             }
         }
-        let p = self.passed[i].take().expect("found above");
+        let Some(p) = self.passed.get_mut(i).and_then(Option::take) else {
+            return Ok(None);
+        };
         tracing::debug!(name, fd = p.number, address = %actual, "using inherited listener");
         Ok(Some((p.fd, p.source)))
     }
 
     fn add(&mut self, name: &str, kind: Kind, want: Address) -> Result<OwnedFd> {
+        self.add_with(name, kind, want, None)
+    }
+
+    /// [`add`](Self::add); a socket bound here gets file mode `mode` (Unix
+    /// sockets only).
+    fn add_with(
+        &mut self,
+        name: &str,
+        kind: Kind,
+        want: Address,
+        mode: Option<nix::sys::stat::Mode>,
+    ) -> Result<OwnedFd> {
         check_name(name)?;
         if name == CONTROL_NAME && kind != Kind::UnixStream {
             return Err(Error::InvalidName(name.to_owned()));
@@ -242,7 +258,7 @@ impl Listeners {
                 fd
             }
             None => {
-                let fd = bind(kind, &want).map_err(|source| Error::Bind {
+                let fd = bind(kind, &want, mode).map_err(|source| Error::Bind {
                     name: name.to_owned(),
                     addr: want.to_string(),
                     source,
@@ -277,6 +293,20 @@ impl Listeners {
     pub(crate) fn unix(&mut self, name: &str, path: &Path) -> Result<UnixListener> {
         self.add(name, Kind::UnixStream, Address::Unix(path.to_owned()))
             .map(UnixListener::from)
+    }
+
+    /// The control socket at `path`: inherited by name, or bound here with
+    /// file mode 0600 from the start (see [`bind`]), so that nothing is ever
+    /// `chmod`ed by path.
+    pub(crate) fn control(&mut self, path: &Path) -> Result<UnixListener> {
+        let private = nix::sys::stat::Mode::from_bits_truncate(0o600);
+        self.add_with(
+            CONTROL_NAME,
+            Kind::UnixStream,
+            Address::Unix(path.to_owned()),
+            Some(private),
+        )
+        .map(UnixListener::from)
     }
 
     pub(crate) fn unix_datagram(&mut self, name: &str, path: &Path) -> Result<UnixDatagram> {
@@ -322,7 +352,16 @@ impl Listeners {
 
 const BACKLOG: i32 = 1024;
 
-fn bind(kind: Kind, addr: &Address) -> std::io::Result<OwnedFd> {
+/// Binds a new socket for `addr`. With `mode`, a Unix socket's file is
+/// created with that mode: Linux gives the file `bind` creates the mode of
+/// the socket's own inode (set here with `fchmod` before `bind`), less the
+/// umask. Changing it afterwards by path could change another file, if
+/// someone replaced the socket file with a symlink in between.
+fn bind(
+    kind: Kind,
+    addr: &Address,
+    mode: Option<nix::sys::stat::Mode>,
+) -> std::io::Result<OwnedFd> {
     let flags = SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK;
     let fd = match addr {
         Address::Inet(a) => {
@@ -341,6 +380,9 @@ fn bind(kind: Kind, addr: &Address) -> std::io::Result<OwnedFd> {
         Address::Unix(path) => {
             remove_stale(path, kind);
             let fd = socket::socket(AddressFamily::Unix, kind.sock_type(), flags, None)?;
+            if let Some(mode) = mode {
+                nix::sys::stat::fchmod(&fd, mode)?;
+            }
             socket::bind(fd.as_raw_fd(), &socket::UnixAddr::new(path.as_path())?)?;
             fd
         }

@@ -123,7 +123,7 @@ impl Notifier {
         let fds = [write.as_fd().as_raw_fd()];
         self.send_with(b"BARRIER=1", &[ControlMessage::ScmRights(&fds)])?;
         drop(write);
-        let read = crate::sys::async_readable(read)?;
+        let read = crate::sys::async_readable(read).map_err(|(e, _)| e)?;
         match tokio::time::timeout(timeout, read.readable()).await {
             Ok(guard) => guard.map(drop),
             Err(_) => Err(io::Error::new(
@@ -148,9 +148,14 @@ pub fn status_text(text: &str) -> String {
 
 /// `CLOCK_MONOTONIC` in microseconds, for `MONOTONIC_USEC=`.
 pub fn monotonic_usec() -> u64 {
-    let ts = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
-        .expect("CLOCK_MONOTONIC is always available on Linux");
-    ts.tv_sec() as u64 * 1_000_000 + ts.tv_nsec() as u64 / 1_000
+    // clock_gettime(CLOCK_MONOTONIC) cannot fail on Linux; 0 if it did.
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
+        .map(|ts| {
+            let secs = u64::try_from(ts.tv_sec()).unwrap_or(0);
+            let usecs = u64::try_from(ts.tv_nsec()).unwrap_or(0) / 1_000;
+            secs.saturating_mul(1_000_000).saturating_add(usecs)
+        })
+        .unwrap_or(0)
 }
 
 #[cfg(test)]

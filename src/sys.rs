@@ -8,7 +8,7 @@
 
 use std::ffi::{CString, OsStr};
 use std::io;
-use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::raw::c_char;
 use std::os::unix::ffi::OsStrExt;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -27,6 +27,15 @@ pub(crate) fn fd_is_open(fd: RawFd) -> bool {
     unsafe { libc::fcntl(fd, libc::F_GETFD) != -1 }
 }
 
+/// Whether `fd` is open and close-on-exec: then it cannot have been
+/// inherited across `execve` (which closed every such fd); this process
+/// opened it since it started.
+pub(crate) fn fd_is_cloexec(fd: RawFd) -> bool {
+    // SAFETY: as in fd_is_open.
+    let flags = unsafe { libc::fcntl(fd, libc::F_GETFD) };
+    flags != -1 && flags & libc::FD_CLOEXEC != 0
+}
+
 /// Whether the open fd `fd` is a socket (`S_ISSOCK`).
 pub(crate) fn fd_is_socket(fd: RawFd) -> io::Result<bool> {
     // SAFETY: `st` is a plain C struct that fstat fills in; a zeroed value is
@@ -37,6 +46,13 @@ pub(crate) fn fd_is_socket(fd: RawFd) -> io::Result<bool> {
         return Err(io::Error::last_os_error());
     }
     Ok(st.st_mode & libc::S_IFMT == libc::S_IFSOCK)
+}
+
+/// Owns `fd`, which `fcntl(F_DUPFD_CLOEXEC)` (or the like) just returned.
+pub(crate) fn own(fd: RawFd) -> OwnedFd {
+    // SAFETY: the caller got `fd` from a call that created it; nothing else
+    // owns it.
+    unsafe { OwnedFd::from_raw_fd(fd) }
 }
 
 static TAKEN: AtomicBool = AtomicBool::new(false);
@@ -300,33 +316,31 @@ unsafe fn child_exec(
     report: RawFd,
     empty: &libc::sigset_t,
 ) -> ! {
-    // LISTEN_PID=<our pid>: digits written backwards into a stack buffer.
+    // LISTEN_PID=<our pid> into the slot prepared for it. No indexing that
+    // could panic here: a panic in the child of a multi-threaded process
+    // would allocate and take locks.
     let pid = libc::syscall(libc::SYS_getpid) as u64;
-    let mut digits = [0u8; 20];
-    let mut len = 0;
-    let mut p = pid;
-    loop {
-        digits[len] = b'0' + (p % 10) as u8;
-        len += 1;
-        p /= 10;
-        if p == 0 {
-            break;
-        }
-    }
     let slot = &mut image.listen_pid;
-    let mut at = LISTEN_PID_PREFIX.len();
-    for i in (0..len).rev() {
-        slot[at] = digits[i];
-        at += 1;
+    let end = match put_decimal(&mut slot[..], LISTEN_PID_PREFIX.len(), pid) {
+        Some(end) => end,
+        None => fail(report, b"spawn ", libc::E2BIG),
+    };
+    match (
+        slot.get_mut(end),
+        image.envp_ptrs.get_mut(image.listen_pid_slot),
+    ) {
+        (Some(nul), Some(ptr)) => {
+            *nul = 0;
+            *ptr = slot.as_ptr() as *const c_char;
+        }
+        _ => fail(report, b"spawn ", libc::E2BIG),
     }
-    slot[at] = 0;
-    image.envp_ptrs[image.listen_pid_slot] = slot.as_ptr() as *const c_char;
 
     for (i, &fd) in raw_fds.iter().enumerate() {
         let target = 3 + i as i32;
         // Every source is >= 3 + n, so no dup2 overwrites a later source.
         if libc::dup2(fd, target) == -1 || libc::fcntl(target, libc::F_SETFD, 0) == -1 {
-            fail(report, b"spawn ");
+            fail(report, b"spawn ", *libc::__errno_location());
         }
     }
 
@@ -340,36 +354,43 @@ unsafe fn child_exec(
         image.argv_ptrs.as_ptr(),
         image.envp_ptrs.as_ptr(),
     );
-    fail(report, b"exec ")
+    fail(report, b"exec ", *libc::__errno_location())
 }
 
-/// Writes `<what><errno>\n` to `fd` and exits 127. Async-signal-safe.
-unsafe fn fail(fd: RawFd, what: &[u8]) -> ! {
-    let errno = *libc::__errno_location();
-    let mut buf = [0u8; 32];
+/// Writes `n` in decimal into `buf` from `at`; returns where it ended, or
+/// `None` without room. Async-signal-safe, cannot panic.
+fn put_decimal(buf: &mut [u8], at: usize, n: u64) -> Option<usize> {
+    let mut digits = [0u8; 20];
     let mut len = 0;
-    while len < what.len() {
-        buf[len] = what[len];
-        len += 1;
-    }
-    let mut digits = [0u8; 12];
-    let mut d = 0;
-    let mut e = errno.unsigned_abs();
+    let mut rest = n;
     loop {
-        digits[d] = b'0' + (e % 10) as u8;
-        d += 1;
-        e /= 10;
-        if e == 0 {
+        *digits.get_mut(len)? = b'0' + (rest % 10) as u8;
+        len += 1;
+        rest /= 10;
+        if rest == 0 {
             break;
         }
     }
-    while d > 0 {
-        d -= 1;
-        buf[len] = digits[d];
+    let mut end = at;
+    for d in digits.get(..len)?.iter().rev() {
+        *buf.get_mut(end)? = *d;
+        end += 1;
+    }
+    Some(end)
+}
+
+/// Writes `<what><errno>\n` to `fd` and exits 127. Async-signal-safe.
+unsafe fn fail(fd: RawFd, what: &[u8], errno: i32) -> ! {
+    let mut buf = [0u8; 32];
+    let mut len = what.len().min(16);
+    if let (Some(to), Some(from)) = (buf.get_mut(..len), what.get(..len)) {
+        to.copy_from_slice(from);
+    }
+    len = put_decimal(&mut buf, len, u64::from(errno.unsigned_abs())).unwrap_or(len);
+    if let Some(nl) = buf.get_mut(len) {
+        *nl = b'\n';
         len += 1;
     }
-    buf[len] = b'\n';
-    len += 1;
     libc::write(fd, buf.as_ptr() as *const libc::c_void, len);
     libc::_exit(127)
 }
@@ -445,13 +466,34 @@ pub(crate) fn reap(pidfd: BorrowedFd<'_>) -> io::Result<Option<ExitStatus>> {
     }))
 }
 
-/// Registers an owned fd with tokio's reactor for readability.
-pub(crate) fn async_readable(fd: OwnedFd) -> io::Result<tokio::io::unix::AsyncFd<OwnedFd>> {
+/// Registers an owned fd with tokio's reactor for readability. On failure
+/// the fd comes back with the error.
+pub(crate) fn async_readable(
+    fd: OwnedFd,
+) -> Result<tokio::io::unix::AsyncFd<OwnedFd>, (io::Error, OwnedFd)> {
     // SAFETY: an OwnedFd is open, owned by the AsyncFd from here on (so it
     // stays open and the same description until the AsyncFd is dropped),
     // and always returns the same number from as_raw_fd().
     unsafe { tokio::io::unix::AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE) }
-        .map_err(|e| e.into_parts().1)
+        .map_err(|e| {
+            let (fd, e) = e.into_parts();
+            (e, fd)
+        })
+}
+
+/// Kills the process behind `child` and waits (blocking, at most `timeout`)
+/// for it to exit; reaps it if it is `ours`. For error paths that cannot
+/// wait asynchronously.
+pub(crate) fn kill_and_wait(child: &Spawned, ours: bool, timeout: std::time::Duration) {
+    let pidfd = child.pidfd.as_fd();
+    if pidfd_signal(pidfd, libc::SIGKILL).is_err() {
+        return;
+    }
+    let ms = u16::try_from(timeout.as_millis()).unwrap_or(u16::MAX);
+    let mut fds = [nix::poll::PollFd::new(pidfd, nix::poll::PollFlags::POLLIN)];
+    if nix::poll::poll(&mut fds, ms).is_ok_and(|n| n > 0) && ours {
+        let _ = reap(pidfd);
+    }
 }
 
 /// Registers a signalfd with tokio's reactor for readability.
@@ -584,6 +626,18 @@ mod tests {
             reap(child.pidfd.as_fd()).unwrap(),
             Some(ExitStatus::Code(0))
         );
+    }
+
+    #[test]
+    fn decimals_fit_or_say_so() {
+        let mut buf = [0u8; 8];
+        assert_eq!(put_decimal(&mut buf, 2, 4096), Some(6));
+        assert_eq!(&buf[2..6], b"4096");
+        assert_eq!(put_decimal(&mut buf, 0, 0), Some(1));
+        assert_eq!(put_decimal(&mut buf, 5, 12345), None);
+        let mut slot = [0u8; 32];
+        let end = put_decimal(&mut slot, LISTEN_PID_PREFIX.len(), u64::MAX).unwrap();
+        assert!(end < slot.len(), "LISTEN_PID= and any pid fit with the NUL");
     }
 
     #[test]

@@ -150,14 +150,40 @@ fn an_fd_that_is_not_a_socket_is_refused() {
     );
     refused(&out, "inherited fd 3 named \"unknown\" is not a socket");
     // Nothing passed at fd 3: by the time build() looks, the runtime's own
-    // epoll fd may sit there; either way it is refused, not served on.
+    // epoll fd sits there. It is close-on-exec, so it cannot have been
+    // passed: "is not open", not "is not a socket".
     let out = launch(
         "none",
         &[("LISTEN_PID", "$PID"), ("LISTEN_FDS", "1")],
         ADDR,
         T,
     );
-    refused(&out, "inherited fd 3 named \"unknown\" is not");
+    refused(&out, "inherited fd 3 named \"unknown\" is not open");
+}
+
+/// A parent's `HANDOVER_STATE_LEN` is bounded by the receiving process's
+/// own state limit (16 MiB in hello): 2^64-1 panicked ("capacity
+/// overflow") and 10^12 aborted the process.
+#[test]
+fn a_huge_state_length_is_a_typed_error() {
+    if !have_python() {
+        return;
+    }
+    for len in ["18446744073709551615", "1000000000000"] {
+        let vars = [
+            ("LISTEN_PID", "$PID"),
+            ("LISTEN_FDS", "0"),
+            ("HANDOVER_FD", "3"),
+            ("HANDOVER_STATE_LEN", len),
+        ];
+        let out = launch("socket", &vars, ADDR, T);
+        refused(
+            &out,
+            &format!(
+                "invalid socket activation environment: HANDOVER_STATE_LEN={len} exceeds this process's state limit of 16777216 bytes"
+            ),
+        );
+    }
 }
 
 #[test]

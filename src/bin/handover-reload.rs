@@ -11,6 +11,10 @@
 //! it exits 1 with the reason on stderr. It sends its own environment (the
 //! unit's current `Environment=`/`EnvironmentFile=`, as systemd runs
 //! `ExecReload=` with it) for the new process, unless `--no-env`.
+//!
+//! `systemctl stop` during a reload sends it SIGTERM (and the service
+//! answers `cancelled`): it then exits 0 with "cancelled by stop", so that
+//! the unit's result stays `success` instead of `signal`.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -51,6 +55,9 @@ fn main() -> ExitCode {
         eprintln!("handover-reload: no --socket and no $RUNTIME_DIRECTORY");
         return ExitCode::from(2);
     };
+    if let Err(e) = exit_cleanly_on_sigterm() {
+        eprintln!("handover-reload: cannot handle SIGTERM: {e}");
+    }
     let env: Vec<_> = std::env::vars_os().collect();
     let env = send_env.then_some(env.as_slice());
     match handover::control::request_upgrade(&socket, env, timeout) {
@@ -58,9 +65,38 @@ fn main() -> ExitCode {
             println!("upgraded: main PID {pid}");
             ExitCode::SUCCESS
         }
+        Err(e @ handover::control::ControlError::Cancelled(_)) => {
+            eprintln!("handover-reload: {e}");
+            ExitCode::SUCCESS
+        }
         Err(e) => {
             eprintln!("handover-reload: {e}");
             ExitCode::FAILURE
         }
     }
+}
+
+/// SIGTERM is what `systemctl stop` sends to a running `ExecReload=`
+/// command: say so and exit 0 instead of dying of it (the unit would end
+/// up "failed (Result: signal)"). The signal is blocked in every thread and
+/// taken by a thread of its own with `sigwait`.
+fn exit_cleanly_on_sigterm() -> std::io::Result<()> {
+    use nix::sys::signal::{SigSet, SigmaskHow, Signal};
+    let mut set = SigSet::empty();
+    set.add(Signal::SIGTERM);
+    nix::sys::signal::pthread_sigmask(SigmaskHow::SIG_BLOCK, Some(&set), None)?;
+    let waiter = std::thread::Builder::new()
+        .name("sigterm".into())
+        .spawn(move || {
+            if set.wait().is_ok() {
+                eprintln!("handover-reload: cancelled by stop (SIGTERM)");
+                std::process::exit(0);
+            }
+        });
+    if let Err(e) = waiter {
+        // No thread to take it: let SIGTERM kill as before.
+        nix::sys::signal::pthread_sigmask(SigmaskHow::SIG_UNBLOCK, Some(&set), None)?;
+        return Err(e);
+    }
+    Ok(())
 }

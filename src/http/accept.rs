@@ -1,6 +1,7 @@
 //! The accept loop: takes connections from a [`Listener`] until the drain
 //! starts, hands each to its own task, and decides what an accept error
-//! means (retry at once, pause, or stop).
+//! means (retry at once, pause, or stop). It keeps the listener until the
+//! drain is final, and accepts again if the drain is taken back.
 
 use std::future::Future;
 use std::io;
@@ -74,7 +75,10 @@ impl Server {
         let cfg = Arc::new(self.clone());
         async move {
             let mut backoff = Backoff::default();
-            {
+            // Serves until the drain starts; keeps the listener (not
+            // accepting) until the drain is final, and serves again if it is
+            // taken back (the process that took over died).
+            loop {
                 let mut draining = pin!(drain.draining());
                 loop {
                     let accepted = tokio::select! {
@@ -122,9 +126,14 @@ impl Server {
                         },
                     }
                 }
+                tracing::debug!("drain started: stopped accepting");
+                if !drain.resumed().await {
+                    break;
+                }
+                tracing::info!("drain taken back: accepting again");
             }
             drop(listener);
-            tracing::debug!("drain started: stopped accepting, listener dropped");
+            tracing::debug!("drain final: listener dropped");
             Ok(())
         }
     }

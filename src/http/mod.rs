@@ -2,8 +2,9 @@
 //!
 //! [`serve`] (or [`Server::serve`] with options) runs a hyper service on a
 //! [`Listener`] until the [`Drain`] starts, then stops accepting, drops the
-//! listener (the socket itself lives on in the new process) and lets every
-//! connection finish by these rules:
+//! listener once the drain is final (the socket itself lives on in the new
+//! process; a drain taken back resumes accepting, see
+//! [`Drain::resumed`]) and lets every connection finish by these rules:
 //!
 //! - **HTTP/1**: while draining, every response carries `Connection: close`,
 //!   and the connection closes after writing it. This holds for a connection
@@ -145,8 +146,10 @@ type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// Serves HTTP/1.1 and HTTP/2 (cleartext, prior knowledge) on `listener`
 /// with the default [`Server`] options until `drain` starts.
 ///
-/// When the drain starts the accept loop stops, drops the listener and
-/// returns `Ok(())`; the connections go on in their own tasks, each holding a
+/// When the drain starts the accept loop stops accepting; once the drain is
+/// final it drops the listener and returns `Ok(())` (a drain that
+/// [`Handover`](crate::Handover) takes back makes it accept again). The
+/// connections go on in their own tasks, each holding a
 /// [`DrainGuard`](crate::drain::DrainGuard), and close by the rules in the
 /// [module docs](self). Wait for them with [`Drain::idle`] or
 /// [`Drain::finished`]. An error is returned only when accepting fails for

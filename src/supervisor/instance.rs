@@ -135,7 +135,7 @@ impl Launcher {
         drop(report_tx);
         drop(image);
         let pidfd = spawned.pidfd;
-        let report = sys::async_readable(report_rx)?;
+        let report = sys::async_readable(report_rx).map_err(|(e, _)| e)?;
         Ok(Instance {
             pid: spawned.pid as i32,
             pidfd,

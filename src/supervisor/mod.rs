@@ -440,9 +440,10 @@ fn inherited() -> Result<Vec<listeners::Passed>, SupervisorError> {
         listen_fdnames: names.as_deref(),
         channel: None,
         generation: None,
+        state_len: None,
         allow_missing_pid: env(activation::ENV_ALLOW_NO_PID).is_some_and(|v| v == "1"),
     };
-    match activation::read(vars, std::process::id())? {
+    match activation::read(vars, std::process::id(), 0)? {
         Found::Nothing => Ok(Vec::new()),
         Found::NotOurs(why) => {
             tracing::warn!("ignoring the socket activation environment: {why}");
