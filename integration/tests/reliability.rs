@@ -12,50 +12,32 @@
 //! Most of these need root (cgroups, mounts, `setpriv`, the manager); they
 //! print `SKIP` and pass without it, and fail under `CI=true`.
 
-#[path = "support/load.rs"]
-mod load;
-#[path = "support/server.rs"]
-mod server;
-#[path = "support/systemd.rs"]
-mod systemd;
-#[path = "support/units.rs"]
-mod units;
-
 use std::fs;
-use std::io::{Read, Write};
+use std::io::Write;
+use std::net::SocketAddr;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
-use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-use nix::sys::signal::{kill, Signal};
-use nix::unistd::Pid;
+use nix::sys::signal::Signal;
 
-use server::{alive, become_subreaper, example, reap, wait_for, Log, Server};
+use support::cgroup::PidsCgroup;
+use support::http::{burst, free_port, get, Conn};
+use support::load::{ErrorKind, Load, LoadConfig};
+use support::notify::NotifySocket;
+use support::process::{alive, become_subreaper, fd_count, pid_after, reap, signal, terminate};
+use support::server::{command, reload, Deployed, Server, NEVER_READY};
+use support::systemd::{Manager, UserManager};
+use support::{have, on_each_manager, program, root, skip, units, wait_for, TIMEOUT};
 
-/// Bound on every wait.
-const T: Duration = Duration::from_secs(30);
 const NOBODY: &str = "65534";
-const RELOAD_CMD: &str = env!("CARGO_BIN_EXE_handover-reload");
 
 // ---------------------------------------------------------------------------------------------
 // helpers
 
-/// Prints why the test cannot run here and returns false; under CI, fails.
-fn skip(why: &str) -> bool {
-    assert!(!systemd::under_ci(), "cannot run under CI: {why}");
-    let thread = std::thread::current();
-    systemd::announce(&format!("SKIP {}: {why}", thread.name().unwrap_or("test")));
-    false
-}
-
-fn root() -> bool {
-    nix::unistd::geteuid().is_root() || skip("needs root")
-}
-
 fn setpriv() -> bool {
-    Path::new("/usr/bin/setpriv").exists() || skip("needs /usr/bin/setpriv (util-linux)")
+    have("/usr/bin/setpriv", "util-linux")
 }
 
 /// Runs `sh -c script` as user and group 65534 (nobody), no other groups.
@@ -111,67 +93,13 @@ impl Victim {
     }
 }
 
-/// Starts `exe` with `--pid-file pid_file` and `args`, its stderr captured,
-/// and waits until it wrote its PID file.
-fn start(exe: &Path, pid_file: &Path, args: &[&str], envs: &[(&str, &str)]) -> Server {
-    let mut cmd = Command::new(exe);
-    cmd.arg("--pid-file").arg(pid_file).args(args);
-    cmd.env("RUST_LOG", "info").env_remove("NOTIFY_SOCKET");
-    for (k, v) in envs {
-        cmd.env(k, v);
-    }
-    let mut child = cmd
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let log = Log::capture(child.stderr.take().unwrap());
-    let server = Server {
-        child,
-        log,
-        pid_file: pid_file.to_owned(),
-        dir: tempfile::tempdir().unwrap(),
-    };
-    let first = server.child.id();
-    wait_for("the PID file", T, || {
-        (server.pid() == Some(first)).then_some(())
-    });
-    server
-}
-
-/// Waits until the load has completed `n` more requests: traffic flows now.
-fn traffic_flows(load: &load::Load, n: u64) {
-    let want = load.ok() + n;
-    assert!(
-        load.wait_for_ok(want, T),
-        "requests stopped flowing ({} ok, {} errors)",
-        load.ok(),
-        load.errors()
-    );
-}
-
-/// The pid after `key` in a log line (`new_pid=123`, `new process 123`).
-fn pid_after(line: &str, key: &str) -> u32 {
-    let at = line
-        .find(key)
-        .unwrap_or_else(|| panic!("no {key:?} in {line}"))
-        + key.len();
-    line[at..]
-        .split(|c: char| !c.is_ascii_digit())
-        .next()
-        .and_then(|d| d.parse().ok())
-        .unwrap_or_else(|| panic!("no pid after {key:?} in {line}"))
-}
-
-fn reload(socket: &Path) -> Output {
-    Command::new(RELOAD_CMD)
-        .arg("--socket")
-        .arg(socket)
-        .args(["--timeout", "30"])
-        .stdin(Stdio::null())
-        .output()
-        .unwrap()
+/// hello with its PID file at `pid_file`, `NOTIFY_SOCKET` at `notify`, listening on a port of
+/// its own.
+fn hello_notifying(pid_file: &Path, notify: &NotifySocket, args: &[&str]) -> Server {
+    let mut all = vec!["--addr", "127.0.0.1:0"];
+    all.extend(args);
+    let envs = [("NOTIFY_SOCKET", notify.path())];
+    Server::start_with_pid_file(program!("hello"), Some(pid_file), &all, &envs)
 }
 
 /// A tmpfs mounted (by root) on a fresh directory, unmounted on drop.
@@ -235,224 +163,10 @@ impl Drop for Tmpfs {
     }
 }
 
-/// A notify socket of our own standing in for the service manager: it
-/// records every datagram and closes the fds that come with one (which is
-/// what releases a `BARRIER=1`), or holds them while told to.
-struct FakeManager {
-    _dir: tempfile::TempDir,
-    path: PathBuf,
-    messages: Arc<(Mutex<Vec<String>>, Condvar)>,
-    /// `Some`: barrier fds are held here until [`FakeManager::release`].
-    held: Arc<Mutex<Option<Vec<std::os::fd::RawFd>>>>,
-}
-
-impl FakeManager {
-    fn start() -> FakeManager {
-        use std::os::fd::AsRawFd;
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("notify");
-        let sock = std::os::unix::net::UnixDatagram::bind(&path).unwrap();
-        let messages: Arc<(Mutex<Vec<String>>, Condvar)> = Arc::default();
-        let held: Arc<Mutex<Option<Vec<std::os::fd::RawFd>>>> = Arc::default();
-        let (m, h) = (messages.clone(), held.clone());
-        std::thread::spawn(move || loop {
-            let mut buf = [0u8; 4096];
-            let mut iov = [std::io::IoSliceMut::new(&mut buf)];
-            let mut cmsg = nix::cmsg_space!([std::os::fd::RawFd; 4]);
-            let Ok(msg) = nix::sys::socket::recvmsg::<()>(
-                sock.as_raw_fd(),
-                &mut iov,
-                Some(&mut cmsg),
-                nix::sys::socket::MsgFlags::MSG_CMSG_CLOEXEC,
-            ) else {
-                break;
-            };
-            let mut fds = vec![];
-            for c in msg.cmsgs().into_iter().flatten() {
-                if let nix::sys::socket::ControlMessageOwned::ScmRights(f) = c {
-                    fds.extend(f);
-                }
-            }
-            let len = msg.bytes;
-            match &mut *h.lock().unwrap() {
-                Some(held) => held.extend(fds),
-                None => {
-                    for fd in fds {
-                        let _ = nix::unistd::close(fd);
-                    }
-                }
-            }
-            let text = String::from_utf8_lossy(&buf[..len]).into_owned();
-            let (lock, cv) = &*m;
-            lock.lock().unwrap().push(text);
-            cv.notify_all();
-        });
-        FakeManager {
-            _dir: dir,
-            path,
-            messages,
-            held,
-        }
-    }
-
-    /// Holds every `BARRIER=1` from now on, until [`FakeManager::release`].
-    fn hold_barriers(&self) {
-        *self.held.lock().unwrap() = Some(Vec::new());
-    }
-
-    /// Processes the held barriers (closes their fds) and holds no more.
-    fn release(&self) {
-        for fd in self.held.lock().unwrap().take().unwrap_or_default() {
-            let _ = nix::unistd::close(fd);
-        }
-    }
-
-    /// How many messages so far.
-    fn len(&self) -> usize {
-        self.messages.0.lock().unwrap().len()
-    }
-
-    /// Waits for a message after the first `from` that contains every one
-    /// of `needles`.
-    fn wait_message(&self, from: usize, needles: &[&str]) -> String {
-        let end = Instant::now() + T;
-        let (lock, cv) = &*self.messages;
-        let mut msgs = lock.lock().unwrap();
-        loop {
-            if let Some(m) = msgs
-                .iter()
-                .skip(from)
-                .find(|m| needles.iter().all(|n| m.contains(n)))
-            {
-                return m.clone();
-            }
-            let now = Instant::now();
-            assert!(
-                now < end,
-                "no notify message with {needles:?}; got {msgs:#?}"
-            );
-            msgs = cv.wait_timeout(msgs, end - now).unwrap().0;
-        }
-    }
-}
+const FAILED: &str = "upgrade failed; still serving";
 
 // ---------------------------------------------------------------------------------------------
-// 1. no thread can be created
-
-/// A pids cgroup of our own (cgroup v1 `pids` controller), nested under
-/// this test's own cgroup path, never the root; removed on drop, after
-/// killing whatever of ours is still in it.
-struct PidsCgroup {
-    dir: PathBuf,
-    created: Vec<PathBuf>,
-}
-
-impl PidsCgroup {
-    fn create() -> Option<PidsCgroup> {
-        let mountinfo = fs::read_to_string("/proc/self/mountinfo").unwrap();
-        let mount = mountinfo.lines().find_map(|l| {
-            let f: Vec<&str> = l.split(' ').collect();
-            let sep = f.iter().position(|x| *x == "-")?;
-            let (mount, fstype, opts) = (f.get(4)?, f.get(sep + 1)?, f.get(sep + 3)?);
-            (*fstype == "cgroup" && opts.split(',').any(|o| o == "pids"))
-                .then(|| PathBuf::from(mount))
-        });
-        let Some(mount) = mount else {
-            skip("no cgroup v1 pids hierarchy mounted");
-            return None;
-        };
-        // Our place: in the pids hierarchy if it is not the root there,
-        // else our memory cgroup's path (as the systemd harness does).
-        let own = fs::read_to_string("/proc/self/cgroup").unwrap();
-        let path_of = |ctrl: &str| {
-            own.lines().find_map(|l| {
-                let mut p = l.splitn(3, ':');
-                let (_, ctrls, path) = (p.next()?, p.next()?, p.next()?);
-                ctrls.split(',').any(|c| c == ctrl).then(|| path.to_owned())
-            })
-        };
-        let base = path_of("pids")
-            .filter(|p| p != "/")
-            .or_else(|| path_of("memory"))
-            .unwrap_or_else(|| "/".into());
-        assert!(!base.contains(".."), "{base}");
-        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-        let n = N.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        let leaf = format!("handover-pids-{}-{n}", std::process::id());
-        let dir = mount.join(base.trim_start_matches('/')).join(leaf);
-        // The systemd harness creates and removes parents under this lock.
-        let _lock = CgroupLock::take();
-        let mut created = Vec::new();
-        let mut missing: Vec<&Path> = dir.ancestors().take_while(|a| !a.exists()).collect();
-        missing.reverse();
-        for d in missing {
-            fs::create_dir(d).unwrap_or_else(|e| panic!("mkdir {}: {e}", d.display()));
-            created.push(d.to_owned());
-        }
-        Some(PidsCgroup { dir, created })
-    }
-
-    fn write(&self, file: &str, value: &str) {
-        fs::write(self.dir.join(file), value)
-            .unwrap_or_else(|e| panic!("write {value} to {file}: {e}"));
-    }
-
-    fn read(&self, file: &str) -> String {
-        fs::read_to_string(self.dir.join(file))
-            .unwrap()
-            .trim()
-            .to_owned()
-    }
-
-    fn procs(&self) -> Vec<i32> {
-        self.read("cgroup.procs")
-            .lines()
-            .filter_map(|l| l.parse().ok())
-            .collect()
-    }
-}
-
-impl Drop for PidsCgroup {
-    fn drop(&mut self) {
-        let _ = fs::write(self.dir.join("pids.max"), "max");
-        let end = Instant::now() + Duration::from_secs(10);
-        loop {
-            let procs = self.procs();
-            if procs.is_empty() || Instant::now() > end {
-                break;
-            }
-            for p in procs {
-                let _ = kill(Pid::from_raw(p), Signal::SIGKILL);
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        let _lock = CgroupLock::take();
-        for d in self.created.iter().rev() {
-            let end = Instant::now() + Duration::from_secs(5);
-            while fs::remove_dir(d).is_err() && d.exists() && Instant::now() < end {
-                std::thread::sleep(Duration::from_millis(10));
-            }
-        }
-    }
-}
-
-/// `flock` on `/sys/fs/cgroup`, as the systemd harness takes it; held until
-/// dropped.
-struct CgroupLock(#[allow(dead_code)] Option<nix::fcntl::Flock<fs::File>>);
-
-impl CgroupLock {
-    fn take() -> CgroupLock {
-        let mut file = fs::File::open("/sys/fs/cgroup").ok();
-        while let Some(f) = file.take() {
-            match nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusive) {
-                Ok(lock) => return CgroupLock(Some(lock)),
-                Err((f, nix::errno::Errno::EINTR)) => file = Some(f),
-                Err(_) => break,
-            }
-        }
-        CgroupLock(None)
-    }
-}
+// no thread can be created
 
 /// No thread can be created (a pids cgroup at its limit) when SIGHUP
 /// comes: the upgrade fails with that reason, ends its `RELOADING=1` with
@@ -467,15 +181,9 @@ fn an_upgrade_that_cannot_create_a_thread_fails_with_a_reason_and_the_next_one_w
         return;
     }
     become_subreaper();
-    let manager = FakeManager::start();
-    let notify = manager.path.to_str().unwrap().to_owned();
+    let manager = NotifySocket::bind();
     let dir = tempfile::tempdir().unwrap();
-    let server = start(
-        &example("hello"),
-        &dir.path().join("hello.pid"),
-        &["--addr", "127.0.0.1:0"],
-        &[("NOTIFY_SOCKET", notify.as_str())],
-    );
+    let server = hello_notifying(&dir.path().join("hello.pid"), &manager, &[]);
     let addr = server.addr();
     let old = server.pid().unwrap();
     let Some(cg) = PidsCgroup::create() else {
@@ -485,10 +193,8 @@ fn an_upgrade_that_cannot_create_a_thread_fails_with_a_reason_and_the_next_one_w
     cg.write("pids.max", &cg.read("pids.current"));
 
     let (from, sent) = (server.log.len(), manager.len());
-    kill(Pid::from_raw(old as i32), Signal::SIGHUP).unwrap();
-    let (_, line) = server
-        .log
-        .wait_line(from, &["upgrade failed; still serving"], T);
+    signal(old, Signal::SIGHUP);
+    let (_, line) = server.log.wait_line(from, &[FAILED], TIMEOUT);
     assert!(
         line.contains("cannot create a thread")
             && line.contains("Resource temporarily unavailable"),
@@ -497,21 +203,20 @@ fn an_upgrade_that_cannot_create_a_thread_fails_with_a_reason_and_the_next_one_w
     manager.wait_message(sent, &["RELOADING=1"]);
     let ready = manager.wait_message(sent, &["READY=1\nSTATUS=upgrade to generation 1 failed"]);
     assert!(ready.contains("cannot create a thread"), "{ready}");
-    assert_eq!(server::get(addr, "/").0, 200, "the old process serves");
+    assert_eq!(get(addr, "/").status, 200, "the old process serves");
     assert_eq!(server.pid(), Some(old));
 
     // Resources are back: the very next SIGHUP upgrades.
     cg.write("pids.max", "max");
-    let (was, new) = server.upgrade(T);
+    let (was, new) = server.upgrade();
     assert_eq!(was, old);
-    assert_eq!(reap(old, T), 0);
-    assert_eq!(server::get(addr, "/").0, 200);
-    kill(Pid::from_raw(new as i32), Signal::SIGTERM).unwrap();
-    assert_eq!(reap(new, T), 0);
+    assert_eq!(reap(old, TIMEOUT), 0);
+    assert_eq!(get(addr, "/").status, 200);
+    assert_eq!(terminate(new), 0);
 }
 
 // ---------------------------------------------------------------------------------------------
-// 2. and 3. symlinks planted by another user
+// symlinks planted by another user
 
 /// Before: the start-up check and the write opened `.NAME.<pid>.tmp` with
 /// `O_CREAT|O_TRUNC`, following symlinks: another user who planted symlinks
@@ -537,34 +242,20 @@ fn symlinks_planted_in_a_sticky_pid_file_directory_clobber_nothing() {
             victim = victim.path.display(),
         ));
     };
-    // The first process: a shell that waits for the symlinks to be in
-    // place, then execs hello (same pid).
-    let hello = example("hello");
-    let mut child = Command::new("sh")
-        .args(["-c", "read _ && exec \"$0\" \"$@\""])
-        .arg(&hello)
+    // The first process: a shell that waits for the symlinks to be in place, then execs
+    // hello (same pid).
+    let mut cmd = command("sh");
+    cmd.args(["-c", "read _ && exec \"$0\" \"$@\""])
+        .arg(program!("hello"))
         .args(["--addr", "127.0.0.1:0", "--pid-file"])
         .arg(&pid_file)
-        .env("RUST_LOG", "info")
-        .env_remove("NOTIFY_SOCKET")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let first = child.id();
+        .stdin(Stdio::piped());
+    let mut server = Server::spawn(cmd, Some(&pid_file));
+    let first = server.child.id();
     plant(first..first + 1);
-    let log = Log::capture(child.stderr.take().unwrap());
-    child.stdin.take().unwrap().write_all(b"go\n").unwrap();
-    let server = Server {
-        child,
-        log,
-        pid_file: pid_file.clone(),
-        dir: tempfile::tempdir().unwrap(),
-    };
-    wait_for("the PID file", T, || {
-        (server.pid() == Some(first)).then_some(())
-    });
+    let go = server.child.stdin.take().unwrap();
+    (&go).write_all(b"go\n").unwrap();
+    server.wait_started();
     victim.assert_untouched();
 
     // The next processes, whatever pids they get.
@@ -573,16 +264,15 @@ fn symlinks_planted_in_a_sticky_pid_file_directory_clobber_nothing() {
         .and_then(|s| s.trim().parse().ok())
         .unwrap_or(first);
     plant(last + 1..last + 1500);
-    let (old, new) = server.upgrade(T);
-    assert_eq!(reap(old, T), 0);
+    let (old, new) = server.upgrade();
+    assert_eq!(reap(old, TIMEOUT), 0);
 
     victim.assert_untouched();
     let meta = fs::symlink_metadata(&pid_file).unwrap();
     assert!(meta.file_type().is_file(), "the PID file is a regular file");
     assert_eq!((meta.uid(), meta.gid()), (0, 0), "owned by root");
     assert_eq!(fs::read_to_string(&pid_file).unwrap(), format!("{new}\n"));
-    kill(Pid::from_raw(new as i32), Signal::SIGTERM).unwrap();
-    assert_eq!(reap(new, T), 0);
+    assert_eq!(terminate(new), 0);
     victim.assert_untouched();
 }
 
@@ -605,7 +295,7 @@ fn a_symlink_planted_for_the_control_socket_changes_no_mode() {
         "--control-socket",
         socket.to_str().unwrap(),
     ];
-    let server = Server::start(&example("hello"), &args, &[]);
+    let server = Server::start(program!("hello"), &args, &[]);
     let meta = fs::symlink_metadata(&socket).unwrap();
     assert_eq!(meta.mode() & 0o777, 0o600, "created private");
 
@@ -615,18 +305,16 @@ fn a_symlink_planted_for_the_control_socket_changes_no_mode() {
         v = victim.path.display()
     ));
     let from = server.log.len();
-    let (old, new) = server.upgrade(T);
-    assert_eq!(reap(old, T), 0);
+    let (old, new) = server.upgrade();
+    assert_eq!(reap(old, TIMEOUT), 0);
     victim.assert_untouched();
-    server
-        .log
-        .wait_line(from, &["control socket's file is gone or was replaced"], T);
-    kill(Pid::from_raw(new as i32), Signal::SIGTERM).unwrap();
-    assert_eq!(reap(new, T), 0);
+    let gone = "control socket's file is gone or was replaced";
+    server.log.wait_line(from, &[gone], TIMEOUT);
+    assert_eq!(terminate(new), 0);
 }
 
 // ---------------------------------------------------------------------------------------------
-// 4. and 5. the PID file's file system full or read-only
+// the PID file's file system full or read-only
 
 /// A full file system under the PID file, under load, with a stand-in
 /// manager (so the test can hold the handoff at the barrier):
@@ -651,72 +339,53 @@ fn a_full_file_system_under_the_pid_file_loses_no_request_during_an_upgrade() {
     let Some(disk) = Tmpfs::mount("size=64k,mode=0755") else {
         return;
     };
-    let manager = FakeManager::start();
-    let notify = manager.path.to_str().unwrap().to_owned();
-    let pid_file = disk.path().join("hello.pid");
-    let server = start(
-        &example("hello"),
-        &pid_file,
-        &["--addr", "127.0.0.1:0"],
-        &[("NOTIFY_SOCKET", notify.as_str())],
-    );
+    let manager = NotifySocket::bind();
+    let server = hello_notifying(&disk.path().join("hello.pid"), &manager, &[]);
     let addr = server.addr();
     let old = server.pid().unwrap();
-    let load = load::Load::start(
-        addr,
-        load::LoadConfig {
-            keepalive_clients: 4,
-            per_request_clients: 4,
-            ..load::LoadConfig::default()
-        },
-    );
-    traffic_flows(&load, 50);
+    let load = Load::start(addr, LoadConfig::clients(4, 4));
+    load.assert_flows(50);
 
     // Full before: the new process refuses to start, with the reason.
     disk.fill();
     let from = server.log.len();
-    kill(Pid::from_raw(old as i32), Signal::SIGHUP).unwrap();
-    let (_, line) = server
-        .log
-        .wait_line(from, &["upgrade failed; still serving"], T);
+    signal(old, Signal::SIGHUP);
+    let (_, line) = server.log.wait_line(from, &[FAILED], TIMEOUT);
     assert!(line.contains("No space left on device"), "{line}");
-    let _ = reap(pid_after(&line, "new process "), T);
+    let _ = reap(pid_after(&line, "new process "), TIMEOUT);
     assert_eq!(server.pid(), Some(old));
-    traffic_flows(&load, 50);
+    load.assert_flows(50);
 
     // Full only after the new process's check.
     fs::remove_file(disk.path().join("filler")).unwrap();
     manager.hold_barriers();
     let (from, sent) = (server.log.len(), manager.len());
-    kill(Pid::from_raw(old as i32), Signal::SIGHUP).unwrap();
+    signal(old, Signal::SIGHUP);
     manager.wait_message(sent, &["BARRIER=1"]);
     disk.fill();
-    manager.release();
-    let (_, done) = server.log.wait_line(from, &["upgrade complete"], T);
+    manager.release_barriers();
+    let (_, done) = server.log.wait_line(from, &["upgrade complete"], TIMEOUT);
     let new = pid_after(&done, "new_pid=");
-    let (_, warned) =
-        server
-            .log
-            .wait_line(from, &["cannot write the PID file; serving without it"], T);
+    let without = "cannot write the PID file; serving without it";
+    let (_, warned) = server.log.wait_line(from, &[without], TIMEOUT);
     assert!(warned.contains("No space left on device"), "{warned}");
-    assert_eq!(reap(old, T), 0);
+    assert_eq!(reap(old, TIMEOUT), 0);
     assert!(alive(new), "the new process serves on");
     assert_eq!(server.pid(), None, "no PID file names the old process");
-    traffic_flows(&load, 100);
+    load.assert_flows(100);
 
     // Room again.
     fs::remove_file(disk.path().join("filler")).unwrap();
-    kill(Pid::from_raw(new as i32), Signal::SIGHUP).unwrap();
-    let third = wait_for("a PID file naming the next process", T, || {
-        server.pid().filter(|p| *p != new)
+    signal(new, Signal::SIGHUP);
+    let third = server.wait_pid("a PID file naming the next process", |pid| {
+        pid.filter(|p| *p != new)
     });
-    assert_eq!(reap(new, T), 0);
-    traffic_flows(&load, 50);
+    assert_eq!(reap(new, TIMEOUT), 0);
+    load.assert_flows(50);
     let report = load.stop();
     eprintln!("{report}");
     report.assert_no_errors();
-    kill(Pid::from_raw(third as i32), Signal::SIGTERM).unwrap();
-    assert_eq!(reap(third, T), 0);
+    assert_eq!(terminate(third), 0);
 }
 
 /// Before: the new process wrote its reason with `try_write` on a stream
@@ -732,34 +401,20 @@ fn a_read_only_pid_directory_reason_reaches_the_log_status_and_reload_command() 
     let Some(fs_) = Tmpfs::mount("size=1m,mode=0755") else {
         return;
     };
-    let manager = FakeManager::start();
+    let manager = NotifySocket::bind();
     let control = tempfile::tempdir().unwrap();
     let socket = control.path().join("control.sock");
-    let pid_file = fs_.path().join("hello.pid");
-    let args = [
-        "--addr",
-        "127.0.0.1:0",
-        "--control-socket",
-        socket.to_str().unwrap(),
-    ];
-    let notify = manager.path.to_str().unwrap().to_owned();
-    let server = start(
-        &example("hello"),
-        &pid_file,
-        &args,
-        &[("NOTIFY_SOCKET", notify.as_str())],
-    );
+    let args = ["--control-socket", socket.to_str().unwrap()];
+    let server = hello_notifying(&fs_.path().join("hello.pid"), &manager, &args);
     let old = server.pid().unwrap();
     manager.wait_message(0, &["READY=1"]);
 
     fs_.remount("ro");
-    let out = reload(&socket);
+    let out = reload(program!("test-handover-reload"), &socket);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(stderr.contains("Read-only file system"), "{stderr}");
-    let (_, line) = server
-        .log
-        .wait_line(0, &["upgrade failed; still serving"], T);
+    let (_, line) = server.log.wait_line(0, &[FAILED], TIMEOUT);
     assert!(
         line.contains("Read-only file system") && line.contains("PID file"),
         "{line}"
@@ -767,31 +422,25 @@ fn a_read_only_pid_directory_reason_reaches_the_log_status_and_reload_command() 
     let status = manager.wait_message(0, &["READY=1", "STATUS=upgrade to generation 1 failed"]);
     assert!(status.contains("Read-only file system"), "{status}");
     // The failed process was our child (CLONE_PARENT under a "manager").
-    let _ = reap(pid_after(&line, "new process "), T);
+    let _ = reap(pid_after(&line, "new process "), TIMEOUT);
     assert_eq!(server.pid(), Some(old));
     fs_.remount("rw");
-    kill(Pid::from_raw(old as i32), Signal::SIGTERM).unwrap();
-    assert_eq!(reap(old, T), 0);
+    assert_eq!(terminate(old), 0);
 }
 
 // ---------------------------------------------------------------------------------------------
-// 7. the fd limit, the control socket's clients, a stop during an upgrade
-
-fn fd_count(pid: u32) -> usize {
-    fs::read_dir(format!("/proc/{pid}/fd")).unwrap().count()
-}
+// the fd limit, the control socket's clients, a stop during an upgrade
 
 /// Before: at `RLIMIT_NOFILE` the handoff channel could not be created
 /// ("cannot start ...: Too many open files"), so a busy server could not be
 /// upgraded at all. Now spare fds are closed for the upgrade's steps.
 #[test]
 fn an_upgrade_starts_at_the_fd_limit() {
-    if !Path::new("/usr/bin/prlimit").exists() {
-        skip("needs /usr/bin/prlimit (util-linux)");
+    if !have("/usr/bin/prlimit", "util-linux") {
         return;
     }
     become_subreaper();
-    let server = Server::start(&example("hello"), &["--addr", "127.0.0.1:0"], &[]);
+    let server = Server::start(program!("hello"), &["--addr", "127.0.0.1:0"], &[]);
     let addr = server.addr();
     let old = server.pid().unwrap();
     let limit = fd_count(old) + 8;
@@ -812,39 +461,36 @@ fn an_upgrade_starts_at_the_fd_limit() {
     // Idle connections until the server cannot accept the next one.
     let mut conns = Vec::new();
     let from = server.log.len();
-    let full = |log: &Log| {
-        log.text()
-            .lines()
+    let full = || {
+        let log = server.log.text();
+        log.lines()
             .skip(from)
             .any(|l| l.contains("out of resources"))
     };
-    while !full(&server.log) {
+    while !full() {
         assert!(conns.len() < 64, "the server never hit its fd limit");
         let before = fd_count(old);
         conns.push(std::net::TcpStream::connect(addr).unwrap());
         wait_for(
             "the connection to be accepted or refused for lack of fds",
-            T,
-            || (fd_count(old) > before || full(&server.log)).then_some(()),
+            TIMEOUT,
+            || (fd_count(old) > before || full()).then_some(()),
         );
     }
 
-    let (_, new) = server.upgrade(T);
-    assert_eq!(reap(old, T), 0, "the old process drains and exits");
+    let (_, new) = server.upgrade();
+    assert_eq!(reap(old, TIMEOUT), 0, "the old process drains and exits");
     drop(conns);
-    assert_eq!(server::get(addr, "/").0, 200);
-    kill(Pid::from_raw(new as i32), Signal::SIGTERM).unwrap();
-    assert_eq!(reap(new, T), 0);
+    assert_eq!(get(addr, "/").status, 200);
+    assert_eq!(terminate(new), 0);
 }
 
-/// hello from a copy in a temporary directory (so the test can replace the
-/// binary), with a control socket there and the given upgrade timeout.
-fn hello_with_control(upgrade_timeout: &str) -> (tempfile::TempDir, PathBuf, PathBuf, Server) {
+/// hello from a copy (so the test can replace the binary), with a control socket next to it
+/// and the given upgrade timeout.
+fn hello_with_control(upgrade_timeout: &str) -> (Deployed, PathBuf, Server) {
     become_subreaper();
-    let dir = tempfile::tempdir().unwrap();
-    let exe = dir.path().join("hello");
-    server::deploy(&exe, &fs::read(example("hello")).unwrap(), 0o755);
-    let socket = dir.path().join("control.sock");
+    let exe = Deployed::copy(program!("hello"));
+    let socket = exe.dir().join("control.sock");
     let args = [
         "--addr",
         "127.0.0.1:0",
@@ -853,8 +499,8 @@ fn hello_with_control(upgrade_timeout: &str) -> (tempfile::TempDir, PathBuf, Pat
         "--upgrade-timeout",
         upgrade_timeout,
     ];
-    let server = Server::start(&exe, &args, &[]);
-    (dir, exe, socket, server)
+    let server = Server::start(exe.path(), &args, &[]);
+    (exe, socket, server)
 }
 
 /// `systemctl stop` during a truthful reload: systemd SIGTERMs the reload
@@ -866,11 +512,11 @@ fn hello_with_control(upgrade_timeout: &str) -> (tempfile::TempDir, PathBuf, Pat
 /// upgrade.
 #[test]
 fn a_stop_during_a_reload_cancels_it_cleanly() {
-    let (_dir, exe, socket, server) = hello_with_control("2");
+    let (exe, socket, server) = hello_with_control("2");
     let old = server.pid().unwrap();
-    server::deploy(&exe, b"#!/bin/sh\nexec sleep 30\n", 0o755);
+    exe.replace(NEVER_READY, 0o755);
     let spawn_reload = || {
-        Command::new(RELOAD_CMD)
+        Command::new(program!("test-handover-reload"))
             .arg("--socket")
             .arg(&socket)
             .args(["--timeout", "30"])
@@ -883,24 +529,23 @@ fn a_stop_during_a_reload_cancels_it_cleanly() {
 
     // The signal first.
     let reload = spawn_reload();
-    let (at, _) = server.log.wait_line(0, &["waiting for it to be ready"], T);
-    kill(Pid::from_raw(reload.id() as i32), Signal::SIGTERM).unwrap();
+    let (at, _) = server
+        .log
+        .wait_line(0, &["waiting for it to be ready"], TIMEOUT);
+    signal(reload.id(), Signal::SIGTERM);
     let out = reload.wait_with_output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(0), "{stderr}");
     assert!(stderr.contains("cancelled by stop"), "{stderr}");
-    server.log.wait_line(
-        at,
-        &["upgrade failed; still serving", "not ready within 2s"],
-        T,
-    );
+    let needles = [FAILED, "not ready within 2s"];
+    server.log.wait_line(at, &needles, TIMEOUT);
 
     // The service's answer first.
     let reload = spawn_reload();
     let (at, _) = server
         .log
-        .wait_line(at + 1, &["waiting for it to be ready"], T);
-    kill(Pid::from_raw(old as i32), Signal::SIGTERM).unwrap();
+        .wait_line(at + 1, &["waiting for it to be ready"], TIMEOUT);
+    signal(old, Signal::SIGTERM);
     let out = reload.wait_with_output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(0), "{stderr}");
@@ -908,7 +553,7 @@ fn a_stop_during_a_reload_cancels_it_cleanly() {
         stderr.contains("cancelled by stop: stopped during the upgrade"),
         "{stderr}"
     );
-    assert_eq!(reap(old, T), 0);
+    assert_eq!(reap(old, TIMEOUT), 0);
     let text = server.log.text();
     let after: Vec<&str> = text.lines().skip(at).collect();
     assert!(
@@ -931,8 +576,8 @@ fn a_refused_control_client_reads_permission_denied() {
     if !root() || !setpriv() {
         return;
     }
-    let (dir, _exe, socket, server) = hello_with_control("10");
-    chmod(dir.path(), 0o755);
+    let (exe, socket, server) = hello_with_control("10");
+    chmod(exe.dir(), 0o755);
     chmod(&socket, 0o666); // let another user connect at all
     let old = server.pid().unwrap();
     for _ in 0..10 {
@@ -941,7 +586,7 @@ fn a_refused_control_client_reads_permission_denied() {
                 &format!("--reuid={NOBODY}"),
                 &format!("--regid={NOBODY}"),
                 "--clear-groups",
-                RELOAD_CMD,
+                program!("test-handover-reload").to_str().unwrap(),
                 "--socket",
                 socket.to_str().unwrap(),
             ])
@@ -965,61 +610,36 @@ fn a_refused_control_client_reads_permission_denied() {
 /// timeout.
 #[test]
 fn an_idle_control_connection_does_not_hold_the_old_process() {
-    let (_dir, _exe, socket, server) = hello_with_control("10");
+    let (_exe, socket, server) = hello_with_control("10");
     let mut idle = std::os::unix::net::UnixStream::connect(&socket).unwrap();
     // Proof it was accepted: a status request on another connection is
     // answered after it.
-    let status = handover::control::request_status(&socket, T).unwrap();
+    let status = handover::control::request_status(&socket, TIMEOUT).unwrap();
     assert!(status.starts_with("Ready"), "{status}");
     let started = Instant::now();
-    let (old, new) = server.upgrade(T);
+    let (old, new) = server.upgrade();
     assert_eq!(reap(old, Duration::from_secs(5)), 0);
     let took = started.elapsed();
     assert!(
         took < Duration::from_secs(5),
         "the old process took {took:?}"
     );
-    idle.set_read_timeout(Some(T)).unwrap();
+    idle.set_read_timeout(Some(TIMEOUT)).unwrap();
     let mut rest = Vec::new();
-    idle.read_to_end(&mut rest).unwrap();
+    std::io::Read::read_to_end(&mut idle, &mut rest).unwrap();
     assert!(rest.is_empty(), "closed unanswered: it never asked");
-    kill(Pid::from_raw(new as i32), Signal::SIGTERM).unwrap();
-    assert_eq!(reap(new, T), 0);
+    assert_eq!(terminate(new), 0);
 }
 
 // ---------------------------------------------------------------------------------------------
-// 6. the new process dies while the old one drains
+// the new process dies while the old one drains
 
-/// A keep-alive connection to the serving process with half of its next
-/// request sent: work in flight there, which holds its drain.
-fn half_sent_request(addr: std::net::SocketAddr) -> std::net::TcpStream {
-    let mut c = std::net::TcpStream::connect(addr).unwrap();
-    c.set_read_timeout(Some(T)).unwrap();
-    c.write_all(b"GET / HTTP/1.1\r\nHost: test\r\n").unwrap();
+/// A keep-alive connection to the serving process with half of its next request sent: work
+/// in flight there, which holds its drain.
+fn half_sent_request(addr: SocketAddr) -> Conn {
+    let mut c = Conn::open(addr);
+    c.send(b"GET / HTTP/1.1\r\nHost: test\r\n");
     c
-}
-
-/// Connections at once, each `GET /` with `Connection: close`: how many
-/// were refused, and how many answered 200.
-fn burst(addr: std::net::SocketAddr, n: usize) -> (usize, usize) {
-    let (mut refused, mut ok) = (0, 0);
-    for _ in 0..n {
-        match std::net::TcpStream::connect(addr) {
-            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => refused += 1,
-            Err(e) => panic!("connect: {e}"),
-            Ok(mut s) => {
-                s.set_read_timeout(Some(T)).unwrap();
-                s.write_all(b"GET / HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n")
-                    .unwrap();
-                let mut resp = String::new();
-                let _ = s.read_to_string(&mut resp);
-                if resp.starts_with("HTTP/1.1 200") {
-                    ok += 1;
-                }
-            }
-        }
-    }
-    (refused, ok)
 }
 
 /// Run by hand, the old process keeps its listeners (not accepting) while
@@ -1030,28 +650,21 @@ fn burst(addr: std::net::SocketAddr, n: usize) -> (usize, usize) {
 /// restarted it.
 #[test]
 fn the_old_process_takes_the_service_back_when_the_new_one_dies_during_its_drain() {
-    let (_dir, _exe, socket, server) = hello_with_control("10");
+    let (_exe, socket, server) = hello_with_control("10");
     let addr = server.addr();
     let mut held = half_sent_request(addr);
-    let load = load::Load::start(
-        addr,
-        load::LoadConfig {
-            keepalive_clients: 2,
-            per_request_clients: 2,
-            ..load::LoadConfig::default()
-        },
-    );
-    traffic_flows(&load, 50);
-    let (old, new) = server.upgrade(T);
-    traffic_flows(&load, 50);
+    let load = Load::start(addr, LoadConfig::clients(2, 2));
+    load.assert_flows(50);
+    let (old, new) = server.upgrade();
+    load.assert_flows(50);
     assert!(alive(old), "the half-sent request holds the old process");
 
     let from = server.log.len();
-    kill(Pid::from_raw(new as i32), Signal::SIGKILL).unwrap();
+    signal(new, Signal::SIGKILL);
     let (_, line) = server.log.wait_line(
         from,
         &["the new process died while this one was draining; took the service back"],
-        T,
+        TIMEOUT,
     );
     assert!(
         line.contains(&format!("new_pid={new}")) && line.contains("killed by signal 9"),
@@ -1063,32 +676,29 @@ fn the_old_process_takes_the_service_back_when_the_new_one_dies_during_its_drain
         "the PID file names the old process"
     );
     assert_eq!(burst(addr, 200), (0, 200), "(refused, answered)");
-    traffic_flows(&load, 100);
+    load.assert_flows(100);
     let report = load.stop();
     eprintln!("{report}");
     // Requests the killed process had accepted are lost with it; none may
     // find the port closed.
     assert!(
-        !report.errors.contains_key(&load::ErrorKind::Refused) && report.stuck_clients == 0,
+        !report.errors.contains_key(&ErrorKind::Refused) && report.stuck_clients == 0,
         "{report}"
     );
 
     // Its own work goes on, and the control socket answers again.
-    held.write_all(b"\r\n").unwrap();
-    let mut first = [0u8; 12];
-    held.read_exact(&mut first).unwrap();
-    assert_eq!(&first, b"HTTP/1.1 200");
-    let status = handover::control::request_status(&socket, T).unwrap();
+    held.send(b"\r\n");
+    assert_eq!(held.read().status, 200);
+    let status = handover::control::request_status(&socket, TIMEOUT).unwrap();
     assert!(status.starts_with("Ready generation=0"), "{status}");
 
     // And it upgrades again, this time for good.
-    let (was, third) = server.upgrade(T);
+    let (was, third) = server.upgrade();
     assert_eq!(was, old);
     drop(held);
-    assert_eq!(reap(old, T), 0);
-    assert_eq!(server::get(addr, "/").0, 200);
-    kill(Pid::from_raw(third as i32), Signal::SIGTERM).unwrap();
-    assert_eq!(reap(third, T), 0);
+    assert_eq!(reap(old, TIMEOUT), 0);
+    assert_eq!(get(addr, "/").status, 200);
+    assert_eq!(terminate(third), 0);
 }
 
 /// A new process stopped (SIGTERM) while the old one drains says so; the
@@ -1097,19 +707,19 @@ fn the_old_process_takes_the_service_back_when_the_new_one_dies_during_its_drain
 #[test]
 fn a_stopped_new_process_is_not_replaced_by_its_draining_parent() {
     become_subreaper();
-    let server = Server::start(&example("hello"), &["--addr", "127.0.0.1:0"], &[]);
+    let server = Server::start(program!("hello"), &["--addr", "127.0.0.1:0"], &[]);
     let addr = server.addr();
     let mut held = half_sent_request(addr);
-    let (old, new) = server.upgrade(T);
+    let (old, new) = server.upgrade();
     assert!(alive(old));
-    kill(Pid::from_raw(new as i32), Signal::SIGTERM).unwrap();
+    signal(new, Signal::SIGTERM);
     // The old process is its parent, and reaps it.
-    wait_for("the new process to exit", T, || (!alive(new)).then_some(()));
-    held.write_all(b"\r\n").unwrap();
-    let mut response = String::new();
-    held.read_to_string(&mut response).unwrap();
-    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
-    assert_eq!(reap(old, T), 0, "the old process finished its drain");
+    wait_for("the new process to exit", TIMEOUT, || {
+        (!alive(new)).then_some(())
+    });
+    held.send(b"\r\n");
+    assert_eq!(held.read().status, 200);
+    assert_eq!(reap(old, TIMEOUT), 0, "the old process finished its drain");
     assert!(!server.log.text().contains("took the service back"));
     assert_eq!(
         server.pid(),
@@ -1121,40 +731,30 @@ fn a_stopped_new_process_is_not_replaced_by_its_draining_parent() {
 // ---------------------------------------------------------------------------------------------
 // the same two under a real service manager
 
-/// Installs the shipped `units/hello.socket` on a free port and
-/// `units/hello.service` running `exe --addr <that address> args` (its
-/// `handover-reload` pointed at the built one), plus `dropins`, and starts
-/// them; returns the address.
-fn install_units(
-    m: &systemd::UserManager,
-    exe: &Path,
-    args: &str,
-    dropins: &[(&str, &str)],
-) -> std::net::SocketAddr {
-    let port = server::free_port();
-    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+/// Installs the shipped `units/hello.socket` on a free port and `units/hello.service` running
+/// `exe --addr <that address> args` (its `handover-reload` the built one), plus `dropin`, and
+/// starts them; returns the address.
+fn install_units(m: &UserManager, exe: &Path, args: &str, dropin: &str) -> SocketAddr {
+    let port = free_port();
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
     let exec = format!("{} --addr {addr} {args}", exe.display());
-    let (socket, service) = units::hello_units("hello.service", &exec, port);
-    m.install_unit("hello.socket", &socket);
-    m.install_unit("hello.service", &service);
-    for (name, contents) in dropins {
-        m.install_unit(&format!("hello.service.d/{name}"), contents);
-    }
-    m.daemon_reload();
-    m.systemctl_ok(&["start", "hello.socket"]);
-    m.systemctl_ok(&["start", "hello.service"]);
+    let reload = program!("test-handover-reload");
+    let (socket, service) = units::hello_units(m, "hello.service", &exec, port, reload);
+    units::install_hello(m, &socket, &service, dropin);
+    m.systemctl_ok(&["start", "hello.socket", "hello.service"]);
     addr
 }
 
-fn manager_says(m: &systemd::UserManager) -> Vec<String> {
+/// What the manager logged about hello.service.
+fn manager_says(m: &UserManager) -> Vec<String> {
     m.journal_entries(&["USER_UNIT=hello.service"])
         .iter()
         .filter_map(|e| e.get("MESSAGE").cloned())
         .collect()
 }
 
-fn logged(m: &systemd::UserManager, pid: u32, starts: &str) {
-    m.wait_for_journal(&[&format!("_PID={pid}")], T, |e| {
+fn logged(m: &UserManager, pid: u32, starts: &str) {
+    m.wait_for_journal(&[&format!("_PID={pid}")], TIMEOUT, |e| {
         e.get("MESSAGE").is_some_and(|m| m.starts_with(starts))
     });
 }
@@ -1166,38 +766,33 @@ fn logged(m: &systemd::UserManager, pid: u32, starts: &str) {
 /// (`TimeoutStopSec=` is above the drain timeout). Then `Restart=on-failure`
 /// starts the service again on the socket unit's socket, which queued every
 /// connection meanwhile: none is refused.
-fn under_systemd_the_unit_restarts_after_the_old_process_drained(manager: systemd::Manager) {
-    let Some(m) = systemd::UserManager::boot_or_skip(manager, "takeback") else {
+fn under_systemd_the_unit_restarts_after_the_old_process_drained(manager: Manager) {
+    let Some(m) = UserManager::boot_or_skip(manager, "takeback") else {
         return;
     };
-    let addr = install_units(&m, &example("hello"), "--drain-timeout 20", &[]);
+    let addr = install_units(&m, program!("hello"), "--drain-timeout 20", "");
     let first = m.main_pid("hello.service");
     let mut held = half_sent_request(addr);
-    assert_eq!(server::get(addr, "/").0, 200);
+    assert_eq!(get(addr, "/").status, 200);
     m.systemctl_ok(&["reload", "hello.service"]);
     let new = m.main_pid("hello.service");
     assert!(new != 0 && new != first, "MainPID {new} after the reload");
 
-    kill(Pid::from_raw(new as i32), Signal::SIGKILL).unwrap();
-    m.wait_until("systemd to stop what is left of the unit", T, || {
+    signal(new, Signal::SIGKILL);
+    m.wait_until("systemd to stop what is left of the unit", TIMEOUT, || {
         m.show("hello.service", "SubState") == "stop-sigterm"
     });
     logged(&m, first, "stop requested");
-    assert!(
-        systemd::pid_alive(first),
-        "the old process drains on after the SIGTERM"
-    );
+    assert!(alive(first), "the old process drains on after the SIGTERM");
     // Its in-flight request completes.
-    held.write_all(b"\r\n").unwrap();
-    let mut response = String::new();
-    held.read_to_string(&mut response).unwrap();
-    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+    held.send(b"\r\n");
+    assert_eq!(held.read().status, 200);
     let mut third = 0;
-    m.wait_until("the unit to be restarted", T, || {
+    m.wait_until("the unit to be restarted", TIMEOUT, || {
         third = m.main_pid("hello.service");
         third != 0 && third != new && m.show("hello.service", "ActiveState") == "active"
     });
-    assert!(!systemd::pid_alive(first));
+    assert!(!alive(first));
     assert_eq!(burst(addr, 50), (0, 50), "(refused, answered)");
     assert_eq!(m.show("hello.socket", "NRefused"), "0");
     logged(
@@ -1226,20 +821,15 @@ fn under_systemd_the_unit_restarts_after_the_old_process_drained(manager: system
 /// never becomes ready: the reload is cancelled, the service stops, and the
 /// unit's result is `success`. Before: `handover-reload` died of SIGTERM and
 /// the unit ended "failed (Result: signal)".
-fn under_systemd_a_stop_during_a_truthful_reload_leaves_the_unit_clean(manager: systemd::Manager) {
-    let Some(m) = systemd::UserManager::boot_or_skip(manager, "stopreload") else {
+fn under_systemd_a_stop_during_a_truthful_reload_leaves_the_unit_clean(manager: Manager) {
+    let Some(m) = UserManager::boot_or_skip(manager, "stopreload") else {
         return;
     };
-    let exe = m.scratch_dir().join("hello");
-    server::deploy(&exe, &fs::read(example("hello")).unwrap(), 0o755);
-    install_units(
-        &m,
-        &exe,
-        "--upgrade-timeout 60",
-        &[("00-test.conf", "[Service]\nEnvironment=RUST_LOG=info\n")],
-    );
+    let exe = Deployed::copy_into(program!("hello"), &m.scratch_dir());
+    let dropin = "Environment=RUST_LOG=info";
+    install_units(&m, exe.path(), "--upgrade-timeout 60", dropin);
     let first = m.main_pid("hello.service");
-    server::deploy(&exe, b"#!/bin/sh\nexec sleep 120\n", 0o755);
+    exe.replace(NEVER_READY, 0o755);
     std::thread::scope(|s| {
         let reload = s.spawn(|| m.systemctl(&["reload", "hello.service"]));
         logged(&m, first, "new process started");
@@ -1255,7 +845,7 @@ fn under_systemd_a_stop_during_a_truthful_reload_leaves_the_unit_clean(manager: 
     eprintln!("manager about hello.service:\n  {}", said.join("\n  "));
     assert_eq!(m.show("hello.service", "ActiveState"), "inactive");
     assert_eq!(m.show("hello.service", "Result"), "success", "{said:?}");
-    m.wait_for_journal(&["SYSLOG_IDENTIFIER=handover-reload"], T, |e| {
+    m.wait_for_journal(&["SYSLOG_IDENTIFIER=handover-reload"], TIMEOUT, |e| {
         e.get("MESSAGE")
             .is_some_and(|m| m.contains("cancelled by stop"))
     });
@@ -1264,7 +854,7 @@ fn under_systemd_a_stop_during_a_truthful_reload_leaves_the_unit_clean(manager: 
     assert!(!old_said.contains("upgrade failed"), "{old_said}");
 }
 
-systemd::on_each_manager!(
+on_each_manager!(
     under_systemd_the_unit_restarts_after_the_old_process_drained,
     under_systemd_a_stop_during_a_truthful_reload_leaves_the_unit_clean,
 );
