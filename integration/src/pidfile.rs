@@ -29,12 +29,9 @@ impl PidFile {
             | AddWatchFlags::IN_CLOSE_WRITE
             | AddWatchFlags::IN_CREATE
             | AddWatchFlags::IN_DELETE;
-        inotify.add_watch(dir, events).map_err(|e| {
-            io::Error::new(
-                io::ErrorKind::Other,
-                format!("inotify_add_watch {}: {e}", dir.display()),
-            )
-        })?;
+        inotify
+            .add_watch(dir, events)
+            .map_err(|e| io::Error::other(format!("inotify_add_watch {}: {e}", dir.display())))?;
         Ok(PidFile {
             path: path.to_owned(),
             inotify,

@@ -23,9 +23,10 @@ pub const BROKEN_BUILD: &[u8] = b"#!/bin/sh\necho 'broken build' >&2\nexit 3\n";
 /// A program that never becomes ready (and never exits by itself within a test).
 pub const NEVER_READY: &[u8] = b"#!/bin/sh\nexec sleep 120\n";
 
-/// A command running `program` the way every test runs one: logging at `info`, with none of
-/// the test's own service-manager variables (`NOTIFY_SOCKET`, `LISTEN_*`, `WATCHDOG_*`),
-/// stdin and stdout on `/dev/null`, stderr captured.
+/// A command running `program` the way every test runs one: logging at `info` to stderr, with
+/// none of the service-manager variables the test itself may have (`NOTIFY_SOCKET`, `LISTEN_*`,
+/// `WATCHDOG_*`, `JOURNAL_STREAM`, `INVOCATION_ID`), stdin and stdout on `/dev/null`, stderr
+/// captured.
 pub fn command(program: impl AsRef<OsStr>) -> Command {
     let mut cmd = Command::new(program);
     cmd.env("RUST_LOG", "info");
@@ -36,6 +37,8 @@ pub fn command(program: impl AsRef<OsStr>) -> Command {
         "LISTEN_FDNAMES",
         "WATCHDOG_USEC",
         "WATCHDOG_PID",
+        "JOURNAL_STREAM",
+        "INVOCATION_ID",
     ] {
         cmd.env_remove(var);
     }
