@@ -316,20 +316,28 @@ pub fn read_response(r: &mut impl BufRead) -> Result<Response, Fail> {
     }
 }
 
+/// The next line, a `what`: `closed` when the connection ended before it; a line too long, or
+/// the IO error (a connection closed in the middle of the line is
+/// [`ErrorKind::EofMidResponse`]).
+fn next_line(r: &mut impl BufRead, what: &str, closed: Fail) -> Result<String, Fail> {
+    let mut line = Vec::new();
+    match read_line(r, &mut line) {
+        Ok(0) => Err(closed),
+        Ok(_) => Ok(String::from_utf8_lossy(&line).into_owned()),
+        Err(e) if e.kind() == io::ErrorKind::InvalidData => {
+            Err(Fail::new(ErrorKind::Malformed, format!("{what} too long")))
+        }
+        Err(e) => Err(Fail::io(&format!("read the {what}"), e)),
+    }
+}
+
 /// The status code, and whether the version is HTTP/1.0.
 fn read_status_line(r: &mut impl BufRead) -> Result<(u16, bool), Fail> {
-    let mut line = Vec::new();
-    let n = read_line(r, &mut line).map_err(|e| match e.kind() {
-        io::ErrorKind::InvalidData => Fail::new(ErrorKind::Malformed, "status line too long"),
-        _ => Fail::io("read status line", e),
-    })?;
-    if n == 0 {
-        return Err(Fail::new(
-            ErrorKind::EofBeforeResponse,
-            "connection closed before any byte of the response",
-        ));
-    }
-    let text = String::from_utf8_lossy(&line);
+    let closed = Fail::new(
+        ErrorKind::EofBeforeResponse,
+        "connection closed before any byte of the response",
+    );
+    let text = next_line(r, "status line", closed)?;
     let mut parts = text.trim_end().splitn(3, ' ');
     let (version, code) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
     match (version.starts_with("HTTP/1."), code.parse()) {
@@ -344,23 +352,12 @@ fn read_status_line(r: &mut impl BufRead) -> Result<(u16, bool), Fail> {
 /// Header lines up to the empty one: names lowercased, values trimmed.
 fn read_headers(r: &mut impl BufRead) -> Result<Vec<(String, String)>, Fail> {
     let mut headers = Vec::new();
-    let mut line = Vec::new();
     loop {
-        let n = read_line(r, &mut line).map_err(|e| match e.kind() {
-            io::ErrorKind::InvalidData => Fail::new(ErrorKind::Malformed, "header too long"),
-            io::ErrorKind::UnexpectedEof => Fail::new(
-                ErrorKind::EofMidResponse,
-                "connection closed in the headers",
-            ),
-            _ => Fail::io("read headers", e),
-        })?;
-        if n == 0 {
-            return Err(Fail::new(
-                ErrorKind::EofMidResponse,
-                "connection closed in the headers",
-            ));
-        }
-        let h = String::from_utf8_lossy(&line);
+        let closed = Fail::new(
+            ErrorKind::EofMidResponse,
+            "connection closed in the headers",
+        );
+        let h = next_line(r, "header", closed)?;
         let h = h.trim_end();
         if h.is_empty() {
             return Ok(headers);

@@ -48,21 +48,40 @@ macro_rules! program {
     };
 }
 
-/// Declares, for each function `body(manager: Manager)` named, a module of the same name with
-/// two tests, `host` and `v257`, that run it on each [`systemd::Manager`]: `cargo test --
-/// ::v257` runs only the 257 half.
+/// Declares, for each function `body(m: &UserManager)` named, a module of the same name with two
+/// tests, `host` and `v257`, that boot a manager of each [`systemd::Manager`] kind and run the
+/// function on it ([`systemd::UserManager::run`]: it skips, saying why, where that manager
+/// cannot run). `cargo test -- ::v257` runs only the 257 half.
 #[macro_export]
 macro_rules! on_each_manager {
     ($($body:ident),+ $(,)?) => {$(
         mod $body {
-            #[test]
-            fn host() {
-                super::$body($crate::systemd::Manager::Host)
+            fn run(kind: $crate::systemd::Manager) {
+                $crate::systemd::UserManager::run(kind, stringify!($body), super::$body)
             }
-            #[test]
-            fn v257() {
-                super::$body($crate::systemd::Manager::V257)
-            }
+            $crate::on_each_manager_kind!(@tests run);
+        }
+    )+};
+}
+
+/// Like [`on_each_manager!`], for functions `body(kind: Manager)` that boot their managers
+/// themselves (the harness's own tests).
+#[macro_export]
+macro_rules! on_each_manager_kind {
+    (@tests $run:ident) => {
+        #[test]
+        fn host() {
+            $run($crate::systemd::Manager::Host)
+        }
+        #[test]
+        fn v257() {
+            $run($crate::systemd::Manager::V257)
+        }
+    };
+    ($($body:ident),+ $(,)?) => {$(
+        mod $body {
+            use super::$body as run;
+            $crate::on_each_manager_kind!(@tests run);
         }
     )+};
 }

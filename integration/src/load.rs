@@ -208,6 +208,18 @@ impl LoadReport {
         );
     }
 
+    /// Prints the report, and panics unless no request failed, no client got stuck, and at
+    /// least `min_ok` requests succeeded (less proves nothing).
+    #[track_caller]
+    pub fn assert_lost_nothing(&self, min_ok: u64) {
+        eprintln!("{self}");
+        self.assert_no_errors();
+        assert!(
+            self.ok >= min_ok,
+            "too little load to prove anything (wanted {min_ok} ok): {self}"
+        );
+    }
+
     /// The body seen, by its text.
     pub fn body(&self, text: &str) -> Option<&BodySeen> {
         self.bodies.iter().find(|b| b.body == text)
@@ -732,6 +744,15 @@ mod tests {
 
     use super::*;
 
+    /// One keep-alive client that stops after `requests`.
+    fn one_client(addr: SocketAddr, requests: u64) -> Load {
+        let cfg = LoadConfig {
+            max_requests_per_client: Some(requests),
+            ..LoadConfig::clients(1, 0)
+        };
+        Load::start(addr, cfg)
+    }
+
     /// The load client sees the keep-alive race that a server closing idle
     /// keep-alive connections causes, and reports it by kind.
     #[test]
@@ -748,14 +769,7 @@ mod tests {
                 let _ = s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok");
             }
         });
-        let load = Load::start(
-            addr,
-            LoadConfig {
-                keepalive_clients: 1,
-                max_requests_per_client: Some(20),
-                ..LoadConfig::default()
-            },
-        );
+        let load = one_client(addr, 20);
         assert!(load.wait_until(Duration::from_secs(20), |ok, errors| ok + errors >= 20));
         server.join().unwrap();
         let report = load.stop();
@@ -793,14 +807,7 @@ mod tests {
             }
             drop((s, socket));
         });
-        let load = Load::start(
-            addr,
-            LoadConfig {
-                keepalive_clients: 1,
-                max_requests_per_client: Some(4),
-                ..LoadConfig::default()
-            },
-        );
+        let load = one_client(addr, 4);
         assert!(load.wait_until(Duration::from_secs(20), |_, errors| errors >= 2));
         server.join().unwrap();
         let report = load.stop();

@@ -6,6 +6,7 @@
 
 use std::collections::HashMap;
 use std::fs;
+use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
 use nix::errno::Errno;
@@ -14,6 +15,23 @@ use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
 
 use crate::{wait_for, TIMEOUT};
+
+/// Runs `cmd` to its end (stdin on /dev/null): its output if it exited 0, else what went
+/// wrong (how it ended, and its stderr).
+pub fn run(cmd: &mut Command) -> Result<Output, String> {
+    let out = cmd
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| format!("cannot run {cmd:?}: {e}"))?;
+    if out.status.success() {
+        return Ok(out);
+    }
+    Err(format!(
+        "{cmd:?} failed ({}): {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr).trim()
+    ))
+}
 
 /// Sends `signal` to `pid`; panics if it cannot (the process is gone, or not ours to signal).
 pub fn signal(pid: u32, signal: Signal) {
@@ -46,6 +64,39 @@ pub fn reap(pid: u32, timeout: Duration) -> i32 {
             Err(e) => panic!("waitpid {pid}: {e}"),
         }
     })
+}
+
+/// The generations of a server that a test has seen, in order: each a process never seen
+/// before.
+#[derive(Debug)]
+pub struct Generations(Vec<u32>);
+
+impl Generations {
+    /// The first generation.
+    pub fn new(first: u32) -> Generations {
+        Generations(vec![first])
+    }
+
+    /// Records `pid` as the next generation; panics if it served before.
+    #[track_caller]
+    pub fn push(&mut self, pid: u32) {
+        assert!(
+            !self.0.contains(&pid),
+            "generation {}: pid {pid} seen before",
+            self.0.len()
+        );
+        self.0.push(pid);
+    }
+
+    /// The generation serving now.
+    pub fn last(&self) -> u32 {
+        *self.0.last().unwrap()
+    }
+
+    /// Every generation but the last.
+    pub fn olds(&self) -> &[u32] {
+        &self.0[..self.0.len() - 1]
+    }
 }
 
 /// The fields of `/proc/<pid>/stat` after the command name: state, ppid, ...

@@ -140,7 +140,9 @@ impl Log {
     }
 }
 
-/// A program started by a test, with its PID file. Its stderr is collected into `log`.
+/// A program started by a test, with its PID file. Its stderr is collected into `log`. A test
+/// that starts one becomes the reaper of its orphans
+/// ([`crate::process::become_subreaper`]), so that it can wait for every old generation.
 pub struct Server {
     /// The process started (the first generation, or the launcher that execs it).
     pub child: Child,
@@ -150,8 +152,9 @@ pub struct Server {
 }
 
 impl Server {
-    /// Starts `exe --pid-file <a temporary directory>/server.pid args...` with `envs` on top
-    /// of [`command`]'s environment, and waits until it wrote its PID file.
+    /// Starts `exe --pid-file <a temporary directory>/server.pid --addr 127.0.0.1:0 args...`
+    /// (an example server, on a port of its own: [`Server::addr`]) with `envs` on top of
+    /// [`command`]'s environment, and waits until it wrote its PID file.
     pub fn start(exe: &Path, args: &[&str], envs: &[(&str, &str)]) -> Server {
         Server::start_with_pid_file(exe, None, args, envs)
     }
@@ -166,7 +169,8 @@ impl Server {
         let dir = tempfile::tempdir().unwrap();
         let pid_file = pid_file.map_or_else(|| dir.path().join("server.pid"), Path::to_owned);
         let mut cmd = command(exe);
-        cmd.arg("--pid-file").arg(&pid_file).args(args);
+        cmd.arg("--pid-file").arg(&pid_file);
+        cmd.args(["--addr", "127.0.0.1:0"]).args(args);
         cmd.envs(envs.iter().copied());
         let server = Server::spawn_in(cmd, &pid_file, dir);
         server.wait_started();
@@ -182,6 +186,8 @@ impl Server {
     }
 
     fn spawn_in(mut cmd: Command, pid_file: &Path, dir: tempfile::TempDir) -> Server {
+        // The test reaps the old generations, by hand orphans once their parent has exited.
+        crate::process::become_subreaper();
         let pid_file = PidFile::watch(pid_file)
             .unwrap_or_else(|e| panic!("watch {}: {e}", pid_file.display()));
         cmd.stderr(Stdio::piped());
@@ -251,6 +257,17 @@ impl Server {
         let old = self.pid().expect("a PID file");
         signal(old, Signal::SIGHUP);
         let new = self.wait_pid("a new PID in the PID file", |pid| pid.filter(|p| *p != old));
+        (old, new)
+    }
+
+    /// [`Server::upgrade`], then waits for the old generation to exit, which must exit 0 (it
+    /// must be this test's child: the first process, a later generation through
+    /// `CLONE_PARENT`, or an orphan after [`crate::process::become_subreaper`]).
+    #[track_caller]
+    pub fn upgrade_and_reap(&mut self) -> (u32, u32) {
+        let (old, new) = self.upgrade();
+        let code = self.reap(old);
+        assert_eq!(code, 0, "old process {old} exited with {code}");
         (old, new)
     }
 

@@ -4,24 +4,16 @@
 use std::os::unix::fs::PermissionsExt;
 
 use support::http::get;
-use support::process::{become_subreaper, reap};
+use support::process::reap;
 use support::server::{reload, Deployed, Server, BROKEN_BUILD};
 use support::{program, TIMEOUT};
 
 #[test]
 fn reload_command_returns_only_once_the_new_process_serves() {
-    become_subreaper();
     let exe = Deployed::copy(program!("hello"));
     let socket = exe.dir().join("control.sock");
     let s = socket.to_str().unwrap();
-    let args = [
-        "--addr",
-        "127.0.0.1:0",
-        "--control-socket",
-        s,
-        "--upgrade-timeout",
-        "2",
-    ];
+    let args = ["--control-socket", s, "--upgrade-timeout", "2"];
     let server = Server::start(exe.path(), &args, &[]);
     let mode = std::fs::metadata(&socket).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o600, "the control socket is private");
@@ -61,17 +53,15 @@ fn reload_command_returns_only_once_the_new_process_serves() {
 
 #[test]
 fn the_hit_counter_survives_twenty_upgrades() {
-    become_subreaper();
-    let server = Server::start(program!("hello"), &["--addr", "127.0.0.1:0"], &[]);
+    let mut server = Server::start(program!("hello"), &[], &[]);
     let addr = server.addr();
     let mut expected = 0u64;
     for _ in 0..20 {
         expected += 1;
         assert_eq!(get(addr, "/hits").text().trim(), expected.to_string());
-        let (old, _) = server.upgrade();
         // The old process's own increments during its drain are not carried: wait until it
         // is gone so every request reaches the new one.
-        assert_eq!(reap(old, TIMEOUT), 0);
+        server.upgrade_and_reap();
     }
     assert_eq!(get(addr, "/hits").text().trim(), (expected + 1).to_string());
 }

@@ -53,10 +53,10 @@ fn have_python() -> bool {
     have(PYTHON, "to place fds for these tests")
 }
 
-/// Hello exits 1 saying `needle`, having served nothing.
+/// Hello through the launcher (`fd3`, `vars`) exits 1 saying `needle`, having served nothing.
 #[track_caller]
-fn refused(mut server: Server, needle: &str) {
-    let (code, stderr) = server.output();
+fn refused(fd3: &str, vars: &[(&str, &str)], needle: &str) {
+    let (code, stderr) = launch(fd3, vars, ADDR, None).output();
     assert_eq!(code, 1, "hello should exit 1; stderr:\n{stderr}");
     assert!(
         stderr.contains(needle),
@@ -68,6 +68,8 @@ fn refused(mut server: Server, needle: &str) {
     );
 }
 
+/// `LISTEN_PID` naming the launcher, which hello will be.
+const OURS: (&str, &str) = ("LISTEN_PID", "$PID");
 const ADDR: &[&str] = &["--addr", "127.0.0.1:0"];
 
 /// Hello through the launcher, with a PID file: waits until it serves, calls `inspect` with
@@ -90,23 +92,14 @@ fn garbage_listen_fds_is_a_typed_error() {
     if !have_python() {
         return;
     }
-    let out = launch(
-        "socket",
-        &[("LISTEN_PID", "$PID"), ("LISTEN_FDS", "two")],
-        ADDR,
-        None,
-    );
+    let vars = [OURS, ("LISTEN_FDS", "two")];
+    let why = "invalid socket activation environment: LISTEN_FDS=\"two\" is not a number";
+    refused("socket", &vars, why);
     refused(
-        out,
-        "invalid socket activation environment: LISTEN_FDS=\"two\" is not a number",
-    );
-    let out = launch(
         "socket",
-        &[("LISTEN_PID", "$PID"), ("LISTEN_FDS", "100000")],
-        ADDR,
-        None,
+        &[OURS, ("LISTEN_FDS", "100000")],
+        "exceeds the limit",
     );
-    refused(out, "exceeds the limit");
 }
 
 #[test]
@@ -114,13 +107,12 @@ fn a_name_count_mismatch_is_a_typed_error() {
     if !have_python() {
         return;
     }
-    let vars = [
-        ("LISTEN_PID", "$PID"),
-        ("LISTEN_FDS", "1"),
-        ("LISTEN_FDNAMES", "http:admin"),
-    ];
-    let out = launch("socket", &vars, ADDR, None);
-    refused(out, "LISTEN_FDNAMES has 2 names for LISTEN_FDS=1");
+    let vars = [OURS, ("LISTEN_FDS", "1"), ("LISTEN_FDNAMES", "http:admin")];
+    refused(
+        "socket",
+        &vars,
+        "LISTEN_FDNAMES has 2 names for LISTEN_FDS=1",
+    );
 }
 
 #[test]
@@ -128,28 +120,23 @@ fn an_fd_that_is_not_a_socket_is_refused() {
     if !have_python() {
         return;
     }
-    let out = launch(
+    let vars = [OURS, ("LISTEN_FDS", "1")];
+    refused(
         "file",
-        &[("LISTEN_PID", "$PID"), ("LISTEN_FDS", "1")],
-        ADDR,
-        None,
+        &vars,
+        "inherited fd 3 named \"unknown\" is not a socket",
     );
-    refused(out, "inherited fd 3 named \"unknown\" is not a socket");
-    // Nothing passed at fd 3: by the time build() looks, the runtime's own
-    // epoll fd sits there. It is close-on-exec, so it cannot have been
-    // passed: "is not open", not "is not a socket".
-    let out = launch(
+    // Nothing passed at fd 3: by the time build() looks, the runtime's own epoll fd sits there.
+    // It is close-on-exec, so it cannot have been passed: "is not open", not "is not a socket".
+    refused(
         "none",
-        &[("LISTEN_PID", "$PID"), ("LISTEN_FDS", "1")],
-        ADDR,
-        None,
+        &vars,
+        "inherited fd 3 named \"unknown\" is not open",
     );
-    refused(out, "inherited fd 3 named \"unknown\" is not open");
 }
 
-/// A parent's `HANDOVER_STATE_LEN` is bounded by the receiving process's
-/// own state limit (16 MiB in hello): 2^64-1 panicked ("capacity
-/// overflow") and 10^12 aborted the process.
+/// A parent's `HANDOVER_STATE_LEN` is bounded by the receiving process's own state limit (16
+/// MiB in hello): 2^64-1 panicked ("capacity overflow") and 10^12 aborted the process.
 #[test]
 fn a_huge_state_length_is_a_typed_error() {
     if !have_python() {
@@ -157,18 +144,15 @@ fn a_huge_state_length_is_a_typed_error() {
     }
     for len in ["18446744073709551615", "1000000000000"] {
         let vars = [
-            ("LISTEN_PID", "$PID"),
+            OURS,
             ("LISTEN_FDS", "0"),
             ("HANDOVER_FD", "3"),
             ("HANDOVER_STATE_LEN", len),
         ];
-        let out = launch("socket", &vars, ADDR, None);
-        refused(
-            out,
-            &format!(
-                "invalid socket activation environment: HANDOVER_STATE_LEN={len} exceeds this process's state limit of 16777216 bytes"
-            ),
+        let why = format!(
+            "invalid socket activation environment: HANDOVER_STATE_LEN={len} exceeds this process's state limit of 16777216 bytes"
         );
+        refused("socket", &vars, &why);
     }
 }
 
@@ -177,16 +161,9 @@ fn a_socket_of_the_wrong_kind_is_refused() {
     if !have_python() {
         return;
     }
-    let vars = [
-        ("LISTEN_PID", "$PID"),
-        ("LISTEN_FDS", "1"),
-        ("LISTEN_FDNAMES", "http"),
-    ];
-    let out = launch("udp", &vars, ADDR, None);
-    refused(
-        out,
-        "inherited fd 3 named \"http\" is Datagram, not a listening TCP socket",
-    );
+    let vars = [OURS, ("LISTEN_FDS", "1"), ("LISTEN_FDNAMES", "http")];
+    let why = "inherited fd 3 named \"http\" is Datagram, not a listening TCP socket";
+    refused("udp", &vars, why);
 }
 
 #[test]
@@ -194,11 +171,7 @@ fn zero_listen_fds_means_bind_it_yourself() {
     if !have_python() {
         return;
     }
-    let stderr = served(
-        "none",
-        &[("LISTEN_PID", "$PID"), ("LISTEN_FDS", "0")],
-        |_| {},
-    );
+    let stderr = served("none", &[OURS, ("LISTEN_FDS", "0")], |_| {});
     assert!(stderr.contains("listening"), "{stderr}");
 }
 

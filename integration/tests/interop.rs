@@ -6,7 +6,7 @@ use nix::sys::signal::Signal;
 
 use support::http::get;
 use support::notify::{assignments, value, Datagram, NotifySocket};
-use support::process::{become_subreaper, monotonic_usec, reap, signal};
+use support::process::{monotonic_usec, reap, signal};
 use support::server::{Deployed, Server, BROKEN_BUILD};
 use support::{program, TIMEOUT};
 
@@ -15,12 +15,11 @@ use support::{program, TIMEOUT};
 /// `listenfd` see, then exits 3, so hello keeps serving.
 #[test]
 fn a_listenfd_program_finds_our_listener_as_under_systemd() {
-    become_subreaper();
     let exe = Deployed::copy(program!("hello"));
     let out = exe.dir().join("probe.txt");
     let server = Server::start(
         exe.path(),
-        &["--addr", "127.0.0.1:0"],
+        &[],
         &[("LISTENFD_PROBE_OUT", out.to_str().unwrap())],
     );
     let addr = server.addr();
@@ -67,6 +66,25 @@ fn next(notify: &NotifySocket, aside: &mut Aside) -> Datagram {
     }
 }
 
+/// [`next`], which must come from `sender`.
+#[track_caller]
+fn next_from(notify: &NotifySocket, aside: &mut Aside, sender: u32) -> Datagram {
+    let d = next(notify, aside);
+    assert_eq!(d.sender, sender, "{d:?}");
+    d
+}
+
+/// What a `RELOADING=1` of the upgrade to `generation` means in sd-notify's terms, the time
+/// taken from the message (checked apart): the extended timeout is hello's upgrade timeout (5 s)
+/// plus the 10 s the old process allows for the barrier.
+fn reloading(d: &Datagram, generation: u32) -> String {
+    let usec = value(&d.text, "MONOTONIC_USEC");
+    format!(
+        "Reloading\nMonotonicUsec {usec}\nExtendTimeoutUsec 15000000\n\
+         Status upgrading to generation {generation}"
+    )
+}
+
 /// Datagrams that do not come in a fixed order.
 #[derive(Default)]
 struct Aside {
@@ -82,51 +100,34 @@ struct Aside {
 /// same socket, and compares.
 #[test]
 fn our_notify_messages_parse_as_sd_notify_ones() {
-    become_subreaper();
     let notify = NotifySocket::bind();
     let socket = notify.path();
     let exe = Deployed::copy(program!("hello"));
     let server = Server::start(
         exe.path(),
-        &[
-            "--addr",
-            "127.0.0.1:0",
-            "--fd-store",
-            "--upgrade-timeout",
-            "5",
-        ],
+        &["--fd-store", "--upgrade-timeout", "5"],
         &[("NOTIFY_SOCKET", socket), ("WATCHDOG_USEC", "200000")],
     );
     let addr = server.addr();
     let p0 = server.child.id();
-    // Upgrade timeout plus the 10 s the old process allows for the barrier.
-    let extend = "15000000";
     let mut aside = Aside::default();
     // (our message, what it means in sd-notify's terms)
     let mut ours: Vec<(Datagram, String)> = vec![];
 
     // 1. Ready.
-    let d = next(&notify, &mut aside);
-    assert_eq!(d.sender, p0, "{d:?}");
+    let d = next_from(&notify, &mut aside, p0);
     ours.push((d, format!("Ready\nStatus serving, generation 0, pid {p0}")));
 
     // 2. An upgrade: RELOADING=1 with the time, MAINPID= + READY=1 from the
     // old process, the barrier, then the new one's own STATUS=.
     let before = monotonic_usec();
     signal(p0, Signal::SIGHUP);
-    let d = next(&notify, &mut aside);
-    assert_eq!(d.sender, p0, "{d:?}");
+    let d = next_from(&notify, &mut aside, p0);
     let usec: u64 = value(&d.text, "MONOTONIC_USEC").parse().unwrap();
     assert!((before..=monotonic_usec()).contains(&usec), "{d:?}");
-    ours.push((
-        d,
-        format!(
-            "Reloading\nMonotonicUsec {usec}\nExtendTimeoutUsec {extend}\n\
-             Status upgrading to generation 1"
-        ),
-    ));
-    let d = next(&notify, &mut aside);
-    assert_eq!(d.sender, p0, "{d:?}");
+    let meaning = reloading(&d, 1);
+    ours.push((d, meaning));
+    let d = next_from(&notify, &mut aside, p0);
     let p1: u32 = value(&d.text, "MAINPID").parse().unwrap();
     ours.push((
         d,
@@ -138,8 +139,7 @@ fn our_notify_messages_parse_as_sd_notify_ones() {
         ("BARRIER=1", p0, 1),
         "alone in its datagram, with one fd (sd_notify_barrier(3)); sd-notify has no barrier"
     );
-    let d = next(&notify, &mut aside);
-    assert_eq!(d.sender, p1, "{d:?}");
+    let d = next_from(&notify, &mut aside, p1);
     ours.push((d, format!("Status serving, generation 1, pid {p1}")));
     assert_eq!(reap(p0, TIMEOUT), 0);
     assert_eq!(server.pid(), Some(p1));
@@ -148,18 +148,10 @@ fn our_notify_messages_parse_as_sd_notify_ones() {
     exe.replace(BROKEN_BUILD, 0o755);
     let from = server.log.len();
     signal(p1, Signal::SIGHUP);
-    let d = next(&notify, &mut aside);
-    assert_eq!(d.sender, p1, "{d:?}");
-    let usec = value(&d.text, "MONOTONIC_USEC").to_owned();
-    ours.push((
-        d,
-        format!(
-            "Reloading\nMonotonicUsec {usec}\nExtendTimeoutUsec {extend}\n\
-             Status upgrading to generation 2"
-        ),
-    ));
-    let d = next(&notify, &mut aside);
-    assert_eq!(d.sender, p1, "{d:?}");
+    let d = next_from(&notify, &mut aside, p1);
+    let meaning = reloading(&d, 2);
+    ours.push((d, meaning));
+    let d = next_from(&notify, &mut aside, p1);
     let status = value(&d.text, "STATUS").to_owned();
     assert!(
         status.starts_with("upgrade to generation 2 failed: ")
@@ -176,8 +168,7 @@ fn our_notify_messages_parse_as_sd_notify_ones() {
 
     // 4. A stop.
     signal(p1, Signal::SIGTERM);
-    let d = next(&notify, &mut aside);
-    assert_eq!(d.sender, p1, "{d:?}");
+    let d = next_from(&notify, &mut aside, p1);
     ours.push((d, "Stopping\nStatus stopping".to_owned()));
     assert_eq!(reap(p1, TIMEOUT), 0);
 

@@ -26,7 +26,7 @@ use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::{self, Message};
 
 use support::http::Conn;
-use support::process::{alive, become_subreaper, reap};
+use support::process::{alive, reap};
 use support::server::Server;
 use support::{program, wait_for, TIMEOUT};
 
@@ -155,6 +155,20 @@ async fn ws_client(
     }
 }
 
+/// `n` old processes logged that they drained, each saying `field`.
+#[track_caller]
+fn each_drained(server: &Server, n: usize, field: &str) {
+    let log = server.log.text();
+    let drained: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("drained; exiting"))
+        .collect();
+    assert_eq!(drained.len(), n, "{log}");
+    for line in drained {
+        assert!(line.contains(field), "{field}: {line}");
+    }
+}
+
 /// 20 WebSocket clients across 10 upgrades: each connection open at an
 /// upgrade gets 1001 and reconnects to the new process, none is cut, and
 /// every message is acknowledged in the end.
@@ -162,8 +176,7 @@ async fn ws_client(
 fn websockets_get_going_away_and_reconnect_across_ten_upgrades() {
     const CLIENTS: usize = 20;
     const UPGRADES: usize = 10;
-    become_subreaper();
-    let server = Server::start(program!("websocket"), &["--addr", "127.0.0.1:0"], &[]);
+    let mut server = Server::start(program!("websocket"), &[], &[]);
     let addr = server.addr();
     let url = format!("ws://{addr}/ws");
     let rt = runtime();
@@ -199,10 +212,8 @@ fn websockets_get_going_away_and_reconnect_across_ten_upgrades() {
     };
     sent_before(400);
     let mut olds = Vec::new();
-    for i in 1..=UPGRADES {
-        let (old, new) = server.upgrade();
-        let code = reap(old, TIMEOUT);
-        assert_eq!(code, 0, "upgrade {i}: old process {old} exited with {code}");
+    for _ in 1..=UPGRADES {
+        let (old, new) = server.upgrade_and_reap();
         all_on(new);
         sent_before(400);
         olds.push(old);
@@ -241,18 +252,8 @@ fn websockets_get_going_away_and_reconnect_across_ten_upgrades() {
     assert_eq!(get(&counts.connections), (CLIENTS * (UPGRADES + 1)) as u64);
     assert!(messages >= 4_400, "{messages} messages");
     // Each old process says it closed its 20 sockets in time.
+    each_drained(&server, UPGRADES, &format!("long_lived_closed={CLIENTS}"));
     let log = server.log.text();
-    let drained: Vec<&str> = log
-        .lines()
-        .filter(|l| l.contains("drained; exiting"))
-        .collect();
-    assert_eq!(drained.len(), UPGRADES, "{log}");
-    for line in drained {
-        assert!(
-            line.contains(&format!("long_lived_closed={CLIENTS}")),
-            "{line}"
-        );
-    }
     assert!(!log.contains("drain timeout expired"), "{log}");
     for old in olds {
         assert!(!alive(old));
@@ -369,8 +370,7 @@ async fn sse_client(addr: SocketAddr, seen: Arc<Mutex<SseSeen>>, stop: Arc<Atomi
 #[test]
 fn server_sent_events_arrive_exactly_once_across_ten_upgrades() {
     const UPGRADES: usize = 10;
-    become_subreaper();
-    let server = Server::start(program!("sse"), &["--addr", "127.0.0.1:0"], &[]);
+    let mut server = Server::start(program!("sse"), &[], &[]);
     let addr = server.addr();
     let rt = runtime();
     let seen = Arc::new(Mutex::new(SseSeen::default()));
@@ -384,9 +384,8 @@ fn server_sent_events_arrive_exactly_once_across_ten_upgrades() {
     };
     events_from(server.pid().unwrap());
     let mut olds = Vec::new();
-    for i in 1..=UPGRADES {
-        let (old, new) = server.upgrade();
-        assert_eq!(reap(old, TIMEOUT), 0, "upgrade {i}");
+    for _ in 1..=UPGRADES {
+        let (old, new) = server.upgrade_and_reap();
         events_from(new);
         olds.push(old);
     }
@@ -410,15 +409,7 @@ fn server_sent_events_arrive_exactly_once_across_ten_upgrades() {
     );
     assert_eq!(s.cut, 0);
     assert!(s.ended >= UPGRADES as u64);
-    let log = server.log.text();
-    let drained: Vec<&str> = log
-        .lines()
-        .filter(|l| l.contains("drained; exiting"))
-        .collect();
-    assert_eq!(drained.len(), UPGRADES, "{log}");
-    for line in drained {
-        assert!(line.contains("long_lived_closed=1"), "{line}");
-    }
+    each_drained(&server, UPGRADES, "long_lived_closed=1");
 }
 
 /// The ids around each gap or repeat, for the failure message.
@@ -434,8 +425,7 @@ fn gaps(ids: &[u64]) -> Vec<(u64, u64)> {
 /// client's retry ends on the new process.
 #[test]
 fn an_upgrade_sent_to_a_draining_process_ends_on_the_new_one() {
-    become_subreaper();
-    let server = Server::start(program!("websocket"), &["--addr", "127.0.0.1:0"], &[]);
+    let server = Server::start(program!("websocket"), &[], &[]);
     let addr = server.addr();
     let rt = runtime();
     let mut kept = Conn::open(addr);
@@ -502,15 +492,7 @@ fn an_upgrade_sent_to_a_draining_process_ends_on_the_new_one() {
 /// while that socket is open.
 #[test]
 fn at_the_drain_timeout_the_log_counts_the_websockets_cut() {
-    become_subreaper();
-    let args = [
-        "--addr",
-        "127.0.0.1:0",
-        "--drain-timeout",
-        "2",
-        "--close-timeout",
-        "30",
-    ];
+    let args = ["--drain-timeout", "2", "--close-timeout", "30"];
     let server = Server::start(program!("websocket"), &args, &[]);
     let addr = server.addr();
     let url = format!("ws://{addr}/ws");
@@ -570,8 +552,7 @@ fn at_the_drain_timeout_the_log_counts_the_websockets_cut() {
 /// client sees the body fail.
 #[test]
 fn at_the_drain_timeout_the_log_counts_the_streams_cut() {
-    become_subreaper();
-    let args = ["--addr", "127.0.0.1:0", "--drain-timeout", "4"];
+    let args = ["--drain-timeout", "4"];
     let server = Server::start(program!("sse"), &args, &[]);
     let addr = server.addr();
     let rt = runtime();

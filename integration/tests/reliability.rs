@@ -26,9 +26,9 @@ use support::cgroup::PidsCgroup;
 use support::http::{burst, free_port, get, Conn};
 use support::load::{ErrorKind, Load, LoadConfig};
 use support::notify::NotifySocket;
-use support::process::{alive, become_subreaper, fd_count, pid_after, reap, signal, terminate};
+use support::process::{alive, fd_count, pid_after, reap, run, signal, terminate};
 use support::server::{command, reload, Deployed, Server, NEVER_READY};
-use support::systemd::{Manager, UserManager};
+use support::systemd::UserManager;
 use support::{have, on_each_manager, program, root, skip, units, wait_for, TIMEOUT};
 
 const NOBODY: &str = "65534";
@@ -42,24 +42,16 @@ fn setpriv() -> bool {
 
 /// Runs `sh -c script` as user and group 65534 (nobody), no other groups.
 fn as_nobody(script: &str) -> Output {
-    let out = Command::new("/usr/bin/setpriv")
-        .args([
-            &format!("--reuid={NOBODY}"),
-            &format!("--regid={NOBODY}"),
-            "--clear-groups",
-            "sh",
-            "-c",
-            script,
-        ])
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "as nobody: {script}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
+    let mut cmd = Command::new("/usr/bin/setpriv");
+    cmd.args([
+        &format!("--reuid={NOBODY}"),
+        &format!("--regid={NOBODY}"),
+        "--clear-groups",
+        "sh",
+        "-c",
+        script,
+    ]);
+    run(&mut cmd).unwrap_or_else(|e| panic!("as nobody: {e}"))
 }
 
 fn chmod(path: &Path, mode: u32) {
@@ -93,13 +85,25 @@ impl Victim {
     }
 }
 
-/// hello with its PID file at `pid_file`, `NOTIFY_SOCKET` at `notify`, listening on a port of
-/// its own.
-fn hello_notifying(pid_file: &Path, notify: &NotifySocket, args: &[&str]) -> Server {
-    let mut all = vec!["--addr", "127.0.0.1:0"];
-    all.extend(args);
+/// hello with its PID file in `dir` and a stand-in manager at `NOTIFY_SOCKET`, listening on a
+/// port of its own.
+fn hello_notifying(dir: &Path, args: &[&str]) -> (NotifySocket, Server) {
+    let notify = NotifySocket::bind();
     let envs = [("NOTIFY_SOCKET", notify.path())];
-    Server::start_with_pid_file(program!("hello"), Some(pid_file), &all, &envs)
+    let pid_file = dir.join("hello.pid");
+    let hello = Server::start_with_pid_file(program!("hello"), Some(&pid_file), args, &envs);
+    (notify, hello)
+}
+
+/// As root, [`hello_notifying`] with its PID file on a tmpfs of its own, mounted with
+/// `options`; `None` (having said why) where that cannot be.
+fn hello_on_tmpfs(options: &str, args: &[&str]) -> Option<(Tmpfs, NotifySocket, Server)> {
+    if !root() {
+        return None;
+    }
+    let disk = Tmpfs::mount(options)?;
+    let (manager, server) = hello_notifying(disk.path(), args);
+    Some((disk, manager, server))
 }
 
 /// A tmpfs mounted (by root) on a fresh directory, unmounted on drop.
@@ -110,19 +114,15 @@ struct Tmpfs {
 impl Tmpfs {
     fn mount(options: &str) -> Option<Tmpfs> {
         let dir = tempfile::tempdir().unwrap();
-        let out = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", options, "handover-test"])
-            .arg(dir.path())
-            .output()
-            .unwrap();
-        if !out.status.success() {
-            skip(&format!(
-                "cannot mount a tmpfs: {}",
-                String::from_utf8_lossy(&out.stderr).trim()
-            ));
-            return None;
+        let mut mount = Command::new("mount");
+        mount.args(["-t", "tmpfs", "-o", options, "handover-test"]);
+        match run(mount.arg(dir.path())) {
+            Ok(_) => Some(Tmpfs { dir }),
+            Err(e) => {
+                skip(&format!("cannot mount a tmpfs: {e}"));
+                None
+            }
         }
-        Some(Tmpfs { dir })
     }
 
     fn path(&self) -> &Path {
@@ -130,16 +130,9 @@ impl Tmpfs {
     }
 
     fn remount(&self, options: &str) {
-        let out = Command::new("mount")
-            .args(["-o", &format!("remount,{options}")])
-            .arg(self.path())
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "remount {options}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let mut mount = Command::new("mount");
+        mount.args(["-o", &format!("remount,{options}")]);
+        run(mount.arg(self.path())).unwrap_or_else(|e| panic!("{e}"));
     }
 
     /// Fills it up: writes zeros until the file system says ENOSPC.
@@ -180,10 +173,8 @@ fn an_upgrade_that_cannot_create_a_thread_fails_with_a_reason_and_the_next_one_w
     if !root() {
         return;
     }
-    become_subreaper();
-    let manager = NotifySocket::bind();
     let dir = tempfile::tempdir().unwrap();
-    let server = hello_notifying(&dir.path().join("hello.pid"), &manager, &[]);
+    let (manager, server) = hello_notifying(dir.path(), &[]);
     let addr = server.addr();
     let old = server.pid().unwrap();
     let Some(cg) = PidsCgroup::create() else {
@@ -218,19 +209,26 @@ fn an_upgrade_that_cannot_create_a_thread_fails_with_a_reason_and_the_next_one_w
 // ---------------------------------------------------------------------------------------------
 // symlinks planted by another user
 
+/// As root, with `setpriv` to act as another user: a victim, and a directory with `mode` that
+/// other users may write in; `None` (having said why) where that cannot be.
+fn open_to_others(mode: u32) -> Option<(Victim, tempfile::TempDir)> {
+    if !root() || !setpriv() {
+        return None;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    chmod(dir.path(), mode);
+    Some((Victim::new(), dir))
+}
+
 /// Before: the start-up check and the write opened `.NAME.<pid>.tmp` with
 /// `O_CREAT|O_TRUNC`, following symlinks: another user who planted symlinks
 /// for the next pids made the root-run service truncate and overwrite any
 /// file.
 #[test]
 fn symlinks_planted_in_a_sticky_pid_file_directory_clobber_nothing() {
-    if !root() || !setpriv() {
+    let Some((victim, shared)) = open_to_others(0o1777) else {
         return;
-    }
-    become_subreaper();
-    let victim = Victim::new();
-    let shared = tempfile::tempdir().unwrap();
-    chmod(shared.path(), 0o1777);
+    };
     let pid_file = shared.path().join("hello.pid");
     let plant = |pids: std::ops::Range<u32>| {
         as_nobody(&format!(
@@ -264,9 +262,7 @@ fn symlinks_planted_in_a_sticky_pid_file_directory_clobber_nothing() {
         .and_then(|s| s.trim().parse().ok())
         .unwrap_or(first);
     plant(last + 1..last + 1500);
-    let (old, new) = server.upgrade();
-    assert_eq!(reap(old, TIMEOUT), 0);
-
+    let (_, new) = server.upgrade_and_reap();
     victim.assert_untouched();
     let meta = fs::symlink_metadata(&pid_file).unwrap();
     assert!(meta.file_type().is_file(), "the PID file is a regular file");
@@ -281,21 +277,12 @@ fn symlinks_planted_in_a_sticky_pid_file_directory_clobber_nothing() {
 /// next generation change the mode of any file.
 #[test]
 fn a_symlink_planted_for_the_control_socket_changes_no_mode() {
-    if !root() || !setpriv() {
+    let Some((victim, open)) = open_to_others(0o777) else {
         return;
-    }
-    become_subreaper();
-    let victim = Victim::new();
-    let open = tempfile::tempdir().unwrap();
-    chmod(open.path(), 0o777);
+    };
     let socket = open.path().join("control.sock");
-    let args = [
-        "--addr",
-        "127.0.0.1:0",
-        "--control-socket",
-        socket.to_str().unwrap(),
-    ];
-    let server = Server::start(program!("hello"), &args, &[]);
+    let args = ["--control-socket", socket.to_str().unwrap()];
+    let mut server = Server::start(program!("hello"), &args, &[]);
     let meta = fs::symlink_metadata(&socket).unwrap();
     assert_eq!(meta.mode() & 0o777, 0o600, "created private");
 
@@ -305,8 +292,7 @@ fn a_symlink_planted_for_the_control_socket_changes_no_mode() {
         v = victim.path.display()
     ));
     let from = server.log.len();
-    let (old, new) = server.upgrade();
-    assert_eq!(reap(old, TIMEOUT), 0);
+    let (_, new) = server.upgrade_and_reap();
     victim.assert_untouched();
     let gone = "control socket's file is gone or was replaced";
     server.log.wait_line(from, &[gone], TIMEOUT);
@@ -332,15 +318,9 @@ fn a_symlink_planted_for_the_control_socket_changes_no_mode() {
 /// were gone: port refused, stale PID file.
 #[test]
 fn a_full_file_system_under_the_pid_file_loses_no_request_during_an_upgrade() {
-    if !root() {
-        return;
-    }
-    become_subreaper();
-    let Some(disk) = Tmpfs::mount("size=64k,mode=0755") else {
+    let Some((disk, manager, server)) = hello_on_tmpfs("size=64k,mode=0755", &[]) else {
         return;
     };
-    let manager = NotifySocket::bind();
-    let server = hello_notifying(&disk.path().join("hello.pid"), &manager, &[]);
     let addr = server.addr();
     let old = server.pid().unwrap();
     let load = Load::start(addr, LoadConfig::clients(4, 4));
@@ -383,8 +363,7 @@ fn a_full_file_system_under_the_pid_file_loses_no_request_during_an_upgrade() {
     assert_eq!(reap(new, TIMEOUT), 0);
     load.assert_flows(50);
     let report = load.stop();
-    eprintln!("{report}");
-    report.assert_no_errors();
+    report.assert_lost_nothing(1);
     assert_eq!(terminate(third), 0);
 }
 
@@ -394,18 +373,12 @@ fn a_full_file_system_under_the_pid_file_loses_no_request_during_an_upgrade() {
 /// "(reaped by the service manager)" under systemd.
 #[test]
 fn a_read_only_pid_directory_reason_reaches_the_log_status_and_reload_command() {
-    if !root() {
-        return;
-    }
-    become_subreaper();
-    let Some(fs_) = Tmpfs::mount("size=1m,mode=0755") else {
-        return;
-    };
-    let manager = NotifySocket::bind();
     let control = tempfile::tempdir().unwrap();
     let socket = control.path().join("control.sock");
     let args = ["--control-socket", socket.to_str().unwrap()];
-    let server = hello_notifying(&fs_.path().join("hello.pid"), &manager, &args);
+    let Some((fs_, manager, server)) = hello_on_tmpfs("size=1m,mode=0755", &args) else {
+        return;
+    };
     let old = server.pid().unwrap();
     manager.wait_message(0, &["READY=1"]);
 
@@ -439,24 +412,17 @@ fn an_upgrade_starts_at_the_fd_limit() {
     if !have("/usr/bin/prlimit", "util-linux") {
         return;
     }
-    become_subreaper();
-    let server = Server::start(program!("hello"), &["--addr", "127.0.0.1:0"], &[]);
+    let server = Server::start(program!("hello"), &[], &[]);
     let addr = server.addr();
     let old = server.pid().unwrap();
     let limit = fd_count(old) + 8;
-    let out = Command::new("/usr/bin/prlimit")
-        .args([
-            "--pid",
-            &old.to_string(),
-            &format!("--nofile={limit}:{limit}"),
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let mut prlimit = Command::new("/usr/bin/prlimit");
+    prlimit.args([
+        "--pid",
+        &old.to_string(),
+        &format!("--nofile={limit}:{limit}"),
+    ]);
+    run(&mut prlimit).unwrap_or_else(|e| panic!("{e}"));
 
     // Idle connections until the server cannot accept the next one.
     let mut conns = Vec::new();
@@ -488,12 +454,9 @@ fn an_upgrade_starts_at_the_fd_limit() {
 /// hello from a copy (so the test can replace the binary), with a control socket next to it
 /// and the given upgrade timeout.
 fn hello_with_control(upgrade_timeout: &str) -> (Deployed, PathBuf, Server) {
-    become_subreaper();
     let exe = Deployed::copy(program!("hello"));
     let socket = exe.dir().join("control.sock");
     let args = [
-        "--addr",
-        "127.0.0.1:0",
         "--control-socket",
         socket.to_str().unwrap(),
         "--upgrade-timeout",
@@ -706,8 +669,7 @@ fn the_old_process_takes_the_service_back_when_the_new_one_dies_during_its_drain
 /// the PID file is gone.
 #[test]
 fn a_stopped_new_process_is_not_replaced_by_its_draining_parent() {
-    become_subreaper();
-    let server = Server::start(program!("hello"), &["--addr", "127.0.0.1:0"], &[]);
+    let server = Server::start(program!("hello"), &[], &[]);
     let addr = server.addr();
     let mut held = half_sent_request(addr);
     let (old, new) = server.upgrade();
@@ -766,11 +728,8 @@ fn logged(m: &UserManager, pid: u32, starts: &str) {
 /// (`TimeoutStopSec=` is above the drain timeout). Then `Restart=on-failure`
 /// starts the service again on the socket unit's socket, which queued every
 /// connection meanwhile: none is refused.
-fn under_systemd_the_unit_restarts_after_the_old_process_drained(manager: Manager) {
-    let Some(m) = UserManager::boot_or_skip(manager, "takeback") else {
-        return;
-    };
-    let addr = install_units(&m, program!("hello"), "--drain-timeout 20", "");
+fn under_systemd_the_unit_restarts_after_the_old_process_drained(m: &UserManager) {
+    let addr = install_units(m, program!("hello"), "--drain-timeout 20", "");
     let first = m.main_pid("hello.service");
     let mut held = half_sent_request(addr);
     assert_eq!(get(addr, "/").status, 200);
@@ -782,7 +741,7 @@ fn under_systemd_the_unit_restarts_after_the_old_process_drained(manager: Manage
     m.wait_until("systemd to stop what is left of the unit", TIMEOUT, || {
         m.show("hello.service", "SubState") == "stop-sigterm"
     });
-    logged(&m, first, "stop requested");
+    logged(m, first, "stop requested");
     assert!(alive(first), "the old process drains on after the SIGTERM");
     // Its in-flight request completes.
     held.send(b"\r\n");
@@ -796,12 +755,12 @@ fn under_systemd_the_unit_restarts_after_the_old_process_drained(manager: Manage
     assert_eq!(burst(addr, 50), (0, 50), "(refused, answered)");
     assert_eq!(m.show("hello.socket", "NRefused"), "0");
     logged(
-        &m,
+        m,
         first,
         "the new process exited while this one was draining",
     );
-    logged(&m, first, "drained; exiting");
-    let said = manager_says(&m);
+    logged(m, first, "drained; exiting");
+    let said = manager_says(m);
     eprintln!("manager about hello.service:\n  {}", said.join("\n  "));
     assert!(
         said.iter()
@@ -821,18 +780,15 @@ fn under_systemd_the_unit_restarts_after_the_old_process_drained(manager: Manage
 /// never becomes ready: the reload is cancelled, the service stops, and the
 /// unit's result is `success`. Before: `handover-reload` died of SIGTERM and
 /// the unit ended "failed (Result: signal)".
-fn under_systemd_a_stop_during_a_truthful_reload_leaves_the_unit_clean(manager: Manager) {
-    let Some(m) = UserManager::boot_or_skip(manager, "stopreload") else {
-        return;
-    };
+fn under_systemd_a_stop_during_a_truthful_reload_leaves_the_unit_clean(m: &UserManager) {
     let exe = Deployed::copy_into(program!("hello"), &m.scratch_dir());
     let dropin = "Environment=RUST_LOG=info";
-    install_units(&m, exe.path(), "--upgrade-timeout 60", dropin);
+    install_units(m, exe.path(), "--upgrade-timeout 60", dropin);
     let first = m.main_pid("hello.service");
     exe.replace(NEVER_READY, 0o755);
     std::thread::scope(|s| {
         let reload = s.spawn(|| m.systemctl(&["reload", "hello.service"]));
-        logged(&m, first, "new process started");
+        logged(m, first, "new process started");
         m.systemctl_ok(&["stop", "hello.service"]);
         let out = reload.join().unwrap();
         eprintln!(
@@ -841,7 +797,7 @@ fn under_systemd_a_stop_during_a_truthful_reload_leaves_the_unit_clean(manager: 
             String::from_utf8_lossy(&out.stderr)
         );
     });
-    let said = manager_says(&m);
+    let said = manager_says(m);
     eprintln!("manager about hello.service:\n  {}", said.join("\n  "));
     assert_eq!(m.show("hello.service", "ActiveState"), "inactive");
     assert_eq!(m.show("hello.service", "Result"), "success", "{said:?}");
@@ -849,7 +805,7 @@ fn under_systemd_a_stop_during_a_truthful_reload_leaves_the_unit_clean(manager: 
         e.get("MESSAGE")
             .is_some_and(|m| m.contains("cancelled by stop"))
     });
-    logged(&m, first, "upgrade cancelled: stopping");
+    logged(m, first, "upgrade cancelled: stopping");
     let old_said = m.journal(&["-o", "cat", &format!("_PID={first}")]);
     assert!(!old_said.contains("upgrade failed"), "{old_said}");
 }

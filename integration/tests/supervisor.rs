@@ -273,9 +273,7 @@ fn hello_upgrades_itself_twenty_times_under_load_as_pid_1() {
         load.assert_flows(20);
     }
     let report = load.stop();
-    eprintln!("{report}");
-    report.assert_no_errors();
-    assert!(report.ok > 1000, "too little load: {report}");
+    report.assert_lost_nothing(1000);
 
     let main = sup.host(*mains.last().unwrap());
     sup.wait_settled(main);
@@ -288,11 +286,7 @@ fn hello_upgrades_itself_twenty_times_under_load_as_pid_1() {
     sup.signal(Signal::SIGINT);
     assert_eq!(sup.wait_exit(), 0, "hello exits 0 after SIGINT");
     assert!(!alive(main));
-    eprintln!(
-        "hello under handover run as PID 1: 20 reloads (10 handover reload, exit 0 each; 10 SIGHUP), {} requests, {} failed",
-        report.ok,
-        report.errors_total()
-    );
+    eprintln!("hello under handover run as PID 1: 20 reloads (10 handover reload, 10 SIGHUP)");
 }
 
 #[test]
@@ -334,9 +328,7 @@ fn a_program_not_built_on_handover_restarts_twenty_times_without_a_failed_reques
         load.assert_flows(20);
     }
     let report = load.stop();
-    eprintln!("{report}");
-    report.assert_no_errors();
-    assert!(report.ok > 500, "too little load: {report}");
+    report.assert_lost_nothing(500);
     // Each instance answered some of the requests.
     assert!(report.bodies.len() >= 10, "{report}");
     let main = sup.host(*mains.last().unwrap());
@@ -350,11 +342,7 @@ fn a_program_not_built_on_handover_restarts_twenty_times_without_a_failed_reques
     let mut sup = sup;
     sup.signal(Signal::SIGTERM);
     assert_eq!(sup.wait_exit(), 0);
-    eprintln!(
-        "plain_server under handover run as PID 1: 20 reloads (19 handover reload + 1 handover-reload --socket, exit 0 each), {} connection-per-request requests, {} failed",
-        report.ok,
-        report.errors_total()
-    );
+    eprintln!("plain_server under handover run as PID 1: 20 reloads (19 handover reload, 1 handover-reload --socket)");
 }
 
 #[test]

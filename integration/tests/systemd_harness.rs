@@ -11,7 +11,7 @@ use std::time::Instant;
 
 use support::process::alive;
 use support::systemd::{message, JournalEntry, Manager, UserManager};
-use support::{have, on_each_manager, TIMEOUT};
+use support::{have, on_each_manager_kind, TIMEOUT};
 
 const PYTHON: &str = "/usr/bin/python3";
 
@@ -107,7 +107,7 @@ impl Traces {
     }
 }
 
-on_each_manager!(
+on_each_manager_kind!(
     boots_runs_a_notify_service_and_tears_down,
     two_managers_run_side_by_side,
     teardown_runs_when_the_test_panics,

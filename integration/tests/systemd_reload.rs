@@ -32,9 +32,9 @@ use nix::sys::signal::Signal;
 
 use support::http::{free_port, greeting};
 use support::load::{ErrorKind, Load, LoadConfig};
-use support::process::{alive, environ, listening_inode, signal, socket_inodes};
+use support::process::{alive, environ, listening_inode, signal, socket_inodes, Generations};
 use support::server::{deploy, Deployed, BROKEN_BUILD};
-use support::systemd::{message, Manager, UserManager};
+use support::systemd::{message, UserManager};
 use support::units::{self, get_key};
 use support::{on_each_manager, program, TIMEOUT};
 
@@ -138,28 +138,23 @@ on_each_manager!(
 // ---------------------------------------------------------------------------------------------
 // a truthful reload
 
-fn truthful_reload_waits_for_the_new_main_pid_and_reports_failure(manager: Manager) {
-    let Some(m) = UserManager::boot_or_skip(manager, "truthful") else {
-        return;
-    };
+fn truthful_reload_waits_for_the_new_main_pid_and_reports_failure(m: &UserManager) {
     let t0 = Instant::now();
     // A copy of hello where the services see it too, so the test can deploy a broken build
     // over it.
     let bin = Deployed::copy_into(program!("hello"), &m.scratch_dir());
-    let addr = install_hello(&m, bin.path(), "");
-    let first = start_truthful(&m);
+    let addr = install_hello(m, bin.path(), "");
+    let first = start_truthful(m);
     assert_eq!(greeting(addr), GREETING);
 
     let load = Load::start(addr, LoadConfig::clients(4, 4));
     load.assert_flows(50);
-    let mut pids = vec![first];
+    let mut generations = Generations::new(first);
     let mut took = Vec::new();
     let mut unattributed = 0;
-    for i in 1..=5 {
-        let old = *pids.last().unwrap();
-        let (new, d) = truthful_reload(&m, old);
-        assert!(!pids.contains(&new), "reload {i}: pid {new} seen before");
-        pids.push(new);
+    for _ in 1..=5 {
+        let (new, d) = truthful_reload(m, generations.last());
+        generations.push(new);
         took.push(d);
         // The command's own report, in the journal. Matched by its
         // identifier: journald may fail to attribute a line of a process
@@ -172,15 +167,15 @@ fn truthful_reload_waits_for_the_new_main_pid_and_reports_failure(manager: Manag
         load.assert_flows(20);
     }
     eprintln!(
-        "5 truthful reloads, systemctl reload took {took:.2?}; pids {pids:?}; \
+        "5 truthful reloads, systemctl reload took {took:.2?}; {generations:?}; \
          {unattributed} of the command's lines had no _SYSTEMD_CGROUP"
     );
 
     // A broken build: the reload fails, and says so.
-    let serving = *pids.last().unwrap();
-    wait_gone(&m, pids[pids.len() - 2]);
+    let serving = generations.last();
+    wait_gone(m, *generations.olds().last().unwrap());
     bin.replace(BROKEN_BUILD, 0o755);
-    let (out, took) = units::systemctl_reload(&m);
+    let (out, took) = units::systemctl_reload(m);
     let (stdout, stderr) = (
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr),
@@ -224,9 +219,9 @@ fn truthful_reload_waits_for_the_new_main_pid_and_reports_failure(manager: Manag
 
     // Fixed build: the next reload succeeds.
     bin.restore();
-    let (new, _) = truthful_reload(&m, serving);
+    let (new, _) = truthful_reload(m, serving);
     assert_eq!(m.show("hello.service", "ReloadResult"), "success");
-    wait_gone(&m, serving);
+    wait_gone(m, serving);
     load.assert_flows(20);
     let report = load.stop();
     eprintln!("6 reloads + 1 failed in {:.2?}; {report}", t0.elapsed());
@@ -240,31 +235,28 @@ fn truthful_reload_waits_for_the_new_main_pid_and_reports_failure(manager: Manag
 /// The `.socket` unit decides the address: when it differs from the
 /// program's own `--addr`, the first process serves the socket unit's socket
 /// (with a warning), and so must every later generation, on the same socket.
-fn a_socket_unit_address_other_than_addr_is_kept_across_reloads(manager: Manager) {
-    let Some(m) = UserManager::boot_or_skip(manager, "sockaddr") else {
-        return;
-    };
+fn a_socket_unit_address_other_than_addr_is_kept_across_reloads(m: &UserManager) {
     let (port, other) = (free_port(), free_port());
     let addr = install_truthful(
-        &m,
+        m,
         program!("hello"),
         &format!("--addr 127.0.0.1:{other} --upgrade-timeout 10 --drain-timeout 5"),
         port,
         "",
     );
-    let first = start_truthful(&m);
+    let first = start_truthful(m);
     assert_eq!(greeting(addr), GREETING);
     let inode = listening_inode(port).expect("the socket unit listens");
     assert!(socket_inodes(first).contains(&inode));
-    let (new, _) = truthful_reload(&m, first);
-    wait_gone(&m, first);
+    let (new, _) = truthful_reload(m, first);
+    wait_gone(m, first);
     let bound = listening_inode(other);
     assert!(
         socket_inodes(new).contains(&inode) && bound.is_none(),
         "after the reload, pid {new} does not serve the socket unit's socket {inode} on port \
          {port} (it bound --addr port {other} anew: {bound:?}); connections to {addr} now queue \
          with nobody accepting them\n{}",
-        units::hello_state(&m)
+        units::hello_state(m)
     );
     assert_eq!(greeting(addr), GREETING);
 }
@@ -294,22 +286,19 @@ fn reload_to_greeting(
     (new, gone_at)
 }
 
-fn environment_changes_apply_on_reload(manager: Manager) {
-    let Some(m) = UserManager::boot_or_skip(manager, "reloadenv") else {
-        return;
-    };
+fn environment_changes_apply_on_reload(m: &UserManager) {
     let t0 = Instant::now();
     let env_file = m.runtime_dir().join("hello.env");
     fs::write(&env_file, "UNRELATED=1\n").unwrap();
     let addr = install_hello(
-        &m,
+        m,
         program!("hello"),
         &format!(
             "Environment=HELLO_GREETING=one\nEnvironmentFile={}\n",
             env_file.display()
         ),
     );
-    let first = start_truthful(&m);
+    let first = start_truthful(m);
     assert_eq!(greeting(addr), "one");
     let env0 = environ(first);
 
@@ -324,12 +313,12 @@ fn environment_changes_apply_on_reload(manager: Manager) {
         "[Service]\nEnvironment=HELLO_GREETING=two\n",
     );
     m.daemon_reload();
-    let (second, one_gone) = reload_to_greeting(&m, &load, before_load, addr, first, "two");
+    let (second, one_gone) = reload_to_greeting(m, &load, before_load, addr, first, "two");
 
     // 2. EnvironmentFile= edited, no daemon-reload: systemd reads the file
     //    again for every command it runs, ExecReload= included.
     deploy(&env_file, b"HELLO_GREETING=three\n", 0o644);
-    let (third, two_gone) = reload_to_greeting(&m, &load, before_load, addr, second, "three");
+    let (third, two_gone) = reload_to_greeting(m, &load, before_load, addr, second, "three");
     let report = load.stop();
     eprintln!("environment reloads in {:.2?}; {report}", t0.elapsed());
     report.assert_no_errors();
@@ -395,10 +384,7 @@ fn environment_changes_apply_on_reload(manager: Manager) {
 // ---------------------------------------------------------------------------------------------
 // the fd store keeps a self-bound socket across a crash restart
 
-fn fd_store_keeps_the_socket_across_a_crash_restart(manager: Manager) {
-    let Some(m) = UserManager::boot_or_skip(manager, "fdstore") else {
-        return;
-    };
+fn fd_store_keeps_the_socket_across_a_crash_restart(m: &UserManager) {
     let t0 = Instant::now();
     let port = free_port();
     let addr = SocketAddr::from(([127, 0, 0, 1], port));

@@ -12,14 +12,11 @@ use support::{program, TIMEOUT};
 #[test]
 fn watchdog_pings_move_to_the_new_process() {
     let notify = NotifySocket::bind();
-    let mut server = Server::start(
-        program!("hello"),
-        &["--addr", "127.0.0.1:0"],
-        &[
-            ("NOTIFY_SOCKET", notify.path()),
-            ("WATCHDOG_USEC", "100000"),
-        ],
-    );
+    let envs = [
+        ("NOTIFY_SOCKET", notify.path()),
+        ("WATCHDOG_USEC", "100000"),
+    ];
+    let mut server = Server::start(program!("hello"), &[], &envs);
     let first = server.child.id();
 
     let d = notify.recv();

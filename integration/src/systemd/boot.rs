@@ -16,6 +16,7 @@ use super::root::{trixie_root, ROOT_PATH_ENV};
 use super::{Manager, UserManager, BOOT_TIMEOUT, MANAGER_LEAF, POLL};
 use crate::announce;
 use crate::cgroup::{self, Hierarchy, CGROUP_FS};
+use crate::process::run;
 
 const SYSTEMD: &str = "/usr/lib/systemd/systemd";
 const JOURNALD: &str = "/usr/lib/systemd/systemd-journald";
@@ -32,9 +33,32 @@ pub(super) enum BootError {
     Failed(String),
 }
 
+/// The end of both boot scripts, once journald runs as `$jpid`: its pid for the harness, the
+/// shell into the manager's cgroups, then a wait (at most 20 s) for journald's socket under
+/// `$R` (the root the manager will run in, empty for the host's).
+macro_rules! await_journald {
+    () => {
+        r#"jpid=$!
+echo "$jpid" > "$HSD_STATE/journald.pid"
+for d in $HSD_MANAGER_CG; do echo $$ > "$d/cgroup.procs"; done
+n=0
+while [ ! -S "$R/run/systemd/journal/socket" ]; do
+  if ! kill -0 "$jpid" 2>/dev/null; then echo "handover harness: journald exited" >&2; exit 1; fi
+  n=$((n+1))
+  if [ "$n" -gt 2000 ]; then
+    echo "handover harness: no /run/systemd/journal/socket after 20 s" >&2; exit 1
+  fi
+  sleep 0.01
+done
+"#
+    };
+}
+
 /// Runs in the private mount namespace, as the process that becomes the host's manager.
 /// Parameters come from the environment (paths checked for whitespace beforehand).
-const HOST_BOOT_SCRIPT: &str = r#"set -eu
+const HOST_BOOT_SCRIPT: &str = concat!(
+    r#"set -eu
+R=
 mount -t tmpfs -o mode=0755 tmpfs /run/systemd
 mkdir -p /run/systemd/system /run/systemd/journal /run/systemd/journald.conf.d
 printf '%s\n' '[Journal]' 'Storage=volatile' 'RateLimitIntervalSec=0' 'ReadKMsg=no' \
@@ -44,26 +68,18 @@ mount -t tmpfs -o mode=0755 tmpfs /run/log
 if [ -d /var/log/journal ]; then mount -t tmpfs -o mode=2755 tmpfs /var/log/journal; fi
 for d in $HSD_JOURNAL_CG; do echo $$ > "$d/cgroup.procs"; done
 /usr/lib/systemd/systemd-journald </dev/null >>"$HSD_STATE/journald.log" 2>&1 &
-jpid=$!
-echo "$jpid" > "$HSD_STATE/journald.pid"
-for d in $HSD_MANAGER_CG; do echo $$ > "$d/cgroup.procs"; done
-n=0
-while [ ! -S /run/systemd/journal/socket ]; do
-  if ! kill -0 "$jpid" 2>/dev/null; then echo "handover harness: journald exited" >&2; exit 1; fi
-  n=$((n+1))
-  if [ "$n" -gt 2000 ]; then
-    echo "handover harness: no /run/systemd/journal/socket after 20 s" >&2; exit 1
-  fi
-  sleep 0.01
-done
-unset HSD_JOURNAL_CG HSD_MANAGER_CG HSD_STATE
+"#,
+    await_journald!(),
+    r#"unset HSD_JOURNAL_CG HSD_MANAGER_CG HSD_STATE
 exec /usr/lib/systemd/systemd --user
-"#;
+"#
+);
 
 /// Runs in the private mount namespace, as the process that becomes the 257 manager: mounts the
 /// trixie root's file systems, starts its journald chrooted, then execs its manager with the
 /// environment given as arguments (`env -i "$@"`).
-const ROOT_BOOT_SCRIPT: &str = r#"set -eu
+const ROOT_BOOT_SCRIPT: &str = concat!(
+    r#"set -eu
 R=$HSD_ROOT
 mount -t proc -o nosuid,nodev,noexec proc "$R/proc"
 mount --rbind /dev "$R/dev"
@@ -88,20 +104,11 @@ done
 for d in $HSD_JOURNAL_CG; do echo $$ > "$d/cgroup.procs"; done
 chroot "$R" /usr/bin/env -i PATH="$HSD_PATH" LANG=C.UTF-8 SYSTEMD_LOG_TARGET=console \
   /usr/lib/systemd/systemd-journald </dev/null >>"$HSD_STATE/journald.log" 2>&1 &
-jpid=$!
-echo "$jpid" > "$HSD_STATE/journald.pid"
-for d in $HSD_MANAGER_CG; do echo $$ > "$d/cgroup.procs"; done
-n=0
-while [ ! -S "$R/run/systemd/journal/socket" ]; do
-  if ! kill -0 "$jpid" 2>/dev/null; then echo "handover harness: journald exited" >&2; exit 1; fi
-  n=$((n+1))
-  if [ "$n" -gt 2000 ]; then
-    echo "handover harness: no /run/systemd/journal/socket after 20 s" >&2; exit 1
-  fi
-  sleep 0.01
-done
-exec chroot "$R" /usr/bin/env -i "$@" /usr/lib/systemd/systemd --user
-"#;
+"#,
+    await_journald!(),
+    r#"exec chroot "$R" /usr/bin/env -i "$@" /usr/lib/systemd/systemd --user
+"#
+);
 
 pub(super) struct Tools {
     pub(super) unshare: PathBuf,
@@ -391,17 +398,9 @@ pub(super) fn preflight(kind: Manager) -> Result<&'static Tools, String> {
                 sh: which("sh")?,
                 systemctl: which("systemctl").unwrap_or_default(),
             };
-            let probe = Command::new(&tools.unshare)
-                .args(["--mount", "--propagation", "private", "true"])
-                .stdin(Stdio::null())
-                .output()
-                .map_err(|e| format!("spawn unshare: {e}"))?;
-            if !probe.status.success() {
-                return Err(format!(
-                    "cannot create a mount namespace: {}",
-                    String::from_utf8_lossy(&probe.stderr).trim()
-                ));
-            }
+            let mut probe = Command::new(&tools.unshare);
+            probe.args(["--mount", "--propagation", "private", "true"]);
+            run(&mut probe).map_err(|e| format!("cannot create a mount namespace: {e}"))?;
             Ok(tools)
         })
         .as_ref()

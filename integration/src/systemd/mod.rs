@@ -4,8 +4,7 @@
 //! Boot one manager per test:
 //!
 //! ```ignore
-//! fn hello_runs(manager: Manager) {
-//!     let Some(m) = UserManager::boot_or_skip(manager, "hello") else { return };
+//! fn hello_runs(m: &UserManager) {
 //!     m.install_unit("hello.service", "[Service]\nType=notify\nExecStart=/path/to/bin\n");
 //!     m.daemon_reload();
 //!     assert!(m.systemctl(&["start", "hello.service"]).status.success());
@@ -13,9 +12,11 @@
 //!     m.wait_for_journal(&[&format!("_PID={pid}")], Duration::from_secs(5), |e| {
 //!         e.get("MESSAGE").is_some_and(|m| m.contains("ready"))
 //!     });
-//!     // dropping `m` kills everything it started and removes its cgroups and files
 //! }
-//! support::on_each_manager!(hello_runs); // tests hello_runs::host and hello_runs::v257
+//! // Tests hello_runs::host and hello_runs::v257, each with a manager of its own: dropped after
+//! // the test (also when it panics), it kills everything it started and removes its cgroups
+//! // and files.
+//! support::on_each_manager!(hello_runs);
 //! ```
 //!
 //! # The two managers
@@ -215,6 +216,14 @@ impl UserManager {
         }
     }
 
+    /// Boots a manager of kind `manager` ([`UserManager::boot_or_skip`], `tag` naming it) and
+    /// runs `body` on it; tears it down after, also when `body` panics.
+    pub fn run(manager: Manager, tag: &str, body: impl FnOnce(&UserManager)) {
+        if let Some(m) = UserManager::boot_or_skip(manager, tag) {
+            body(&m);
+        }
+    }
+
     /// Which systemd this is.
     pub fn kind(&self) -> Manager {
         self.kind
@@ -336,41 +345,32 @@ impl UserManager {
     /// are set; stdin is /dev/null.
     pub fn command(&self, program: &str) -> Command {
         let mut cmd;
-        match self.kind {
-            Manager::Host if program == "systemctl" => {
+        if self.kind == Manager::V257 {
+            cmd = Command::new(&self.tools.nsenter);
+            cmd.arg("-t")
+                .arg(self.manager_pid.to_string())
+                .args(["-m", "-r", "-w", "/usr/bin/env", "-i"])
+                .args(root_tool_env(&self.runtime))
+                .arg(program)
+                .env_clear()
+                .env("PATH", path_env());
+        } else {
+            if program == "systemctl" {
                 cmd = Command::new(&self.tools.systemctl);
-                cmd.env_clear()
-                    .env("PATH", path_env())
-                    .env("HOME", home_env())
-                    .env("LANG", "C.UTF-8")
-                    .env("XDG_RUNTIME_DIR", &self.runtime)
-                    .env("SYSTEMD_COLORS", "0")
-                    .env("SYSTEMD_PAGER", "cat");
-            }
-            Manager::Host => {
+            } else {
                 cmd = Command::new(&self.tools.nsenter);
                 cmd.arg("-m")
                     .arg("-t")
                     .arg(self.manager_pid.to_string())
-                    .arg(program)
-                    .env_clear()
-                    .env("PATH", path_env())
-                    .env("HOME", home_env())
-                    .env("LANG", "C.UTF-8")
-                    .env("XDG_RUNTIME_DIR", &self.runtime)
-                    .env("SYSTEMD_COLORS", "0")
-                    .env("SYSTEMD_PAGER", "cat");
+                    .arg(program);
             }
-            Manager::V257 => {
-                cmd = Command::new(&self.tools.nsenter);
-                cmd.arg("-t")
-                    .arg(self.manager_pid.to_string())
-                    .args(["-m", "-r", "-w", "/usr/bin/env", "-i"])
-                    .args(root_tool_env(&self.runtime))
-                    .arg(program)
-                    .env_clear()
-                    .env("PATH", path_env());
-            }
+            cmd.env_clear()
+                .env("PATH", path_env())
+                .env("HOME", home_env())
+                .env("LANG", "C.UTF-8")
+                .env("XDG_RUNTIME_DIR", &self.runtime)
+                .env("SYSTEMD_COLORS", "0")
+                .env("SYSTEMD_PAGER", "cat");
         }
         cmd.stdin(Stdio::null());
         cmd

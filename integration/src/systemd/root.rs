@@ -6,7 +6,7 @@ use std::io;
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
@@ -18,6 +18,7 @@ use nix::unistd::Pid;
 use super::boot::{home_env, is_executable, path_env, preflight, tail, which};
 use super::Manager;
 use crate::announce;
+use crate::process::run;
 
 /// `PATH` inside the trixie root.
 pub(super) const ROOT_PATH_ENV: &str =
@@ -256,7 +257,8 @@ fn ensure_mmdebstrap() -> Result<PathBuf, String> {
     let apt =
         which("apt-get").map_err(|_| "mmdebstrap is not installed, and there is no apt-get")?;
     announce("systemd harness: installing mmdebstrap (apt-get) to build the systemd 257 test root");
-    let out = Command::new(apt)
+    let mut install = Command::new(apt);
+    install
         .args([
             "install",
             "-y",
@@ -264,17 +266,8 @@ fn ensure_mmdebstrap() -> Result<PathBuf, String> {
             "--no-install-recommends",
             "mmdebstrap",
         ])
-        .env("DEBIAN_FRONTEND", "noninteractive")
-        .stdin(Stdio::null())
-        .output()
-        .map_err(|e| format!("spawn apt-get: {e}"))?;
-    if !out.status.success() {
-        return Err(format!(
-            "apt-get install mmdebstrap failed ({}): {}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        ));
-    }
+        .env("DEBIAN_FRONTEND", "noninteractive");
+    run(&mut install)?;
     which("mmdebstrap")
 }
 
