@@ -139,9 +139,9 @@ fn an_upgrade_during_an_upgrade_is_coalesced() {
     );
 }
 
-/// A new process can upgrade again as soon as it is ready, while an older
-/// generation still drains a slow request (tableflip refuses this, its
-/// issue 52); each generation drains on its own clock.
+/// A new process can upgrade again as soon as it is ready, while an older generation still
+/// drains a slow request (tableflip refuses this: tableflip issue 52); each generation drains
+/// on its own clock.
 #[test]
 fn a_new_process_upgrades_again_while_its_parent_still_drains() {
     let server = Server::start(program!("hello"), &[], &[]);
