@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use crate::args::{Args, Mode, Variant};
 use crate::rows::Solo;
-use crate::stats::{median_max, Outcome, Row, FAILURES};
+use crate::stats::{median_max, Lat, Outcome, Row, FAILURES};
 
 /// The targets the figures are held to.
 const TARGET_RELOADS: usize = 100;
@@ -108,6 +108,11 @@ pub fn dur(d: Duration) -> String {
     } else {
         format!("{:.2} s", us / 1e6)
     }
+}
+
+/// `p50 X, p99 Y, max Z`.
+fn spread(l: &Lat) -> String {
+    format!("p50 {}, p99 {}, max {}", dur(l.p50), dur(l.p99), dur(l.max))
 }
 
 /// Median and maximum, as text.
@@ -287,30 +292,22 @@ pub fn mode_blocks(
         }
         if r.variant.is_handover() && r.win_before.n > 0 {
             notes.push(format!(
-                "{}: window requests started before the new PID was in the PID file ({}): p50 {}, p99 {}, max {}; after ({}): p50 {}, p99 {}, max {}",
+                "{}: window requests started before the new PID was in the PID file ({}): {}; after ({}): {}",
                 r.variant.label(),
                 r.win_before.n,
-                dur(r.win_before.p50),
-                dur(r.win_before.p99),
-                dur(r.win_before.max),
+                spread(&r.win_before),
                 r.win_after.n,
-                dur(r.win_after.p50),
-                dur(r.win_after.p99),
-                dur(r.win_after.max),
+                spread(&r.win_after),
             ));
         }
         if mode == Mode::KeepAlive && r.win_connected.n > 0 {
             notes.push(format!(
-                "{}: in the windows, {} requests on an already open connection: p50 {}, p99 {}, max {}; {} requests that first opened a new connection (after a `Connection: close`): p50 {}, p99 {}, max {}",
+                "{}: in the windows, {} requests on an already open connection: {}; {} requests that first opened a new connection (after a `Connection: close`): {}",
                 r.variant.label(),
                 r.win_reused.n,
-                dur(r.win_reused.p50),
-                dur(r.win_reused.p99),
-                dur(r.win_reused.max),
+                spread(&r.win_reused),
                 r.win_connected.n,
-                dur(r.win_connected.p50),
-                dur(r.win_connected.p99),
-                dur(r.win_connected.max),
+                spread(&r.win_connected),
             ));
         }
         if let Some((sc, _)) = median_max(&r.systemctl) {

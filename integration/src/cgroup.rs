@@ -175,7 +175,9 @@ pub(crate) fn layout() -> Result<Layout, String> {
 
 /// `flock` on `/sys/fs/cgroup`, held until dropped: serialises creating and removing the shared
 /// parent directories between the cgroups of all test threads and test processes.
-pub struct Lock(#[allow(dead_code)] Flock<fs::File>);
+pub struct Lock {
+    _held: Flock<fs::File>,
+}
 
 impl Lock {
     /// Takes the lock, waiting for it.
@@ -183,7 +185,7 @@ impl Lock {
         let mut file = fs::File::open(CGROUP_FS)?;
         loop {
             match Flock::lock(file, FlockArg::LockExclusive) {
-                Ok(lock) => return Ok(Lock(lock)),
+                Ok(held) => return Ok(Lock { _held: held }),
                 Err((f, nix::errno::Errno::EINTR)) => file = f,
                 Err((_, e)) => return Err(e.into()),
             }

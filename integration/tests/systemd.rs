@@ -1,6 +1,6 @@
 //! The systemd integration against the real thing, on the host's systemd (252 here) and on
 //! systemd 257 from a Debian trixie root on a pure cgroup v2 hierarchy (see
-//! `tests/support/systemd.rs`): a private `systemd --user` manager running the shipped
+//! `support::systemd`): a private `systemd --user` manager running the shipped
 //! `units/hello.socket` with `units/hello.service` (and, on 257,
 //! `units/hello-notify-reload.service`), the reload alternatives the docs describe,
 //! `systemd-socket-activate`, a `Type=notify-reload` style exchange against a notify socket the
