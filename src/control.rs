@@ -288,7 +288,7 @@ async fn handle(
         ),
         Request::Bad(why) => format!("error {why}"),
     };
-    let reply = format!("{}\n", crate::notify::status_text(&reply));
+    let reply = format!("{}\n", crate::protocol::one_line(&reply));
     match stream.get_mut().write_all(reply.as_bytes()).await {
         // The client went away first (killed by a stop, or timed out).
         Err(e) if e.kind() == io::ErrorKind::BrokenPipe => {

@@ -1,24 +1,8 @@
-//! Starting the new process and talking to it over the handoff channel.
-//!
-//! The parent passes its listeners at fds `3..3+n` in the systemd layout
-//! (`LISTEN_FDS`, `LISTEN_FDNAMES`, `LISTEN_PID`) and one end of a Unix
-//! stream socket pair at `3+n` (`HANDOVER_FD`). Over that channel, one line
-//! per message:
-//!
-//! | from | line | meaning |
-//! |---|---|---|
-//! | child | `ready` | initialised, listening; waiting to be told it is main |
-//! | child | `fail <reason>` | giving up before `ready` (then exits) |
-//! | child (pre-exec) | `exec <errno>` / `spawn <errno>` | `execve`/`dup2` failed |
-//! | parent | `main` | the manager knows the child as main PID; take over |
-//! | child (main) | `upgraded <pid>` | it handed the service on to `<pid>` |
-//! | child (main) | `stopping` | it was asked to stop |
-//!
-//! End of file on either side means the other is gone. The channel stays
-//! open while the parent drains: run by hand, a parent whose new process
-//! dies without saying `upgraded` or `stopping` takes the service back.
+//! Starting the new process and talking to it over the handoff channel
+//! (see [`protocol`](crate::protocol) for what is said): the parent's side
+//! ([`prepare`], [`Launch`], [`Child`]) and the child's ([`ParentLink`]).
 
-use std::ffi::{OsStr, OsString};
+use std::ffi::OsString;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
@@ -29,8 +13,9 @@ use tokio::io::unix::AsyncFd;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixStream;
 
-use crate::activation::{ENV_BOUND, ENV_CHANNEL, ENV_GENERATION, ENV_STATE_LEN};
 use crate::error::UpgradeError;
+use crate::protocol::channel::{self, FromNew};
+use crate::protocol::env::{self, Handoff};
 use crate::sys;
 
 /// The binary to run for the next generation, resolved at start-up.
@@ -85,21 +70,6 @@ fn is_executable(p: &Path) -> bool {
     std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
 }
 
-/// Variables that describe one process, not the service: never inherited
-/// as they are by the next generation.
-const PER_PROCESS: &[&str] = &[
-    "LISTEN_PID",
-    "LISTEN_FDS",
-    "LISTEN_FDNAMES",
-    "LISTEN_PIDFDID",
-    "WATCHDOG_PID",
-    "SYSTEMD_EXEC_PID",
-    ENV_CHANNEL,
-    ENV_GENERATION,
-    ENV_STATE_LEN,
-    ENV_BOUND,
-];
-
 /// The new process, from the parent's side.
 #[derive(Debug)]
 pub(crate) struct Child {
@@ -144,49 +114,6 @@ impl Drop for Child {
     }
 }
 
-/// Variables of the reload command's environment that describe that
-/// command, not the service: replaced by the old process's own.
-const FROM_OLD_PROCESS: &[&str] = &[
-    "NOTIFY_SOCKET",
-    "JOURNAL_STREAM",
-    "WATCHDOG_USEC",
-    "MANAGERPID",
-];
-/// Variables of the reload command's environment dropped outright.
-const RELOAD_COMMAND_ONLY: &[&str] = &["MAINPID", "SYSTEMD_EXEC_PID"];
-
-/// The environment of the next generation: `base` (the old process's own,
-/// or the one a reload command sent) without the per-process variables,
-/// plus the handoff variables.
-fn child_env(
-    base: Option<&[(OsString, OsString)]>,
-    fixed: &[(&str, String)],
-) -> Vec<(OsString, OsString)> {
-    let is = |k: &OsStr, list: &[&str]| list.iter().any(|p| OsStr::new(p) == k);
-    let mut env: Vec<(OsString, OsString)> = match base {
-        None => std::env::vars_os()
-            .filter(|(k, _)| !is(k, PER_PROCESS))
-            .collect(),
-        Some(given) => {
-            let mut env: Vec<_> = given
-                .iter()
-                .filter(|(k, _)| {
-                    !is(k, PER_PROCESS) && !is(k, FROM_OLD_PROCESS) && !is(k, RELOAD_COMMAND_ONLY)
-                })
-                .cloned()
-                .collect();
-            env.extend(std::env::vars_os().filter(|(k, _)| is(k, FROM_OLD_PROCESS)));
-            env
-        }
-    };
-    env.extend(
-        fixed
-            .iter()
-            .map(|(k, v)| (OsString::from(k), OsString::from(v))),
-    );
-    env
-}
-
 /// Everything needed to start the new process, prepared on the caller's
 /// thread (cheap); [`Launch::run`] then clones on a thread of its own, so
 /// the copy of the page tables does not stall a runtime thread that serves.
@@ -199,8 +126,8 @@ pub(crate) struct Launch {
 }
 
 /// Prepares to start `exe` with `listeners` handed over. `env` replaces the
-/// old process's environment (see [`child_env`]); `state_len` bytes of
-/// state follow on the channel.
+/// old process's environment (see [`env::next_generation`]); `state_len`
+/// bytes of state follow on the channel.
 pub(crate) fn prepare(
     exe: &Executable,
     listeners: &[(&str, BorrowedFd<'_>)],
@@ -215,23 +142,14 @@ pub(crate) fn prepare(
         source,
     };
     let (ours_end, theirs) = std::os::unix::net::UnixStream::pair().map_err(spawn_err)?;
-    let n = listeners.len();
-    let names = listeners
-        .iter()
-        .map(|(n, _)| *n)
-        .collect::<Vec<_>>()
-        .join(":");
-    let mut fixed = vec![
-        ("LISTEN_FDS", n.to_string()),
-        ("LISTEN_FDNAMES", names),
-        (ENV_CHANNEL, (3 + n).to_string()),
-        (ENV_GENERATION, generation.to_string()),
-        (ENV_BOUND, configured.join(":")),
-    ];
-    if state_len > 0 {
-        fixed.push((ENV_STATE_LEN, state_len.to_string()));
-    }
-    let env = child_env(env, &fixed);
+    let names: Vec<&str> = listeners.iter().map(|(n, _)| *n).collect();
+    let handoff = Handoff {
+        names: &names,
+        configured,
+        generation,
+        state_len,
+    };
+    let env = env::next_generation(env, &handoff);
     let env = env.iter().map(|(k, v)| (k.as_os_str(), v.as_os_str()));
     let mut fds: Vec<BorrowedFd<'_>> = listeners.iter().map(|(_, fd)| *fd).collect();
     fds.push(theirs.as_fd());
@@ -360,7 +278,7 @@ impl Child {
                 let status = self.kill().await;
                 return Err(match said {
                     Ok(Ok(_)) if !line.trim().is_empty() => {
-                        parse_failure(line.trim_end(), pid, exe)
+                        FromNew::parse(line.trim_end()).into_failure(pid, exe)
                     }
                     _ => UpgradeError::ChildExited { pid, status },
                 });
@@ -390,9 +308,9 @@ impl Child {
                 return Err(UpgradeError::Timeout { pid, timeout });
             }
         };
-        let err = match outcome {
-            Ok(msg) if msg == "ready" => return Ok(()),
-            Ok(msg) => parse_failure(&msg, pid, exe),
+        let err = match outcome.map(|line| FromNew::parse(&line)) {
+            Ok(FromNew::Ready) => return Ok(()),
+            Ok(msg) => msg.into_failure(pid, exe),
             Err(Some(e)) => e,
             Err(None) => UpgradeError::ChildExited {
                 pid,
@@ -408,7 +326,7 @@ impl Child {
 
     /// Tells the child it is the main process now.
     pub(crate) async fn confirm_main(&mut self) -> io::Result<()> {
-        self.channel.get_mut().write_all(b"main\n").await
+        self.channel.get_mut().write_all(channel::main_line()).await
     }
 
     /// Kills the child (a no-op if it is gone), waits for it to exit, reaps
@@ -466,7 +384,7 @@ impl Child {
             match said {
                 Ok(n) if n > 0 => {
                     if !line.trim().is_empty() {
-                        return Event::Said(line.trim_end().to_owned());
+                        return Event::Said(FromNew::parse(line.trim_end()));
                     }
                 }
                 _ => self.channel_eof = true,
@@ -478,35 +396,10 @@ impl Child {
 /// What a new process did after the handoff.
 #[derive(Debug)]
 pub(crate) enum Event {
-    /// It said this line (`upgraded <pid>`, `stopping`).
-    Said(String),
+    /// It said this (`upgraded <pid>`, `stopping`).
+    Said(FromNew),
     /// It exited; how, as far as this process can know.
     Exited(String),
-}
-
-fn parse_failure(msg: &str, pid: u32, exe: &Path) -> UpgradeError {
-    let errno = |s: &str| io::Error::from_raw_os_error(s.trim().parse().unwrap_or(libc::EIO));
-    if let Some(e) = msg.strip_prefix("exec ") {
-        UpgradeError::Exec {
-            exe: exe.display().to_string(),
-            source: errno(e),
-        }
-    } else if let Some(e) = msg.strip_prefix("spawn ") {
-        UpgradeError::Spawn {
-            exe: exe.display().to_string(),
-            source: errno(e),
-        }
-    } else if let Some(reason) = msg.strip_prefix("fail ") {
-        UpgradeError::ChildFailed {
-            pid,
-            reason: reason.to_owned(),
-        }
-    } else {
-        UpgradeError::ChildFailed {
-            pid,
-            reason: format!("unexpected message on the handoff channel: {msg:?}"),
-        }
-    }
 }
 
 /// The handoff channel, from the child's side.
@@ -555,10 +448,11 @@ impl ParentLink {
     /// Says `ready` and waits for `main`. Returns `false` when the parent
     /// went away without saying it (it died, or gave up on us).
     pub(crate) async fn ready(&mut self) -> io::Result<bool> {
-        self.stream.get_mut().write_all(b"ready\n").await?;
+        let ready = FromNew::Ready.line();
+        self.stream.get_mut().write_all(ready.as_bytes()).await?;
         let mut line = String::new();
         self.stream.read_line(&mut line).await?;
-        Ok(line.trim_end() == "main")
+        Ok(channel::is_main(line.trim_end()))
     }
 
     /// The channel, once this process is main: it tells the parent that it
@@ -581,7 +475,7 @@ const FAIL_WRITE: Duration = Duration::from_secs(1);
 
 /// Reports `reason` on the channel `fd`: `fail <reason>`, one line.
 pub(crate) fn fail_raw(fd: BorrowedFd<'_>, reason: &str) {
-    let line = format!("fail {}\n", crate::notify::status_text(reason));
+    let line = FromNew::Fail(reason.to_owned()).line();
     if let Err(e) = write_blocking(fd, line.as_bytes(), FAIL_WRITE) {
         tracing::debug!(error = %e, "cannot tell the parent why");
     }
@@ -638,20 +532,5 @@ mod tests {
         let sh = resolve(Path::new("sh")).unwrap();
         assert!(sh.is_absolute() && sh.ends_with("sh"), "{sh:?}");
         assert_eq!(resolve(Path::new("")), None);
-    }
-
-    #[test]
-    fn failures_parse_to_typed_errors() {
-        let exe = Path::new("/x");
-        assert!(
-            matches!(parse_failure("exec 13", 1, exe), UpgradeError::Exec { ref source, .. } if source.raw_os_error() == Some(13))
-        );
-        assert!(
-            matches!(parse_failure("fail no config", 1, exe), UpgradeError::ChildFailed { ref reason, .. } if reason == "no config")
-        );
-        assert!(matches!(
-            parse_failure("bogus", 1, exe),
-            UpgradeError::ChildFailed { .. }
-        ));
     }
 }

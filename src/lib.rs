@@ -78,7 +78,6 @@ compile_error!(
      the control socket's peers with SO_PEERCRED, which other systems do not have"
 );
 
-mod activation;
 pub mod control;
 pub mod drain;
 mod error;
@@ -92,6 +91,7 @@ mod listeners;
 pub mod logging;
 pub mod notify;
 mod pidfile;
+mod protocol;
 mod signals;
 mod spare;
 pub mod supervisor;
@@ -109,10 +109,11 @@ use tokio::sync::watch;
 pub use drain::{Drain, DrainGuard, DrainReason, DrainSignal};
 pub use error::{Error, Result, UpgradeError};
 
-use activation::Found;
 use handoff::{Executable, ParentLink};
-use listeners::{Listeners, Source};
+use listeners::Listeners;
 use notify::{status_text, Notifier};
+use protocol::channel::FromNew;
+use protocol::env::Found;
 
 /// How long the old process waits for the manager to confirm `MAINPID=`.
 const BARRIER_TIMEOUT: Duration = Duration::from_secs(10);
@@ -162,10 +163,7 @@ impl Default for Builder {
             upgrade_timeout: Duration::from_secs(60),
             drain_timeout: Duration::from_secs(30),
             signals: true,
-            control_socket: std::env::var_os("RUNTIME_DIRECTORY")
-                .and_then(|dirs| std::env::split_paths(&dirs).next())
-                .filter(|d| d.is_absolute())
-                .map(|d| d.join(CONTROL_SOCKET_FILE)),
+            control_socket: protocol::env::runtime_directory().map(|d| d.join(CONTROL_SOCKET_FILE)),
             state_limit: DEFAULT_STATE_LIMIT,
             fd_store: false,
         }
@@ -247,80 +245,21 @@ impl Builder {
             return Err(Error::NoRuntime);
         }
         let pid = std::process::id();
-        let env = |k: &str| std::env::var_os(k);
-        let (listen_pid, listen_fds, listen_fdnames, channel, generation, state_len) = (
-            env("LISTEN_PID"),
-            env("LISTEN_FDS"),
-            env("LISTEN_FDNAMES"),
-            env(activation::ENV_CHANNEL),
-            env(activation::ENV_GENERATION),
-            env(activation::ENV_STATE_LEN),
-        );
-        let vars = activation::Vars {
-            listen_pid: listen_pid.as_deref(),
-            listen_fds: listen_fds.as_deref(),
-            listen_fdnames: listen_fdnames.as_deref(),
-            channel: channel.as_deref(),
-            generation: generation.as_deref(),
-            state_len: state_len.as_deref(),
-            allow_missing_pid: env(activation::ENV_ALLOW_NO_PID).is_some_and(|v| v == "1"),
-        };
+        let vars = protocol::env::Vars::from_env();
         // Everything is validated before any inherited fd is touched.
-        let found = activation::read(vars, pid, self.state_limit)
-            .inspect_err(|e| report_to_parent(vars, pid, e))?;
+        let found = protocol::env::read(&vars, pid, self.state_limit)
+            .inspect_err(|e| report_to_parent(&vars, pid, e))?;
         let (passed, link, generation, state_len) = match found {
             Found::Nothing => (Vec::new(), None, 0, 0),
             Found::NotOurs(why) => {
                 tracing::warn!("ignoring the socket activation environment: {why}");
                 (Vec::new(), None, 0, 0)
             }
-            Found::Passed(p) => {
-                let raw: Vec<_> = p.fds.iter().map(|(fd, _)| *fd).chain(p.channel).collect();
-                let mut owned = sys::take_inherited(&raw).map_err(|e| {
-                    let e = Error::io("take inherited fds", e);
-                    report_to_parent(vars, pid, &e);
-                    e
-                })?;
-                for fd in &owned {
-                    nix::fcntl::fcntl(
-                        fd,
-                        nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
-                    )
-                    .map_err(|e| {
-                        let e = Error::io("set FD_CLOEXEC on inherited fds", e.into());
-                        report_to_parent(vars, pid, &e);
-                        e
-                    })?;
-                }
-                // The channel is the last fd taken, when there is one.
-                let link = match p.channel {
-                    Some(_) => owned.pop(),
-                    None => None,
-                };
-                // From our parent, the listeners it names in HANDOVER_BOUND
-                // were bound from the configuration; every other one (and
-                // all of them from systemd) has the address a socket unit
-                // decided, which a new generation keeps.
-                let bound = env(activation::ENV_BOUND).filter(|_| link.is_some());
-                let bound = bound.as_deref().and_then(|b| b.to_str()).unwrap_or("");
-                let passed = owned
-                    .into_iter()
-                    .zip(p.fds)
-                    .map(|(fd, (number, name))| {
-                        let source = if bound.split(':').any(|b| b == name) {
-                            Source::Parent
-                        } else {
-                            Source::Manager
-                        };
-                        listeners::Passed {
-                            fd,
-                            number,
-                            name,
-                            source,
-                        }
-                    })
-                    .collect();
-                (passed, link, p.generation, p.state_len)
+            Found::Ours(activation) => {
+                let (generation, state_len) = (activation.generation, activation.state_len);
+                let (inherited, link) =
+                    listeners::take(activation).inspect_err(|e| report_to_parent(&vars, pid, e))?;
+                (inherited, link, generation, state_len)
             }
         };
         let (link, state) = match link {
@@ -409,23 +348,8 @@ type StateProvider = Box<dyn Fn() -> Vec<u8> + Send + Sync>;
 
 /// A child whose environment is broken still tells its parent why, if it
 /// can find the channel at all.
-fn report_to_parent(vars: activation::Vars<'_>, pid: u32, e: &Error) {
-    let ours = vars
-        .listen_pid
-        .and_then(|p| p.to_str())
-        .and_then(|p| p.parse::<u32>().ok())
-        == Some(pid);
-    let fd = vars
-        .channel
-        .and_then(|c| c.to_str())
-        .and_then(|c| c.parse::<i32>().ok());
-    // Only on an fd that was passed to us and is a socket: the number may
-    // name one of the runtime's own fds instead (its epoll fd, its signal
-    // pipe), which must not get a stray line.
-    let Some(fd) = fd.filter(|fd| !sys::fd_is_cloexec(*fd)) else {
-        return;
-    };
-    if ours && sys::fd_is_socket(fd).unwrap_or(false) {
+fn report_to_parent(vars: &protocol::env::Vars, pid: u32, e: &Error) {
+    if let Some(fd) = vars.channel_for(pid) {
         let _ = sys::with_borrowed(fd, |fd| handoff::fail_raw(fd, &e.to_string()));
     }
 }
@@ -536,14 +460,14 @@ impl Inner {
 
     /// Tells a parent that still drains that this process let go of the
     /// service (`upgraded <pid>`, `stopping`), once.
-    fn tell_parent(&self, line: &str) {
+    fn tell_parent(&self, msg: FromNew) {
         let link = self
             .to_parent
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .take();
         if let Some(link) = link {
-            let line = format!("{line}\n");
+            let line = msg.line();
             let r = handoff::write_blocking(
                 std::os::fd::AsFd::as_fd(&*link),
                 line.as_bytes(),
@@ -898,21 +822,14 @@ impl Handover {
     }
 
     fn start_watchdog(&self) {
-        let Some(usec) = std::env::var("WATCHDOG_USEC")
-            .ok()
-            .and_then(|v| v.parse::<u64>().ok())
-        else {
+        let Some(timeout) = protocol::env::watchdog(std::process::id()) else {
             return;
         };
-        let for_us = std::env::var("WATCHDOG_PID")
-            .ok()
-            .and_then(|p| p.parse::<u32>().ok())
-            .is_none_or(|p| p == std::process::id());
-        if usec == 0 || !for_us || self.inner.notify.is_none() {
+        if self.inner.notify.is_none() {
             return;
         }
         let weak = Arc::downgrade(&self.inner);
-        let period = Duration::from_micros(usec / 2);
+        let period = timeout / 2;
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(period);
             loop {
@@ -1157,7 +1074,7 @@ impl Handover {
             inner.drain.start_revocable(DrainReason::Upgraded);
         }
         inner.phase.send_replace(Phase::Draining);
-        inner.tell_parent(&format!("upgraded {new_pid}"));
+        inner.tell_parent(FromNew::Upgraded(new_pid));
         self.watch_new_process(child);
         Ok(new_pid)
     }
@@ -1178,21 +1095,21 @@ impl Handover {
                         if let Some(inner) = weak.upgrade() {
                             inner.drain.settle();
                         }
-                        tracing::debug!(new_pid = pid, said = %what, "the new process let go of the service");
+                        tracing::debug!(new_pid = pid, said = ?what, "the new process let go of the service");
                         let_go = Some(what);
                     }
                     handoff::Event::Exited(status) => break status,
                 }
             };
             let Some(inner) = weak.upgrade() else { return };
-            Handover { inner }.new_process_exited(pid, &status, let_go.as_deref());
+            Handover { inner }.new_process_exited(pid, &status, let_go.as_ref());
         });
     }
 
-    fn new_process_exited(&self, pid: u32, status: &str, let_go: Option<&str>) {
+    fn new_process_exited(&self, pid: u32, status: &str, let_go: Option<&FromNew>) {
         let inner = &*self.inner;
         if let Some(said) = let_go {
-            tracing::debug!(new_pid = pid, %status, said, "the new process exited");
+            tracing::debug!(new_pid = pid, %status, ?said, "the new process exited");
             return;
         }
         if inner.notify.is_some() {
@@ -1267,7 +1184,7 @@ impl Handover {
         // Also makes a drain after a handoff final: once asked to stop, this
         // process never takes the service back.
         let started = self.inner.drain.start(DrainReason::Stopped);
-        self.inner.tell_parent("stopping");
+        self.inner.tell_parent(FromNew::Stopping);
         if !started {
             return;
         }

@@ -11,8 +11,9 @@ use nix::sys::socket::{
     self, sockopt, AddressFamily, SockFlag, SockType, SockaddrLike, SockaddrStorage,
 };
 
-use crate::activation::UNNAMED;
 use crate::error::{Error, Result};
+use crate::protocol::env::{Activation, UNNAMED};
+use crate::sys;
 
 /// The kinds of socket a listener can be.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -75,9 +76,9 @@ impl Address {
     }
 }
 
-/// An fd passed to this process, not yet claimed by a `listen_*` call.
+/// A socket passed to this process, not yet claimed by a `listen_*` call.
 #[derive(Debug)]
-pub(crate) struct Passed {
+pub(crate) struct Inherited {
     pub(crate) fd: OwnedFd,
     /// The fd number it arrived at (for messages).
     pub(crate) number: RawFd,
@@ -100,10 +101,54 @@ pub(crate) enum Source {
     Parent,
 }
 
+/// Takes the fds `activation` describes: close-on-exec from now on, so
+/// that no other child of this process inherits them. Returns the
+/// listeners, each with who decided its address, and the handoff channel.
+pub(crate) fn take(activation: Activation) -> Result<(Vec<Inherited>, Option<OwnedFd>)> {
+    let raw: Vec<RawFd> = activation
+        .fds
+        .iter()
+        .map(|(fd, _)| *fd)
+        .chain(activation.channel)
+        .collect();
+    let mut owned = sys::take_inherited(&raw).map_err(|e| Error::io("take inherited fds", e))?;
+    for fd in &owned {
+        nix::fcntl::fcntl(
+            fd,
+            nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
+        )
+        .map_err(|e| Error::io("set FD_CLOEXEC on inherited fds", e.into()))?;
+    }
+    // The channel is the last fd taken, when there is one.
+    let channel = match activation.channel {
+        Some(_) => owned.pop(),
+        None => None,
+    };
+    let configured = activation.configured;
+    let inherited = owned
+        .into_iter()
+        .zip(activation.fds)
+        .map(|(fd, (number, name))| {
+            let source = if configured.contains(&name) {
+                Source::Parent
+            } else {
+                Source::Manager
+            };
+            Inherited {
+                fd,
+                number,
+                name,
+                source,
+            }
+        })
+        .collect();
+    Ok((inherited, channel))
+}
+
 /// The listeners of this process.
 #[derive(Debug)]
 pub(crate) struct Listeners {
-    passed: Vec<Option<Passed>>,
+    passed: Vec<Option<Inherited>>,
     /// A duplicate of every listener in use, by name, for the next handoff.
     active: Vec<(String, OwnedFd)>,
     /// The names of the listeners this process bound itself.
@@ -168,7 +213,7 @@ fn inspect(fd: BorrowedFd<'_>, kind: Kind) -> std::result::Result<Address, Strin
 }
 
 impl Listeners {
-    pub(crate) fn new(passed: Vec<Passed>) -> Listeners {
+    pub(crate) fn new(passed: Vec<Inherited>) -> Listeners {
         Listeners {
             passed: passed.into_iter().map(Some).collect(),
             active: Vec::new(),
@@ -325,7 +370,7 @@ impl Listeners {
     }
 
     /// The names of the listeners in use whose address this program decided
-    /// (see [`Source`]), for the next generation's `HANDOVER_BOUND`.
+    /// (see [`Source`]), for the next generation's `HANDOVER_CONFIGURED`.
     pub(crate) fn configured(&self) -> Vec<&str> {
         self.active
             .iter()
@@ -424,12 +469,12 @@ fn remove_stale(path: &Path, kind: Kind) {
 mod tests {
     use super::*;
 
-    fn passed(fd: OwnedFd, name: &str) -> Passed {
+    fn passed(fd: OwnedFd, name: &str) -> Inherited {
         from(fd, name, Source::Manager)
     }
 
-    fn from(fd: OwnedFd, name: &str, source: Source) -> Passed {
-        Passed {
+    fn from(fd: OwnedFd, name: &str, source: Source) -> Inherited {
+        Inherited {
             number: fd.as_raw_fd(),
             fd,
             name: name.into(),

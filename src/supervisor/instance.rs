@@ -17,31 +17,10 @@ use tokio::time::Instant;
 
 use tokio::io::unix::AsyncFd;
 
-use crate::activation::{ENV_BOUND, ENV_CHANNEL, ENV_GENERATION, ENV_STATE_LEN};
+use crate::protocol::env;
 use crate::sys;
 
 use super::ProgramExit;
-
-/// Variables of the supervisor's environment that the program does not
-/// inherit: they describe one process, or the supervisor's own manager
-/// (the program's manager is the supervisor, which sets `NOTIFY_SOCKET`
-/// and the `LISTEN_*` variables itself).
-const NOT_INHERITED: &[&str] = &[
-    "LISTEN_PID",
-    "LISTEN_FDS",
-    "LISTEN_FDNAMES",
-    "LISTEN_PIDFDID",
-    "NOTIFY_SOCKET",
-    "WATCHDOG_PID",
-    "WATCHDOG_USEC",
-    "MAINPID",
-    "MANAGERPID",
-    "SYSTEMD_EXEC_PID",
-    ENV_CHANNEL,
-    ENV_GENERATION,
-    ENV_STATE_LEN,
-    ENV_BOUND,
-];
 
 /// Finds `program` as `execve` will run it: a path (made absolute against
 /// the current directory) or a bare name looked up in `PATH`.
@@ -100,16 +79,8 @@ impl Launcher {
         notify_socket: &Path,
         listeners: Vec<(String, OwnedFd)>,
     ) -> Launcher {
-        let mut env: Vec<(OsString, OsString)> = base_env
-            .into_iter()
-            .filter(|(k, _)| !NOT_INHERITED.iter().any(|n| OsStr::new(n) == k))
-            .collect();
-        env.push(("NOTIFY_SOCKET".into(), notify_socket.as_os_str().to_owned()));
-        if !listeners.is_empty() {
-            env.push(("LISTEN_FDS".into(), listeners.len().to_string().into()));
-            let names: Vec<&str> = listeners.iter().map(|(n, _)| n.as_str()).collect();
-            env.push(("LISTEN_FDNAMES".into(), names.join(":").into()));
-        }
+        let names: Vec<&str> = listeners.iter().map(|(n, _)| n.as_str()).collect();
+        let env = env::supervised(base_env, notify_socket, &names);
         Launcher {
             path,
             argv,

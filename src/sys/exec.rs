@@ -7,12 +7,7 @@ use std::os::fd::RawFd;
 use std::os::raw::c_char;
 
 use super::spawn::{ExecImage, LISTEN_PID_PREFIX};
-
-/// What the child reports before it exits when moving an fd into place
-/// failed, and when `execve` failed: `<prefix><errno>\n` (see
-/// [`protocol::channel`](crate::protocol::channel)).
-const SPAWN_FAILED: &[u8] = b"spawn ";
-const EXEC_FAILED: &[u8] = b"exec ";
+use crate::protocol::channel::{EXEC_FAILED, SPAWN_FAILED};
 
 /// The child's side of [`spawn`](super::spawn): writes `LISTEN_PID=<pid>`
 /// into the slot prepared for it, moves `raw_fds[i]` to `3 + i` without
@@ -150,5 +145,7 @@ mod tests {
         let mut slot = [0u8; 32];
         let end = put_decimal(&mut slot, LISTEN_PID_PREFIX.len(), u64::MAX).unwrap();
         assert!(end < slot.len(), "LISTEN_PID= and any pid fit with the NUL");
+        let name = crate::protocol::env::LISTEN_PID;
+        assert_eq!(LISTEN_PID_PREFIX, format!("{name}=").as_bytes());
     }
 }
