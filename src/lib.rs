@@ -111,7 +111,7 @@ pub use error::{Error, Result, UpgradeError};
 
 use handoff::{Executable, ParentLink};
 use listeners::Listeners;
-use notify::{status_text, Notifier};
+use notify::{Notifier, NotifyState};
 use protocol::channel::FromNew;
 use protocol::env::Found;
 
@@ -535,11 +535,11 @@ impl Drop for UpgradeGuard<'_> {
                 "upgrade interrupted; still serving"
             );
             if let (true, false, Some(n)) = (self.reloading, draining, &self.inner.notify) {
-                let status = status_text(&format!(
+                let status = format!(
                     "upgrade to generation {generation} interrupted; still serving, pid {}",
                     std::process::id()
-                ));
-                let _ = n.send(&format!("READY=1\nSTATUS={status}"));
+                );
+                let _ = n.notify(&[NotifyState::Ready, NotifyState::Status(&status)]);
             }
             self.inner.keep_spares();
         }
@@ -610,7 +610,7 @@ impl Handover {
             if !listeners.bound_here(name) {
                 continue;
             }
-            match n.send_with_fds(&format!("FDSTORE=1\nFDNAME={name}"), &[fd]) {
+            match n.notify_with_fds(&[NotifyState::FdStore { name }], &[fd]) {
                 Ok(()) => tracing::debug!(name, "listener pushed to the fd store"),
                 Err(e) => {
                     tracing::warn!(name, error = %e, "cannot push the listener to the fd store")
@@ -779,14 +779,13 @@ impl Handover {
                 }
             }
         }
-        let status = status_text(&status);
         if let Some(n) = &self.inner.notify {
-            let msg = if announced_by_parent {
-                format!("STATUS={status}")
+            let msg: &[NotifyState<'_>] = if announced_by_parent {
+                &[NotifyState::Status(&status)]
             } else {
-                format!("READY=1\nSTATUS={status}")
+                &[NotifyState::Ready, NotifyState::Status(&status)]
             };
-            let r = n.send(&msg).map_err(|source| Error::Notify {
+            let r = n.notify(msg).map_err(|source| Error::Notify {
                 socket: n.socket_name().to_owned(),
                 source,
             });
@@ -840,7 +839,7 @@ impl Handover {
                     break;
                 }
                 if let Some(n) = &inner.notify {
-                    if let Err(e) = n.send("WATCHDOG=1") {
+                    if let Err(e) = n.notify(&[NotifyState::Watchdog]) {
                         tracing::warn!(error = %e, "watchdog ping failed");
                     }
                 }
@@ -927,15 +926,18 @@ impl Handover {
         tracing::info!(generation, old_pid, exe = %inner.exe.path.display(), "upgrade started");
         if let Some(n) = &inner.notify {
             let extend = timeout.saturating_add(BARRIER_TIMEOUT);
-            let msg = format!(
-                "RELOADING=1\nMONOTONIC_USEC={}\nEXTEND_TIMEOUT_USEC={}\nSTATUS={}",
-                notify::monotonic_usec(),
-                extend.as_micros(),
-                status_text(&format!("upgrading to generation {generation}")),
-            );
+            let status = format!("upgrading to generation {generation}");
+            let msg = [
+                NotifyState::Reloading,
+                NotifyState::MonotonicUsec(notify::monotonic_usec()),
+                NotifyState::ExtendTimeoutUsec(
+                    u64::try_from(extend.as_micros()).unwrap_or(u64::MAX),
+                ),
+                NotifyState::Status(&status),
+            ];
             // From here on, every way out ends the reload with READY=1.
             guard.reloading = true;
-            if let Err(e) = n.send(&msg) {
+            if let Err(e) = n.notify(&msg) {
                 tracing::warn!(error = %e, "cannot send RELOADING=1");
             }
         }
@@ -971,9 +973,11 @@ impl Handover {
             Err(e) => {
                 tracing::error!(generation, old_pid, elapsed_ms, outcome = "failed", reason = %e, "upgrade failed; still serving");
                 if guard.reloading {
-                    let status = status_text(&format!("upgrade to generation {generation} failed: {e}; still serving, pid {old_pid}"));
+                    let status = format!("upgrade to generation {generation} failed: {e}; still serving, pid {old_pid}");
                     if let Some(n) = &inner.notify {
-                        if let Err(e) = n.send(&format!("READY=1\nSTATUS={status}")) {
+                        if let Err(e) =
+                            n.notify(&[NotifyState::Ready, NotifyState::Status(&status)])
+                        {
                             tracing::warn!(error = %e, "cannot send READY=1 after the failed upgrade");
                         }
                     }
@@ -1040,8 +1044,13 @@ impl Handover {
             }
         }
         if let Some(n) = &inner.notify {
-            let status = status_text(&format!("serving, generation {generation}, pid {new_pid}"));
-            if let Err(source) = n.send(&format!("MAINPID={new_pid}\nREADY=1\nSTATUS={status}")) {
+            let status = format!("serving, generation {generation}, pid {new_pid}");
+            let announce = [
+                NotifyState::MainPid(new_pid),
+                NotifyState::Ready,
+                NotifyState::Status(&status),
+            ];
+            if let Err(source) = n.notify(&announce) {
                 child.kill().await;
                 return Err(UpgradeError::Announce {
                     pid: new_pid,
@@ -1056,7 +1065,7 @@ impl Handover {
         if let Err(e) = child.confirm_main().await {
             // It died right after saying ready: take the service back.
             if let Some(n) = &inner.notify {
-                let _ = n.send(&format!("MAINPID={}\nREADY=1", std::process::id()));
+                let _ = n.notify(&[NotifyState::MainPid(std::process::id()), NotifyState::Ready]);
             }
             child.kill().await;
             return Err(UpgradeError::Channel(e));
@@ -1193,7 +1202,7 @@ impl Handover {
         // NotifyAccess=all, STOPPING=1 would stop the whole service.
         let main = self.inner.is_main.load(Ordering::Acquire);
         if let (true, Some(n)) = (main, &self.inner.notify) {
-            if let Err(e) = n.send("STOPPING=1\nSTATUS=stopping") {
+            if let Err(e) = n.notify(&[NotifyState::Stopping, NotifyState::Status("stopping")]) {
                 tracing::warn!(error = %e, "cannot send STOPPING=1");
             }
         }
