@@ -106,7 +106,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
 
-pub use drain::{Drain, DrainGuard, DrainReason, DrainSignal};
+pub use drain::{Drain, DrainGuard, DrainReason, DrainSignal, DrainTrigger};
 pub use error::{Error, Result, UpgradeError};
 
 use handoff::{Executable, ParentLink};
@@ -291,7 +291,7 @@ impl Builder {
             Some(path) => Some(control_listener(&mut listeners, path).map_err(fail)?),
             None => None,
         };
-        let drain = Drain::new();
+        let drain = DrainTrigger::new();
         let (phase, _) = watch::channel(Phase::Starting);
         let inner = Arc::new(Inner {
             exe: Executable::current(),
@@ -399,7 +399,7 @@ struct Inner {
     state: Mutex<Option<Vec<u8>>>,
     state_provider: Mutex<Option<StateProvider>>,
     parent: tokio::sync::Mutex<Option<ParentLink>>,
-    drain: Drain,
+    drain: DrainTrigger,
     phase: watch::Sender<Phase>,
     pending_upgrade: AtomicBool,
     ready_called: AtomicBool,
@@ -526,7 +526,7 @@ struct UpgradeGuard<'a> {
 
 impl Drop for UpgradeGuard<'_> {
     fn drop(&mut self) {
-        let draining = self.inner.drain.is_draining();
+        let draining = self.inner.drain.watcher().is_draining();
         if !self.settled {
             let generation = self.generation;
             tracing::error!(
@@ -691,10 +691,11 @@ impl Handover {
         self.record(r)
     }
 
-    /// The drain signal and in-flight counter shared by this process's
-    /// accept loops and connections.
+    /// A watcher of this process's drain, with the in-flight counter its
+    /// accept loops and connections share. It cannot start the drain: only
+    /// [`stop`](Self::stop) and a successful upgrade do.
     pub fn drain(&self) -> Drain {
-        self.inner.drain.clone()
+        self.inner.drain.watcher()
     }
 
     /// Where this process is in its life.
@@ -732,7 +733,7 @@ impl Handover {
         }
         let pid = std::process::id();
         let link = self.inner.parent.lock().await.take();
-        if self.inner.drain.is_draining() {
+        if self.inner.drain.watcher().is_draining() {
             // Stopped before it was ready: a parent must not hand over to us.
             if let Some(link) = &link {
                 link.fail("stopped before it was ready");
@@ -835,7 +836,7 @@ impl Handover {
                 tick.tick().await;
                 let Some(inner) = weak.upgrade() else { break };
                 // After a handoff the pings are the new process's job.
-                if inner.drain.reason() == Some(DrainReason::Upgraded) {
+                if inner.drain.watcher().reason() == Some(DrainReason::Upgraded) {
                     break;
                 }
                 if let Some(n) = &inner.notify {
@@ -952,7 +953,7 @@ impl Handover {
             // KillMode=control-group, Ctrl-C in a terminal): the new process
             // may die of it a moment before this one sees its own. Give that
             // stop a moment to arrive, so it is not reported as a failure.
-            let _ = tokio::time::timeout(STOP_GRACE, inner.drain.draining()).await;
+            let _ = tokio::time::timeout(STOP_GRACE, inner.drain.watcher().draining()).await;
         }
         let elapsed_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
         match &result {
@@ -966,7 +967,7 @@ impl Handover {
                     "upgrade complete; draining"
                 );
             }
-            Err(e) if inner.drain.reason() == Some(DrainReason::Stopped) => {
+            Err(e) if inner.drain.watcher().reason() == Some(DrainReason::Stopped) => {
                 // The stop already told the manager (STOPPING=1).
                 tracing::info!(generation, old_pid, elapsed_ms, outcome = "cancelled", reason = %e, "upgrade cancelled: stopping");
             }
@@ -1038,7 +1039,7 @@ impl Handover {
         );
         tokio::select! {
             r = child.wait_ready(&inner.exe.path, timeout, &state) => r?,
-            _ = inner.drain.draining() => {
+            _ = inner.drain.watcher().draining() => {
                 child.kill().await;
                 return Err(UpgradeError::Stopped);
             }
@@ -1222,12 +1223,13 @@ impl Handover {
     /// next drain.
     pub async fn wait(&self) -> Exit {
         let drain = &self.inner.drain;
+        let watcher = drain.watcher();
         let timeout = self.inner.config.drain_timeout;
         let (reason, outcome, started) = loop {
-            let reason = drain.draining().await;
+            let reason = watcher.draining().await;
             let started = Instant::now();
             let outcome = tokio::select! {
-                o = drain.outcome(timeout) => o,
+                o = watcher.outcome(timeout) => o,
                 () = drain.taken_back() => continue,
             };
             // Final from here on (unless it was taken back just now): the

@@ -164,7 +164,7 @@ type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// use std::convert::Infallible;
 ///
 /// use bytes::Bytes;
-/// use handover::drain::{Drain, DrainReason};
+/// use handover::drain::{DrainReason, DrainTrigger};
 /// use http_body_util::Full;
 /// use hyper::{Request, Response};
 ///
@@ -173,12 +173,13 @@ type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// let hello = hyper::service::service_fn(|_req: Request<hyper::body::Incoming>| async {
 ///     Ok::<_, Infallible>(Response::new(Full::new(Bytes::from("Welcome to the Home Page!\n"))))
 /// });
-/// let drain = Drain::new();
-/// let server = tokio::spawn(handover::http::serve(listener, hello, drain.clone()));
+/// let trigger = DrainTrigger::new();
+/// let server = tokio::spawn(handover::http::serve(listener, hello, trigger.watcher()));
 ///
 /// tokio::signal::ctrl_c().await?;
-/// drain.start(DrainReason::Stopped);
+/// trigger.start(DrainReason::Stopped);
 /// server.await.expect("accept loop panicked")?; // no longer accepting
+/// let drain = trigger.watcher();
 /// drain.finished(std::time::Duration::from_secs(30)).await; // connections closed
 /// # Ok(()) }
 /// ```
@@ -193,8 +194,8 @@ type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// # #[tokio::main] async fn main() -> std::io::Result<()> {
 /// let app = Router::new().route("/", get(|| async { "Welcome to the Home Page!\n" }));
 /// let listener = tokio::net::TcpListener::bind("127.0.0.1:8081").await?;
-/// let drain = handover::drain::Drain::new();
-/// handover::http::serve(listener, TowerToHyperService::new(app), drain).await
+/// let trigger = handover::drain::DrainTrigger::new();
+/// handover::http::serve(listener, TowerToHyperService::new(app), trigger.watcher()).await
 /// # }
 /// ```
 pub async fn serve<L, S, B>(listener: L, service: S, drain: Drain) -> io::Result<()>
@@ -223,7 +224,8 @@ where
 /// # let service = hyper::service::service_fn(|_req: Request<Incoming>| async {
 /// #     Ok::<_, Infallible>(Response::new(Full::new(Bytes::from("hi"))))
 /// # });
-/// let drain = handover::drain::Drain::new();
+/// let trigger = handover::drain::DrainTrigger::new();
+/// let drain = trigger.watcher();
 /// let listener = tokio::net::UnixListener::bind("/run/hello/http.sock")?;
 /// handover::http::Server::new()
 ///     .idle_grace(Duration::from_millis(500))
@@ -283,7 +285,7 @@ mod tests {
 
     use super::testing::{app, gate, grace, start_on, Raw, T};
     use super::*;
-    use crate::drain::DrainReason;
+    use crate::drain::{DrainReason, DrainTrigger};
 
     /// Unix sockets work the same.
     #[tokio::test]
@@ -291,7 +293,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("http.sock");
         let listener = tokio::net::UnixListener::bind(&path).unwrap();
-        let drain = Drain::new();
+        let trigger = DrainTrigger::new();
+        let drain = trigger.watcher();
         let (g, _) = gate();
         let accept_loop = tokio::spawn(serve(listener, app("unix", g), drain.clone()));
         let mut io = tokio::net::UnixStream::connect(&path).await.unwrap();
@@ -302,7 +305,7 @@ mod tests {
         })
         .await
         .unwrap();
-        drain.start(DrainReason::Stopped);
+        trigger.start(DrainReason::Stopped);
         timeout(T, accept_loop).await.unwrap().unwrap().unwrap();
         io.write_all(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
             .await
@@ -322,16 +325,16 @@ mod tests {
         let app = axum::Router::new().route("/", axum::routing::get(|| async { "axum" }));
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let drain = Drain::new();
+        let trigger = DrainTrigger::new();
         tokio::spawn(serve(
             listener,
             hyper_util::service::TowerToHyperService::new(app),
-            drain.clone(),
+            trigger.watcher(),
         ));
         let mut c = Raw::connect(addr).await;
         let r = c.get("/").await;
         assert_eq!((r.status, r.close, r.body.as_str()), (200, false, "axum"));
-        drain.start(DrainReason::Stopped);
+        trigger.start(DrainReason::Stopped);
         let r = c.get("/").await;
         assert_eq!((r.status, r.close, r.body.as_str()), (200, true, "axum"));
         c.expect_eof().await;
