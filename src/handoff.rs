@@ -212,7 +212,7 @@ pub(crate) fn prepare(
 ) -> Result<Launch, UpgradeError> {
     let spawn_err = |source| UpgradeError::Spawn {
         exe: exe.path.display().to_string(),
-        source,
+        cause: source,
     };
     let (ours_end, theirs) = std::os::unix::net::UnixStream::pair().map_err(spawn_err)?;
     let n = listeners.len();
@@ -270,7 +270,7 @@ impl Launch {
         } = self;
         let spawn_err = |source| UpgradeError::Spawn {
             exe: exe.display().to_string(),
-            source,
+            cause: source,
         };
         let (tx, rx) = tokio::sync::oneshot::channel();
         std::thread::Builder::new()
@@ -489,12 +489,12 @@ fn parse_failure(msg: &str, pid: u32, exe: &Path) -> UpgradeError {
     if let Some(e) = msg.strip_prefix("exec ") {
         UpgradeError::Exec {
             exe: exe.display().to_string(),
-            source: errno(e),
+            cause: errno(e),
         }
     } else if let Some(e) = msg.strip_prefix("spawn ") {
         UpgradeError::Spawn {
             exe: exe.display().to_string(),
-            source: errno(e),
+            cause: errno(e),
         }
     } else if let Some(reason) = msg.strip_prefix("fail ") {
         UpgradeError::ChildFailed {
@@ -644,7 +644,7 @@ mod tests {
     fn failures_parse_to_typed_errors() {
         let exe = Path::new("/x");
         assert!(
-            matches!(parse_failure("exec 13", 1, exe), UpgradeError::Exec { ref source, .. } if source.raw_os_error() == Some(13))
+            matches!(parse_failure("exec 13", 1, exe), UpgradeError::Exec { ref cause, .. } if cause.raw_os_error() == Some(13))
         );
         assert!(
             matches!(parse_failure("fail no config", 1, exe), UpgradeError::ChildFailed { ref reason, .. } if reason == "no config")

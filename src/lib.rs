@@ -864,7 +864,7 @@ impl Handover {
             };
             let r = n.send(&msg).map_err(|source| Error::Notify {
                 socket: n.socket_name().to_owned(),
-                source,
+                cause: source,
             });
             self.record(r)?;
         }
@@ -1128,7 +1128,7 @@ impl Handover {
                 child.kill().await;
                 return Err(UpgradeError::Announce {
                     pid: new_pid,
-                    source,
+                    cause: source,
                 });
             }
             drop(for_barrier);
@@ -1349,7 +1349,7 @@ fn resolve(name: &str, addr: impl ToSocketAddrs) -> Result<SocketAddr> {
     let bind_err = |source| Error::Bind {
         name: name.to_owned(),
         addr: "the given address".into(),
-        source,
+        cause: source,
     };
     addr.to_socket_addrs()
         .map_err(bind_err)?
