@@ -2,19 +2,18 @@
 //! starts, hands each to its own task, and decides what an accept error
 //! means (retry at once, pause, or stop).
 
-use std::future::Future;
+use std::future::{poll_fn, Future};
 use std::io;
 use std::pin::pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use hyper::body::{Body, Incoming};
-use hyper::service::Service;
-use hyper::{Request, Response};
 use tokio::io::{AsyncRead, AsyncWrite};
 
+use super::app::App;
 use super::conn::serve_connection;
-use super::{BoxError, Server};
+use super::handshake::{Acceptor, Plain};
+use super::Server;
 use crate::drain::Drain;
 
 /// A listening socket the accept loop can take connections from.
@@ -56,27 +55,94 @@ impl Listener for tokio::net::UnixListener {
 impl Server {
     /// Runs the accept loop; see [`serve`](super::serve). The returned future is `'static`,
     /// so it can be spawned directly.
-    pub fn serve<L, S, B>(
+    pub fn serve<L, A, K>(
         &self,
-        mut listener: L,
-        service: S,
+        listener: L,
+        app: A,
         drain: Drain,
     ) -> impl Future<Output = io::Result<()>> + Send + 'static
     where
         L: Listener,
-        S: Service<Request<Incoming>, Response = Response<B>> + Clone + Send + 'static,
-        S::Future: Send + 'static,
-        S::Error: Into<BoxError>,
-        B: Body + Send + 'static,
-        B::Data: Send,
-        B::Error: Into<BoxError>,
+        A: App<L::Addr, K>,
+    {
+        self.serve_with(listener, Plain, app, drain)
+    }
+
+    /// Runs the accept loop like [`serve`](Self::serve), with a handshake
+    /// on each connection before HTTP: TLS, typically. `acceptor` turns an
+    /// accepted connection into the stream HTTP is spoken on; it runs in the
+    /// connection's task, bounded by the [handshake
+    /// timeout](Self::handshake_timeout), so a slow or failed handshake
+    /// delays no other connection. A connection counts in the drain from its
+    /// accept, handshake included; one still in its handshake when the drain
+    /// starts finishes it and is then served by the rules in the [module
+    /// docs](super). A failed or timed-out handshake closes the connection
+    /// (logged at `debug`).
+    ///
+    /// # Example
+    ///
+    /// TLS with [tokio-rustls](https://docs.rs/tokio-rustls): the
+    /// certificate is read at start-up, so an upgrade serves the files on
+    /// disk at that moment (`examples/tls.rs` is a complete program).
+    ///
+    /// ```no_run
+    /// use std::sync::Arc;
+    ///
+    /// use axum::{routing::get, Router};
+    /// use tokio_rustls::rustls::pki_types::{pem::PemObject, CertificateDer, PrivateKeyDer};
+    /// use tokio_rustls::rustls::ServerConfig;
+    ///
+    /// # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+    /// let certs = CertificateDer::pem_file_iter("cert.pem")?.collect::<Result<Vec<_>, _>>()?;
+    /// let key = PrivateKeyDer::from_pem_file("key.pem")?;
+    /// let mut tls = ServerConfig::builder_with_provider(Arc::new(
+    ///     tokio_rustls::rustls::crypto::ring::default_provider(),
+    /// ))
+    /// .with_safe_default_protocol_versions()?
+    /// .with_no_client_auth()
+    /// .with_single_cert(certs, key)?;
+    /// tls.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    /// let tls = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
+    ///
+    /// let app = Router::new().route("/", get(|| async { "Welcome to the Home Page!\n" }));
+    /// let listener = tokio::net::TcpListener::bind("127.0.0.1:8443").await?;
+    /// let drain = handover::drain::Drain::new();
+    /// handover::http::Server::new()
+    ///     .serve_with(listener, move |tcp| tls.accept(tcp), app, drain)
+    ///     .await?;
+    /// # Ok(()) }
+    /// ```
+    pub fn serve_with<L, H, A, K>(
+        &self,
+        mut listener: L,
+        acceptor: H,
+        mut app: A,
+        drain: Drain,
+    ) -> impl Future<Output = io::Result<()>> + Send + 'static
+    where
+        L: Listener,
+        H: Acceptor<L::Io>,
+        A: App<L::Addr, K>,
     {
         let cfg = Arc::new(self.clone());
+        let acceptor = Arc::new(acceptor);
         async move {
             let mut backoff = Backoff::default();
             {
                 let mut draining = pin!(drain.draining());
                 loop {
+                    // A make-service that is not ready holds the next
+                    // accept back (tower's back-pressure); the others
+                    // always are.
+                    let ready = tokio::select! {
+                        biased;
+                        _ = draining.as_mut() => break,
+                        r = poll_fn(|cx| app.poll_ready(cx)) => r,
+                    };
+                    if let Err(e) = ready {
+                        tracing::error!(error = %e, "the make-service failed, stopping the accept loop");
+                        return Err(io::Error::other(e));
+                    }
                     let accepted = tokio::select! {
                         biased;
                         _ = draining.as_mut() => break,
@@ -87,11 +153,12 @@ impl Server {
                             backoff.reset();
                             // The guard goes with the connection's IO: an
                             // upgraded connection keeps it until the
-                            // application drops the upgraded IO.
+                            // application drops it.
                             let guard = drain.guard();
                             let conn = serve_connection(
                                 io,
-                                service.clone(),
+                                acceptor.clone(),
+                                app.make(&peer),
                                 drain.clone(),
                                 cfg.clone(),
                                 guard,
