@@ -23,7 +23,8 @@ use crate::drain::Drain;
 pub trait Listener: Send + 'static {
     /// A connection.
     type Io: AsyncRead + AsyncWrite + Unpin + Send + 'static;
-    /// The peer's address, for logs.
+    /// The peer's address: for logs, and what a make-service is called
+    /// with (see [`App`]).
     type Addr: std::fmt::Debug + Send + 'static;
 
     /// Accepts the next connection. Must be cancel-safe: the accept loop

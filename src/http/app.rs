@@ -5,10 +5,15 @@
 //! |---|---|---|
 //! | [`Tower`] | a tower `Service<Request<Incoming>>` + `Clone`: an axum `Router`, a `tower-http` stack | a clone |
 //! | [`Hyper`] | a hyper `Service<Request<Incoming>>` + `Clone`: `hyper::service::service_fn` | a clone |
-//! | [`MakeService`] | a tower `Service<Addr>` whose response is a tower service: axum's `into_make_service_with_connect_info::<SocketAddr>()` | what it returns for the peer's address |
+//! | [`MakeService`] | a tower `Service<Addr>` (`Addr: Clone`) whose response is a tower service + `Clone`: axum's `into_make_service_with_connect_info::<SocketAddr>()` | what it returns for the peer's address |
 //!
-//! A type that is two of these at once (none of axum's, tower's or hyper's
-//! types is) cannot be inferred; wrap it to say which one is meant.
+//! `Addr` is the [`Listener`](super::Listener)'s peer address:
+//! `SocketAddr` for a `TcpListener`. A make-service's future runs in the
+//! connection's task (after its handshake, if any); if it fails, that
+//! connection is closed and the others go on. Its `poll_ready` is polled
+//! before each accept. A type that is two of these kinds at once (none of
+//! axum's, tower's or hyper's types is) cannot be inferred; wrap it to say
+//! which one is meant.
 
 use std::future::Future;
 use std::pin::Pin;
