@@ -316,10 +316,18 @@ async fn sse_client(addr: SocketAddr, seen: Arc<Mutex<SseSeen>>, stop: Arc<Atomi
         let mut body = res.expect("the stream is served").into_body();
         let mut parser = EventParser::default();
         let mut events = 0;
+        // Resolves once the test asks to stop. (A fresh 50 ms timer per
+        // frame, as before, never fired: events come every 20 ms, so the
+        // client only stopped at a chance pause of the stream.)
+        let mut stopped = std::pin::pin!(async {
+            while !stop.load(Ordering::SeqCst) {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        });
         loop {
             let frame = tokio::select! {
                 f = body.frame() => f,
-                _ = tokio::time::sleep(Duration::from_millis(50)), if stop.load(Ordering::SeqCst) => return,
+                _ = &mut stopped => return,
             };
             match frame {
                 Some(Ok(f)) => {
