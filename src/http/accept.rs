@@ -12,7 +12,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::app::App;
 use super::conn::serve_connection;
-use super::handshake::{Acceptor, Plain};
+use super::handshake::Acceptor;
 use super::Server;
 use crate::drain::Drain;
 
@@ -54,66 +54,8 @@ impl Listener for tokio::net::UnixListener {
     }
 }
 impl Server {
-    /// Runs the accept loop; see [`serve`](super::serve). The returned future is `'static`,
-    /// so it can be spawned directly.
-    pub fn serve<L, A, K>(
-        &self,
-        listener: L,
-        app: A,
-        drain: Drain,
-    ) -> impl Future<Output = io::Result<()>> + Send + 'static
-    where
-        L: Listener,
-        A: App<L::Addr, K>,
-    {
-        self.serve_with(listener, Plain, app, drain)
-    }
-
-    /// Runs the accept loop like [`serve`](Self::serve), with a handshake
-    /// on each connection before HTTP: TLS, typically. `acceptor` turns an
-    /// accepted connection into the stream HTTP is spoken on; it runs in the
-    /// connection's task, bounded by the [handshake
-    /// timeout](Self::handshake_timeout), so a slow or failed handshake
-    /// delays no other connection. A connection counts in the drain from its
-    /// accept, handshake included; one still in its handshake when the drain
-    /// starts finishes it and is then served by the rules in the [module
-    /// docs](super). A failed or timed-out handshake closes the connection
-    /// (logged at `debug`).
-    ///
-    /// # Example
-    ///
-    /// TLS with [tokio-rustls](https://docs.rs/tokio-rustls): the
-    /// certificate is read at start-up, so an upgrade serves the files on
-    /// disk at that moment (`examples/tls.rs` is a complete program).
-    ///
-    /// ```no_run
-    /// use std::sync::Arc;
-    ///
-    /// use axum::{routing::get, Router};
-    /// use tokio_rustls::rustls::pki_types::{pem::PemObject, CertificateDer, PrivateKeyDer};
-    /// use tokio_rustls::rustls::ServerConfig;
-    ///
-    /// # async fn run() -> Result<(), Box<dyn std::error::Error>> {
-    /// let certs = CertificateDer::pem_file_iter("cert.pem")?.collect::<Result<Vec<_>, _>>()?;
-    /// let key = PrivateKeyDer::from_pem_file("key.pem")?;
-    /// let mut tls = ServerConfig::builder_with_provider(Arc::new(
-    ///     tokio_rustls::rustls::crypto::ring::default_provider(),
-    /// ))
-    /// .with_safe_default_protocol_versions()?
-    /// .with_no_client_auth()
-    /// .with_single_cert(certs, key)?;
-    /// tls.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-    /// let tls = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
-    ///
-    /// let app = Router::new().route("/", get(|| async { "Welcome to the Home Page!\n" }));
-    /// let listener = tokio::net::TcpListener::bind("127.0.0.1:8443").await?;
-    /// let drain = handover::drain::Drain::new();
-    /// handover::http::Server::new()
-    ///     .serve_with(listener, move |tcp| tls.accept(tcp), app, drain)
-    ///     .await?;
-    /// # Ok(()) }
-    /// ```
-    pub fn serve_with<L, H, A, K>(
+    /// The accept loop of [`Server::serve`] and [`Server::serve_with`].
+    pub(super) fn accept_loop<L, H, A, K>(
         &self,
         mut listener: L,
         acceptor: H,
@@ -154,7 +96,7 @@ impl Server {
                             backoff.reset();
                             // The guard goes with the connection's IO: an
                             // upgraded connection keeps it until the
-                            // application drops it.
+                            // application drops the upgraded IO.
                             let guard = drain.guard();
                             let conn = serve_connection(
                                 io,

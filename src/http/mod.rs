@@ -153,6 +153,7 @@ pub use accept::Listener;
 pub use app::App;
 pub use handshake::Acceptor;
 
+use self::handshake::Plain;
 use crate::drain::Drain;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -397,6 +398,82 @@ impl Server {
     ) -> Self {
         self.http2.push(Arc::new(settings));
         self
+    }
+}
+
+impl Server {
+    /// Runs the accept loop; see [`serve`]. The returned future is
+    /// `'static`, so it can be spawned directly.
+    pub fn serve<L, A, K>(
+        &self,
+        listener: L,
+        app: A,
+        drain: Drain,
+    ) -> impl Future<Output = io::Result<()>> + Send + 'static
+    where
+        L: Listener,
+        A: App<L::Addr, K>,
+    {
+        self.accept_loop(listener, Plain, app, drain)
+    }
+
+    /// Runs the accept loop like [`serve`](Self::serve), with a handshake
+    /// on each connection before HTTP: TLS, typically. `acceptor` turns an
+    /// accepted connection into the stream HTTP is spoken on; it runs in the
+    /// connection's task, bounded by the [handshake
+    /// timeout](Self::handshake_timeout), so a slow or failed handshake
+    /// delays no other connection. A connection counts in the drain from its
+    /// accept, handshake included; one still in its handshake when the drain
+    /// starts finishes it and is then served by the rules in the [module
+    /// docs](self). A failed or timed-out handshake closes the connection
+    /// (logged at `debug`).
+    ///
+    /// # Example
+    ///
+    /// TLS with [tokio-rustls](https://docs.rs/tokio-rustls): the
+    /// certificate is read at start-up, so an upgrade serves the files on
+    /// disk at that moment (`examples/tls.rs` is a complete program).
+    ///
+    /// ```no_run
+    /// use std::sync::Arc;
+    ///
+    /// use axum::{routing::get, Router};
+    /// use tokio_rustls::rustls::pki_types::{pem::PemObject, CertificateDer, PrivateKeyDer};
+    /// use tokio_rustls::rustls::ServerConfig;
+    ///
+    /// # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+    /// let certs = CertificateDer::pem_file_iter("cert.pem")?.collect::<Result<Vec<_>, _>>()?;
+    /// let key = PrivateKeyDer::from_pem_file("key.pem")?;
+    /// let mut tls = ServerConfig::builder_with_provider(Arc::new(
+    ///     tokio_rustls::rustls::crypto::ring::default_provider(),
+    /// ))
+    /// .with_safe_default_protocol_versions()?
+    /// .with_no_client_auth()
+    /// .with_single_cert(certs, key)?;
+    /// tls.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    /// let tls = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
+    ///
+    /// let app = Router::new().route("/", get(|| async { "Welcome to the Home Page!\n" }));
+    /// let listener = tokio::net::TcpListener::bind("127.0.0.1:8443").await?;
+    /// let drain = handover::drain::Drain::new();
+    /// handover::http::Server::new()
+    ///     .serve_with(listener, move |tcp| tls.accept(tcp), app, drain)
+    ///     .await?;
+    /// # Ok(()) }
+    /// ```
+    pub fn serve_with<L, H, A, K>(
+        &self,
+        listener: L,
+        acceptor: H,
+        app: A,
+        drain: Drain,
+    ) -> impl Future<Output = io::Result<()>> + Send + 'static
+    where
+        L: Listener,
+        H: Acceptor<L::Io>,
+        A: App<L::Addr, K>,
+    {
+        self.accept_loop(listener, acceptor, app, drain)
     }
 }
 
