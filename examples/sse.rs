@@ -45,7 +45,6 @@ use axum::routing::get;
 use axum::{Extension, Router};
 use futures_util::{stream, Stream, StreamExt};
 use handover::DrainSignal;
-use hyper_util::service::TowerToHyperService;
 
 /// One event per period, in milliseconds.
 const PERIOD_MS: u64 = 20;
@@ -124,7 +123,6 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .route("/events", get(events))
         .route("/lines", get(lines))
         .with_state(feed);
-    let app = TowerToHyperService::new(app);
     tokio::spawn(handover::http::serve(listener, app, handover.drain()));
 
     handover.ready().await?;

@@ -32,7 +32,6 @@ use axum::response::Response;
 use axum::routing::get;
 use axum::{Extension, Router};
 use handover::DrainSignal;
-use hyper_util::service::TowerToHyperService;
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -77,7 +76,6 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                 },
             ),
         );
-    let app = TowerToHyperService::new(app);
     tokio::spawn(handover::http::serve(listener, app, handover.drain()));
 
     handover.ready().await?;
