@@ -32,7 +32,7 @@ use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 
 #[tokio::main(flavor = "current_thread")]
-async fn main() -> Result<(), Box<dyn std::error::Error>> {
+async fn main() -> std::process::ExitCode {
     // A subscriber of the app's own (here: a level filter), with the
     // crate's layer added: journald under systemd, stderr otherwise.
     let (layer, report) = handover::logging::layer();
@@ -41,6 +41,17 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .with(layer)
         .init();
     report.warn();
+    match run().await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            // handover's errors read as a whole sentence, their cause included.
+            tracing::error!("{e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run() -> Result<(), Box<dyn std::error::Error>> {
     let (mut addr, mut builder) = ("127.0.0.1:8081".to_owned(), handover::Handover::builder());
     let mut args = std::env::args().skip(1);
     while let Some(flag) = args.next() {

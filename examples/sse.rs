@@ -76,10 +76,21 @@ impl Feed {
 }
 
 #[tokio::main(flavor = "current_thread")]
-async fn main() -> Result<(), Box<dyn std::error::Error>> {
+async fn main() -> std::process::ExitCode {
     if let Err(e) = handover::logging::init() {
         eprintln!("sse: {e}");
     }
+    match run().await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            // handover's errors read as a whole sentence, their cause included.
+            tracing::error!("{e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run() -> Result<(), Box<dyn std::error::Error>> {
     let mut addr = "127.0.0.1:8081".to_owned();
     let mut builder = handover::Handover::builder();
     let mut args = std::env::args().skip(1);

@@ -186,3 +186,51 @@ impl Error {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A report that walks the chain prints each cause once.
+    #[test]
+    fn anyhow_prints_the_cause_once() {
+        let in_use = || io::Error::from_raw_os_error(libc::EADDRINUSE);
+        let denied = || io::Error::from_raw_os_error(libc::EACCES);
+        let cases: Vec<(anyhow::Error, String)> = vec![
+            (
+                Error::Bind {
+                    name: "http".into(),
+                    addr: "127.0.0.1:8081".into(),
+                    cause: in_use(),
+                }
+                .into(),
+                format!("cannot bind \"http\" on 127.0.0.1:8081: {}", in_use()),
+            ),
+            (
+                Error::from(UpgradeError::Exec {
+                    exe: "/usr/local/bin/hello".into(),
+                    cause: denied(),
+                })
+                .into(),
+                format!(
+                    "upgrade failed: cannot execute /usr/local/bin/hello: {}",
+                    denied()
+                ),
+            ),
+            (
+                anyhow::Error::from(Error::Io {
+                    what: "take inherited fds",
+                    cause: in_use(),
+                })
+                .context("starting the service"),
+                format!("starting the service: take inherited fds: {}", in_use()),
+            ),
+        ];
+        for (e, sentence) in cases {
+            assert_eq!(format!("{e:#}"), sentence);
+            let cause = sentence.rsplit(": ").next().unwrap();
+            let debug = format!("{e:?}");
+            assert_eq!(debug.matches(cause).count(), 1, "{debug}");
+        }
+    }
+}
