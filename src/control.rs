@@ -44,12 +44,12 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 pub enum ControlError {
     /// Nobody listens at the socket (the service is not running, or has no
     /// control socket).
-    #[error("cannot connect to {path}: {source}")]
+    #[error("cannot connect to {path}: {cause}")]
     Connect {
         /// The socket path.
         path: String,
         /// The OS error.
-        source: io::Error,
+        cause: io::Error,
     },
     /// The environment to send exceeds [`MAX_ENV_BYTES`].
     #[error("the environment is {size} bytes, more than the limit of {MAX_ENV_BYTES}")]
@@ -150,7 +150,7 @@ pub fn request_status(socket: &Path, timeout: Duration) -> Result<String, Contro
 fn exchange(socket: &Path, request: &[u8], timeout: Duration) -> Result<String, ControlError> {
     let mut stream = UnixStream::connect(socket).map_err(|source| ControlError::Connect {
         path: socket.display().to_string(),
-        source,
+        cause: source,
     })?;
     let io_err = |e: io::Error| match e.kind() {
         io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => ControlError::Timeout(timeout),

@@ -139,7 +139,7 @@ pub(crate) fn prepare(
 ) -> Result<Launch, UpgradeError> {
     let spawn_err = |source| UpgradeError::Spawn {
         exe: exe.path.display().to_string(),
-        source,
+        cause: source,
     };
     let (ours_end, theirs) = std::os::unix::net::UnixStream::pair().map_err(spawn_err)?;
     let names: Vec<&str> = listeners.iter().map(|(n, _)| *n).collect();
@@ -188,7 +188,7 @@ impl Launch {
         } = self;
         let spawn_err = |source| UpgradeError::Spawn {
             exe: exe.display().to_string(),
-            source,
+            cause: source,
         };
         let (tx, rx) = tokio::sync::oneshot::channel();
         std::thread::Builder::new()

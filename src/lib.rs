@@ -10,30 +10,43 @@
 //! request is lost.
 //!
 //! ```no_run
+//! # #[cfg(all(feature = "http", feature = "logging"))]
+//! # mod app {
+//! use std::process::ExitCode;
 //! use std::time::Duration;
 //!
-//! # #[cfg(all(feature = "http", feature = "logging"))]
+//! use axum::{routing::get, Router};
+//!
 //! #[tokio::main]
-//! async fn main() -> Result<(), handover::Error> {
-//!     handover::logging::init().expect("no other subscriber is installed");
+//! async fn main() -> ExitCode {
+//!     if let Err(e) = handover::logging::init() {
+//!         eprintln!("{e}");
+//!     }
+//!     match run().await {
+//!         Ok(()) => ExitCode::SUCCESS,
+//!         Err(e) => {
+//!             // Display is the whole sentence, its cause included.
+//!             tracing::error!("{e}");
+//!             ExitCode::FAILURE
+//!         }
+//!     }
+//! }
+//!
+//! async fn run() -> Result<(), handover::Error> {
 //!     let handover = handover::Handover::builder()
 //!         .pid_file("/run/hello/hello.pid")
 //!         .upgrade_timeout(Duration::from_secs(60))
 //!         .drain_timeout(Duration::from_secs(30))
 //!         .build()?;
 //!     let listener = handover.listen_tcp("http", "127.0.0.1:8081")?;
-//!     let service = hyper::service::service_fn(|_req| async {
-//!         Ok::<_, std::convert::Infallible>(hyper::Response::new(
-//!             http_body_util::Full::new(bytes::Bytes::from("hello\n")),
-//!         ))
-//!     });
-//!     tokio::spawn(handover::http::serve(listener, service, handover.drain()));
+//!     let app = Router::new().route("/", get(|| async { "hello\n" }));
+//!     tokio::spawn(handover::http::serve(listener, app, handover.drain()));
 //!     handover.ready().await?;
 //!     let exit = handover.wait().await;
 //!     tracing::info!(?exit, "bye");
 //!     Ok(())
 //! }
-//! # #[cfg(not(all(feature = "http", feature = "logging")))]
+//! # }
 //! # fn main() {}
 //! ```
 //!
@@ -788,7 +801,7 @@ impl Handover {
             };
             let r = n.notify(msg).map_err(|source| Error::Notify {
                 socket: n.socket_name().to_owned(),
-                source,
+                cause: source,
             });
             self.record(r)?;
         }
@@ -1055,7 +1068,7 @@ impl Handover {
                 child.kill().await;
                 return Err(UpgradeError::Announce {
                     pid: new_pid,
-                    source,
+                    cause: source,
                 });
             }
             drop(for_barrier);
@@ -1277,7 +1290,7 @@ fn resolve(name: &str, addr: impl ToSocketAddrs) -> Result<SocketAddr> {
     let bind_err = |source| Error::Bind {
         name: name.to_owned(),
         addr: "the given address".into(),
-        source,
+        cause: source,
     };
     addr.to_socket_addrs()
         .map_err(bind_err)?

@@ -306,7 +306,7 @@ impl Listeners {
                 let fd = bind(kind, &want, mode).map_err(|source| Error::Bind {
                     name: name.to_owned(),
                     addr: want.to_string(),
-                    source,
+                    cause: source,
                 })?;
                 self.bound_here.push(name.to_owned());
                 self.configured.push(name.to_owned());

@@ -152,7 +152,7 @@ impl Notifier {
     pub fn new(socket: &str) -> Result<Notifier, Error> {
         let err = |source| Error::Notify {
             socket: socket.to_owned(),
-            source,
+            cause: source,
         };
         let addr = if let Some(abs) = socket.strip_prefix('@') {
             UnixAddr::new_abstract(abs.as_bytes()).map_err(|e| err(e.into()))?

@@ -292,6 +292,23 @@ fn h2c_streams_survive_twenty_upgrades_of_hello() {
     assert_eq!(reap(last, T), 0);
 }
 
+/// `GET /peer` answers the client's own address: axum's `ConnectInfo`,
+/// from the make-service the example passes to `handover::http::serve`.
+fn answers_the_peer(addr: SocketAddr) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect_timeout(&addr, T).unwrap();
+    s.set_read_timeout(Some(T)).unwrap();
+    let me = s.local_addr().unwrap();
+    s.write_all(b"GET /peer HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).unwrap();
+    assert!(resp.starts_with("HTTP/1.1 200 "), "{resp}");
+    assert!(resp.ends_with(&format!("\r\n\r\n{me}\n")), "{resp}");
+}
+
+/// The axum example passes its `Router` (as the make-service that gives
+/// `ConnectInfo`) straight to `handover::http::serve`.
 #[test]
 fn axum_example_upgraded_twenty_times_under_load_loses_nothing() {
     become_subreaper();
@@ -300,6 +317,7 @@ fn axum_example_upgraded_twenty_times_under_load_loses_nothing() {
     let first = server.pid().unwrap();
     assert_eq!(get(addr, "/"), (200, WELCOME.to_owned()));
     assert_eq!(get(addr, "/pid"), (200, format!("{first}\n")));
+    answers_the_peer(addr);
 
     let load = load::Load::start(
         addr,
@@ -316,6 +334,7 @@ fn axum_example_upgraded_twenty_times_under_load_loses_nothing() {
         assert_eq!(code, 0, "upgrade {i}: old process {old} exited with {code}");
         // The old process is gone: whoever answers now is the new one.
         assert_eq!(get(addr, "/pid"), (200, format!("{new}\n")), "upgrade {i}");
+        answers_the_peer(addr);
         flows("requests to flow after the upgrade", || load.ok(), 50);
     }
     let report = load.stop();

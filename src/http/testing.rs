@@ -224,6 +224,11 @@ impl Raw {
         }
     }
 
+    /// The client's own address, as the server sees it.
+    pub(super) fn local_addr(&self) -> SocketAddr {
+        self.io.get_ref().local_addr().unwrap()
+    }
+
     pub(super) async fn write(&mut self, bytes: &[u8]) {
         self.io.get_mut().write_all(bytes).await.unwrap();
     }

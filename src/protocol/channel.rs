@@ -102,11 +102,11 @@ impl FromNew {
         match self {
             FromNew::ExecFailed(e) => UpgradeError::Exec {
                 exe,
-                source: io::Error::from_raw_os_error(e),
+                cause: io::Error::from_raw_os_error(e),
             },
             FromNew::SpawnFailed(e) => UpgradeError::Spawn {
                 exe,
-                source: io::Error::from_raw_os_error(e),
+                cause: io::Error::from_raw_os_error(e),
             },
             FromNew::Fail(reason) => UpgradeError::ChildFailed { pid, reason },
             other => UpgradeError::ChildFailed {
@@ -180,7 +180,7 @@ mod tests {
         let exe = Path::new("/x");
         let e = FromNew::parse("exec 13").into_failure(1, exe);
         assert!(
-            matches!(e, UpgradeError::Exec { ref source, .. } if source.raw_os_error() == Some(13))
+            matches!(e, UpgradeError::Exec { ref cause, .. } if cause.raw_os_error() == Some(13))
         );
         let e = FromNew::parse("fail no config").into_failure(1, exe);
         assert!(matches!(e, UpgradeError::ChildFailed { ref reason, .. } if reason == "no config"));

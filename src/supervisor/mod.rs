@@ -195,17 +195,20 @@ pub enum SupervisorError {
     #[error("{0}")]
     NotReady(String),
     /// A system call failed.
-    #[error("{what}: {source}")]
+    #[error("{what}: {cause}")]
     Io {
         /// What was being done.
         what: &'static str,
         /// The OS error.
-        source: io::Error,
+        cause: io::Error,
     },
 }
 
 fn io_err(what: &'static str) -> impl FnOnce(io::Error) -> SupervisorError {
-    move |source| SupervisorError::Io { what, source }
+    move |source| SupervisorError::Io {
+        what,
+        cause: source,
+    }
 }
 
 /// Where the control socket is.
@@ -495,7 +498,9 @@ fn control_listener(path: &Path) -> Result<tokio::net::UnixListener, SupervisorE
     let std = Listeners::new(Vec::new())
         .unix("control", path)
         .map_err(|e| match e {
-            crate::Error::Bind { source, .. } if source.kind() == io::ErrorKind::AddrInUse => {
+            crate::Error::Bind { cause: source, .. }
+                if source.kind() == io::ErrorKind::AddrInUse =>
+            {
                 problem("another supervisor serves there already".into())
             }
             other => problem(other.to_string()),
@@ -547,7 +552,7 @@ async fn supervise(config: Config, signals: SignalFd) -> Result<ProgramExit, Sup
     let notify_path = dir.join(format!("{name}.{}.notify", std::process::id()));
     let notify = notify::NotifySocket::bind(&notify_path).map_err(|e| SupervisorError::Io {
         what: "bind the notify socket",
-        source: e,
+        cause: e,
     })?;
 
     let mut argv = vec![config.program.clone()];

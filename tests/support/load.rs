@@ -11,6 +11,9 @@
 //! report.assert_no_errors();
 //! ```
 //!
+//! With [`LoadConfig::connector`] each connection is wrapped before HTTP is
+//! spoken on it (a TLS client); a wrapping that fails counts as an error.
+//!
 //! A keep-alive client keeps one connection and sends `GET` after `GET` on
 //! it, back to back; a response with `Connection: close` makes it reconnect
 //! (not an error). A per-request client opens a new connection for each
@@ -60,6 +63,23 @@ pub struct LoadConfig {
     /// Pause after a failed connect, so a server that is gone does not turn
     /// the client into a busy loop.
     pub connect_error_pause: Duration,
+    /// Wraps each new connection (its timeouts set) before the first
+    /// request: a TLS handshake, say. `None`: plain HTTP.
+    pub connector: Option<Connector>,
+}
+
+/// A connection as the clients use it: plain TCP or a TLS stream over it.
+pub trait Stream: Read + Write + Send {}
+impl<T: Read + Write + Send> Stream for T {}
+
+/// See [`LoadConfig::connector`].
+#[derive(Clone)]
+pub struct Connector(pub Arc<dyn Fn(TcpStream) -> io::Result<Box<dyn Stream>> + Send + Sync>);
+
+impl fmt::Debug for Connector {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Connector")
+    }
 }
 
 impl Default for LoadConfig {
@@ -73,6 +93,7 @@ impl Default for LoadConfig {
             max_duration: Duration::from_secs(120),
             max_requests_per_client: None,
             connect_error_pause: Duration::from_millis(10),
+            connector: None,
         }
     }
 }
@@ -454,6 +475,7 @@ struct Client {
     max_duration: Duration,
     max_requests: u64,
     connect_error_pause: Duration,
+    connector: Option<Connector>,
     shared: Arc<Shared>,
     started: Instant,
     report: ClientReport,
@@ -521,6 +543,7 @@ impl Client {
             max_duration: cfg.max_duration,
             max_requests: cfg.max_requests_per_client.unwrap_or(u64::MAX),
             connect_error_pause: cfg.connect_error_pause,
+            connector: cfg.connector.clone(),
             shared,
             started,
             report: ClientReport {
@@ -538,7 +561,7 @@ impl Client {
     }
 
     fn run(&mut self) {
-        let mut conn: Option<BufReader<TcpStream>> = None;
+        let mut conn: Option<BufReader<Box<dyn Stream>>> = None;
         let mut sent = 0;
         while !self.shared.stop.load(Ordering::Relaxed)
             && sent < self.max_requests
@@ -560,7 +583,7 @@ impl Client {
         }
     }
 
-    fn connect(&mut self) -> Result<BufReader<TcpStream>, Fail> {
+    fn connect(&mut self) -> Result<BufReader<Box<dyn Stream>>, Fail> {
         let s = TcpStream::connect_timeout(&self.addr, self.io_timeout).map_err(|e| {
             let kind = match e.kind() {
                 io::ErrorKind::ConnectionRefused => ErrorKind::Refused,
@@ -574,11 +597,18 @@ impl Client {
             .and_then(|()| s.set_write_timeout(Some(self.io_timeout)))
             .and_then(|()| s.set_nodelay(true));
         setup.map_err(|e| Fail::io("socket options", e))?;
+        let s: Box<dyn Stream> = match &self.connector {
+            None => Box::new(s),
+            Some(Connector(wrap)) => wrap(s).map_err(|e| Fail::io("handshake", e))?,
+        };
         Ok(BufReader::new(s))
     }
 
     /// One request on `conn`; returns the connection if it may be reused.
-    fn exchange(&mut self, mut conn: BufReader<TcpStream>) -> Option<BufReader<TcpStream>> {
+    fn exchange(
+        &mut self,
+        mut conn: BufReader<Box<dyn Stream>>,
+    ) -> Option<BufReader<Box<dyn Stream>>> {
         let t0 = Instant::now();
         let result = conn
             .get_mut()
