@@ -2,7 +2,7 @@
 //! parent) when present, else bound; each one remembered by name so that
 //! the next upgrade can hand it on.
 
-use std::net::{SocketAddr, TcpListener, UdpSocket};
+use std::net::{SocketAddr, TcpListener, ToSocketAddrs, UdpSocket};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::os::unix::net::{UnixDatagram, UnixListener};
 use std::path::{Path, PathBuf};
@@ -143,6 +143,39 @@ pub(crate) fn take(activation: Activation) -> Result<(Vec<Inherited>, Option<Own
         })
         .collect();
     Ok((inherited, channel))
+}
+
+/// Gives `inherited` back as it was found, after a failed `build()`: open,
+/// inheritable (close-on-exec cleared), owned by nothing in this process.
+pub(crate) fn give_back(inherited: Vec<Inherited>) {
+    for i in inherited {
+        let cleared = nix::fcntl::fcntl(
+            &i.fd,
+            nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::empty()),
+        );
+        if let Err(e) = cleared {
+            tracing::debug!(fd = i.number, error = %e, "cannot clear FD_CLOEXEC on an inherited fd");
+        }
+        let _ = std::os::fd::IntoRawFd::into_raw_fd(i.fd);
+    }
+}
+
+/// The first address `addr` resolves to, for the listener `name`.
+pub(crate) fn resolve(name: &str, addr: impl ToSocketAddrs) -> Result<SocketAddr> {
+    let bind_err = |cause| Error::Bind {
+        name: name.to_owned(),
+        addr: "the given address".into(),
+        cause,
+    };
+    addr.to_socket_addrs()
+        .map_err(bind_err)?
+        .next()
+        .ok_or_else(|| {
+            bind_err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                "no address",
+            ))
+        })
 }
 
 /// The listeners of this process.
@@ -362,6 +395,11 @@ impl Listeners {
     /// Whether this process bound `name` itself (it was not passed in).
     pub(crate) fn bound_here(&self, name: &str) -> bool {
         self.bound_here.iter().any(|n| n == name)
+    }
+
+    /// The passed fds no `listen_*` call claimed, for [`give_back`].
+    pub(crate) fn into_unclaimed(mut self) -> Vec<Inherited> {
+        self.passed.drain(..).flatten().collect()
     }
 
     /// Closes every passed fd no `listen_*` call claimed; returns their names.

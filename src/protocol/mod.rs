@@ -1,5 +1,5 @@
 //! What one generation of a service says to the next, encoded and decoded
-//! here only: the environment a new process starts with ([`env`]: systemd's
+//! here only: the environment a new process starts with ([`env`](mod@env): systemd's
 //! `LISTEN_*` and the crate's `HANDOVER_*`) and the lines on the handoff
 //! channel between the two ([`channel`]). Each file starts with its table.
 //!
@@ -8,7 +8,7 @@
 //!
 //! | step | old process | new process |
 //! |---|---|---|
-//! | 1 | starts the new one: listeners at fds `3..3+n`, the channel at `3+n`, the [`env`] variables | |
+//! | 1 | starts the new one: listeners at fds `3..3+n`, the channel at `3+n`, the [`env`](mod@env) variables | |
 //! | 2 | writes the state (if any) on the channel | reads it in `build()`, before anything else |
 //! | 3 | | `ready` |
 //! | 4 | `MAINPID=<new>` + `READY=1`, `BARRIER=1`; then `main` | |

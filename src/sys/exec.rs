@@ -9,7 +9,7 @@ use std::os::raw::c_char;
 use super::spawn::{ExecImage, LISTEN_PID_PREFIX};
 use crate::protocol::channel::{EXEC_FAILED, SPAWN_FAILED};
 
-/// The child's side of [`spawn`](super::spawn): writes `LISTEN_PID=<pid>`
+/// The child's side of [`spawn`](fn@super::spawn): writes `LISTEN_PID=<pid>`
 /// into the slot prepared for it, moves `raw_fds[i]` to `3 + i` without
 /// close-on-exec, restores the default SIGPIPE disposition, clears the
 /// signal mask (to `empty`) and executes the image. On failure it writes
