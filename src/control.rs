@@ -119,6 +119,17 @@ fn decode_env(bytes: &[u8]) -> Vec<(OsString, OsString)> {
 ///
 /// This is what the `handover-reload` command does for `ExecReload=`.
 ///
+/// # Errors
+///
+/// [`ControlError::Connect`] when nothing listens at `socket`;
+/// [`ControlError::EnvTooLarge`] before sending an environment over
+/// [`MAX_ENV_BYTES`]; [`ControlError::Refused`] with the service's reason
+/// when the upgrade failed (the service still serves);
+/// [`ControlError::Cancelled`] when the service is being stopped;
+/// [`ControlError::Timeout`] without an answer within `timeout`;
+/// [`ControlError::Io`] when the connection fails or the answer is
+/// malformed.
+///
 /// ```no_run
 /// let pid = handover::control::request_upgrade(
 ///     "/run/hello/handover.sock".as_ref(),
@@ -156,6 +167,11 @@ pub fn request_upgrade(
 
 /// Asks the service behind `socket` for its state: `<phase> generation=<g>
 /// pid=<pid>`.
+///
+/// # Errors
+///
+/// As [`request_upgrade`]: `Connect`, `Refused` (a peer of another user),
+/// `Timeout`, `Io`.
 pub fn request_status(socket: &Path, timeout: Duration) -> Result<String, ControlError> {
     exchange(socket, b"status\n", timeout)
 }

@@ -298,6 +298,10 @@ impl Drain {
     /// After the drain started: resolves with `true` when it was taken back
     /// (the process serves again: accept again) or `false` when it is final
     /// (drop the listener). `true` at once when no drain runs.
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel-safe: it only watches; the next call sees the same state.
     pub async fn resumed(&self) -> bool {
         let mut rx = self.shared.state.subscribe();
         let r = rx.wait_for(|s| s.reason.is_none() || s.settled).await;
@@ -331,7 +335,12 @@ impl Drain {
         self.shared.in_flight.load(Ordering::Acquire)
     }
 
-    /// Resolves when no guard is alive.
+    /// Resolves when no guard is alive (at once if none is), whether or not
+    /// the drain started.
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel-safe: it only watches.
     pub async fn idle(&self) {
         loop {
             let notified = self.shared.idle.notified();
@@ -347,6 +356,11 @@ impl Drain {
     /// Waits for the drain to start, then for the in-flight count to reach
     /// zero, at most `timeout` after the start. Returns how many guards were
     /// still alive when it gave up (0 when everything finished).
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel-safe, but the timeout counts from this call's own view of the
+    /// start: a new call after a cancelled one waits up to `timeout` again.
     pub async fn finished(&self, timeout: Duration) -> usize {
         self.outcome(timeout).await.unfinished
     }
@@ -375,6 +389,10 @@ impl Drain {
     /// # drop(stubborn);
     /// # }
     /// ```
+    ///
+    /// # Cancel safety
+    ///
+    /// As [`finished`](Self::finished).
     pub async fn outcome(&self, timeout: Duration) -> DrainOutcome {
         self.draining().await;
         let _ = tokio::time::timeout(timeout, self.idle()).await;

@@ -180,6 +180,16 @@ type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// fails; transient errors, including running out of file descriptors, are
 /// logged and retried.
 ///
+/// # Errors
+///
+/// When accepting fails for good, or a make-service fails; see above.
+///
+/// # Cancel safety
+///
+/// Dropping the future stops accepting and drops the listener; the
+/// connections already accepted go on in their own tasks and still count
+/// in the drain.
+///
 /// # Examples
 ///
 /// An [axum](https://docs.rs/axum) `Router`:
@@ -409,6 +419,14 @@ impl Server {
 impl Server {
     /// Runs the accept loop; see [`serve`]. The returned future is
     /// `'static`, so it can be spawned directly.
+    ///
+    /// # Errors
+    ///
+    /// As [`serve`](fn@serve).
+    ///
+    /// # Cancel safety
+    ///
+    /// As [`serve`](fn@serve).
     pub fn serve<L, A, K>(
         &self,
         listener: L,
@@ -432,6 +450,15 @@ impl Server {
     /// starts finishes it and is then served by the rules in the [module
     /// docs](self). A failed or timed-out handshake closes the connection
     /// (logged at `debug`).
+    ///
+    /// # Errors
+    ///
+    /// As [`serve`](fn@serve); a failed handshake is not an error of the
+    /// loop.
+    ///
+    /// # Cancel safety
+    ///
+    /// As [`serve`](fn@serve).
     ///
     /// # Example
     ///

@@ -333,6 +333,10 @@ impl Config {
 
 /// The default control socket of the supervisor named `name`:
 /// `<runtime dir>/<name>.sock` (see [`runtime_dir`]).
+///
+/// # Errors
+///
+/// [`SupervisorError::Name`] when `name` cannot be a file name here.
 pub fn default_control_socket(name: &str) -> Result<PathBuf, SupervisorError> {
     spec::check_supervisor_name(name)?;
     Ok(runtime_dir().join(format!("{name}.sock")))
@@ -341,6 +345,12 @@ pub fn default_control_socket(name: &str) -> Result<PathBuf, SupervisorError> {
 /// The control socket `handover reload` talks to without `--control`:
 /// `<runtime dir>/<name>.sock` with a name, else the only `*.sock` in the
 /// runtime directory.
+///
+/// # Errors
+///
+/// [`SupervisorError::Name`] for an unusable name;
+/// [`SupervisorError::NoControlSocket`] when the runtime directory cannot
+/// be read, holds no control socket, or several (name one).
 pub fn find_control_socket(name: Option<&str>) -> Result<PathBuf, SupervisorError> {
     if let Some(name) = name {
         return default_control_socket(name);
@@ -416,6 +426,17 @@ fn thread_count() -> usize {
 /// when it returns: exit with the status. It runs its own single-threaded
 /// tokio runtime. The instances start with every signal unblocked and
 /// default dispositions.
+///
+/// # Errors
+///
+/// Before the program starts: [`SupervisorError::Threads`],
+/// [`SupervisorError::ListenerSpec`] and [`SupervisorError::Sockets`] (a
+/// listener cannot be had), [`SupervisorError::Name`],
+/// [`SupervisorError::RuntimeDir`], [`SupervisorError::Control`],
+/// [`SupervisorError::Program`] (it cannot be run), [`SupervisorError::Io`].
+/// After: [`SupervisorError::NotReady`] when the first instance was not
+/// ready within the ready timeout (it was stopped). A program that exits,
+/// however it exits, is not an error: its status is the `Ok` value.
 pub fn run(config: Config) -> Result<ProgramExit, SupervisorError> {
     let threads = thread_count();
     if threads > 1 {
