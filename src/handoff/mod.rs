@@ -54,9 +54,15 @@ fn resolve(argv0: &Path) -> Option<PathBuf> {
             std::env::current_dir().ok().map(|d| d.join(argv0))
         };
     }
-    let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path)
-        .map(|dir| dir.join(argv0))
+    find_in_path(argv0.as_os_str(), &std::env::var_os("PATH")?)
+}
+
+/// The first executable file named `name` in the directories of `search`
+/// (a `PATH` value), made absolute against the current directory, as
+/// `execvp` would find it.
+pub(crate) fn find_in_path(name: &std::ffi::OsStr, search: &std::ffi::OsStr) -> Option<PathBuf> {
+    std::env::split_paths(search)
+        .map(|dir| dir.join(name))
         .find(|p| is_executable(p))
         .map(|p| {
             if p.is_absolute() {
@@ -67,7 +73,8 @@ fn resolve(argv0: &Path) -> Option<PathBuf> {
         })
 }
 
-fn is_executable(p: &Path) -> bool {
+/// Whether `p` is a file someone may execute.
+pub(crate) fn is_executable(p: &Path) -> bool {
     use std::os::unix::fs::PermissionsExt;
     std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
 }

@@ -17,6 +17,7 @@ use tokio::time::Instant;
 
 use tokio::io::unix::AsyncFd;
 
+use crate::handoff::{find_in_path, is_executable};
 use crate::protocol::env;
 use crate::sys;
 
@@ -28,10 +29,6 @@ pub(super) fn resolve_program(program: &OsStr) -> Result<PathBuf, String> {
     if program.is_empty() {
         return Err("the program name is empty".into());
     }
-    let is_exe = |p: &Path| {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
-    };
     if program.as_bytes().contains(&b'/') {
         let path = Path::new(program);
         let path = if path.is_absolute() {
@@ -41,24 +38,14 @@ pub(super) fn resolve_program(program: &OsStr) -> Result<PathBuf, String> {
                 .map_err(|e| format!("cannot read the current directory: {e}"))?
                 .join(path)
         };
-        return if is_exe(&path) {
+        return if is_executable(&path) {
             Ok(path)
         } else {
             Err(format!("{} is not an executable file", path.display()))
         };
     }
     let search = std::env::var_os("PATH").unwrap_or_else(|| "/usr/local/bin:/usr/bin:/bin".into());
-    std::env::split_paths(&search)
-        .map(|dir| dir.join(program))
-        .find(|p| is_exe(p))
-        .map(|p| {
-            if p.is_absolute() {
-                p
-            } else {
-                std::env::current_dir().map(|d| d.join(&p)).unwrap_or(p)
-            }
-        })
-        .ok_or_else(|| format!("{:?} is not found in PATH", program))
+    find_in_path(program, &search).ok_or_else(|| format!("{:?} is not found in PATH", program))
 }
 
 /// What every instance is started with.
