@@ -67,7 +67,7 @@ mod tests {
     use tokio::time::{timeout, Instant};
 
     use super::*;
-    use crate::drain::{Drain, DrainReason};
+    use crate::drain::{Drain, DrainReason, DrainTrigger};
     use crate::http::testing::{app, gate, grace, Raw, T};
     use crate::http::Server;
 
@@ -81,13 +81,14 @@ mod tests {
         Ok(io)
     }
 
-    async fn start(server: Server) -> (std::net::SocketAddr, Drain) {
+    async fn start(server: Server) -> (std::net::SocketAddr, DrainTrigger, Drain) {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let drain = Drain::new();
+        let trigger = DrainTrigger::new();
+        let drain = trigger.watcher();
         let (g, _) = gate();
         tokio::spawn(server.serve_with(listener, hello, app("hello", g), drain.clone()));
-        (addr, drain)
+        (addr, trigger, drain)
     }
 
     /// A client that never finishes its handshake and one whose handshake
@@ -95,7 +96,8 @@ mod tests {
     /// one is closed at once, the silent one at the handshake timeout.
     #[tokio::test]
     async fn slow_or_failed_handshakes_stall_no_one() {
-        let (addr, drain) = start(grace(5_000).handshake_timeout(Duration::from_millis(300))).await;
+        let (addr, _trigger, drain) =
+            start(grace(5_000).handshake_timeout(Duration::from_millis(300))).await;
         let t0 = Instant::now();
         let silent = TcpStream::connect(addr).await.unwrap();
         let mut slow = TcpStream::connect(addr).await.unwrap();
@@ -126,7 +128,7 @@ mod tests {
     /// `Connection: close`), then it closes.
     #[tokio::test]
     async fn a_handshake_in_progress_counts_in_the_drain() {
-        let (addr, drain) = start(grace(5_000)).await;
+        let (addr, trigger, drain) = start(grace(5_000)).await;
         let mut c = Raw::connect(addr).await;
         c.write(b"HEL").await;
         timeout(T, async {
@@ -136,7 +138,7 @@ mod tests {
         })
         .await
         .unwrap();
-        drain.start(DrainReason::Upgraded);
+        trigger.start(DrainReason::Upgraded);
         assert_eq!(drain.in_flight(), 1);
         c.write(b"LO\n").await;
         let r = c.get("/").await;
@@ -178,7 +180,8 @@ mod tests {
         );
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let drain = Drain::new();
+        let trigger = DrainTrigger::new();
+        let drain = trigger.watcher();
         tokio::spawn(Server::new().serve_with(
             listener,
             move |tcp| acceptor.accept(tcp),
@@ -231,7 +234,7 @@ mod tests {
         let body = res.into_body().collect().await.unwrap().to_bytes();
         assert_eq!(body, me1.to_string());
 
-        drain.start(DrainReason::Upgraded);
+        trigger.start(DrainReason::Upgraded);
         // HTTP/1.1: the next request is answered, with `Connection: close`.
         let res = h1.send_request(get()).await.unwrap();
         assert_eq!(res.headers()["connection"], "close");

@@ -180,6 +180,16 @@ type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// fails; transient errors, including running out of file descriptors, are
 /// logged and retried.
 ///
+/// # Errors
+///
+/// When accepting fails for good, or a make-service fails; see above.
+///
+/// # Cancel safety
+///
+/// Dropping the future stops accepting and drops the listener; the
+/// connections already accepted go on in their own tasks and still count
+/// in the drain.
+///
 /// # Examples
 ///
 /// An [axum](https://docs.rs/axum) `Router`:
@@ -190,8 +200,8 @@ type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// # #[tokio::main] async fn main() -> std::io::Result<()> {
 /// let app = Router::new().route("/", get(|| async { "Welcome to the Home Page!\n" }));
 /// let listener = tokio::net::TcpListener::bind("127.0.0.1:8081").await?;
-/// let drain = handover::drain::Drain::new();
-/// handover::http::serve(listener, app, drain).await
+/// let trigger = handover::drain::DrainTrigger::new();
+/// handover::http::serve(listener, app, trigger.watcher()).await
 /// # }
 /// ```
 ///
@@ -208,9 +218,9 @@ type BoxError = Box<dyn std::error::Error + Send + Sync>;
 ///     get(|ConnectInfo(peer): ConnectInfo<SocketAddr>| async move { format!("{peer}\n") }),
 /// );
 /// let listener = tokio::net::TcpListener::bind("127.0.0.1:8081").await?;
-/// let drain = handover::drain::Drain::new();
+/// let trigger = handover::drain::DrainTrigger::new();
 /// let app = app.into_make_service_with_connect_info::<SocketAddr>();
-/// handover::http::serve(listener, app, drain).await
+/// handover::http::serve(listener, app, trigger.watcher()).await
 /// # }
 /// ```
 ///
@@ -222,7 +232,7 @@ type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// use std::convert::Infallible;
 ///
 /// use bytes::Bytes;
-/// use handover::drain::{Drain, DrainReason};
+/// use handover::drain::{DrainReason, DrainTrigger};
 /// use http_body_util::Full;
 /// use hyper::{Request, Response};
 ///
@@ -231,12 +241,13 @@ type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// let hello = hyper::service::service_fn(|_req: Request<hyper::body::Incoming>| async {
 ///     Ok::<_, Infallible>(Response::new(Full::new(Bytes::from("Welcome to the Home Page!\n"))))
 /// });
-/// let drain = Drain::new();
-/// let server = tokio::spawn(handover::http::serve(listener, hello, drain.clone()));
+/// let trigger = DrainTrigger::new();
+/// let server = tokio::spawn(handover::http::serve(listener, hello, trigger.watcher()));
 ///
 /// tokio::signal::ctrl_c().await?;
-/// drain.start(DrainReason::Stopped);
+/// trigger.start(DrainReason::Stopped);
 /// server.await.expect("accept loop panicked")?; // no longer accepting
+/// let drain = trigger.watcher();
 /// drain.finished(std::time::Duration::from_secs(30)).await; // connections closed
 /// # Ok(()) }
 /// ```
@@ -263,7 +274,8 @@ where
 /// # use std::time::Duration;
 /// # #[tokio::main] async fn main() -> std::io::Result<()> {
 /// # let app = axum::Router::new();
-/// let drain = handover::drain::Drain::new();
+/// let trigger = handover::drain::DrainTrigger::new();
+/// let drain = trigger.watcher();
 /// let listener = tokio::net::UnixListener::bind("/run/hello/http.sock")?;
 /// handover::http::Server::new()
 ///     .idle_grace(Duration::from_millis(500))
@@ -407,6 +419,14 @@ impl Server {
 impl Server {
     /// Runs the accept loop; see [`serve`]. The returned future is
     /// `'static`, so it can be spawned directly.
+    ///
+    /// # Errors
+    ///
+    /// As [`serve`](fn@serve).
+    ///
+    /// # Cancel safety
+    ///
+    /// As [`serve`](fn@serve).
     pub fn serve<L, A, K>(
         &self,
         listener: L,
@@ -430,6 +450,15 @@ impl Server {
     /// starts finishes it and is then served by the rules in the [module
     /// docs](self). A failed or timed-out handshake closes the connection
     /// (logged at `debug`).
+    ///
+    /// # Errors
+    ///
+    /// As [`serve`](fn@serve); a failed handshake is not an error of the
+    /// loop.
+    ///
+    /// # Cancel safety
+    ///
+    /// As [`serve`](fn@serve).
     ///
     /// # Example
     ///
@@ -458,9 +487,9 @@ impl Server {
     ///
     /// let app = Router::new().route("/", get(|| async { "Welcome to the Home Page!\n" }));
     /// let listener = tokio::net::TcpListener::bind("127.0.0.1:8443").await?;
-    /// let drain = handover::drain::Drain::new();
+    /// let trigger = handover::drain::DrainTrigger::new();
     /// handover::http::Server::new()
-    ///     .serve_with(listener, move |tcp| tls.accept(tcp), app, drain)
+    ///     .serve_with(listener, move |tcp| tls.accept(tcp), app, trigger.watcher())
     ///     .await?;
     /// # Ok(()) }
     /// ```
@@ -506,7 +535,7 @@ mod tests {
 
     use super::testing::{app, gate, grace, start, start_on, Raw, T};
     use super::*;
-    use crate::drain::DrainReason;
+    use crate::drain::{DrainReason, DrainTrigger};
 
     /// Unix sockets work the same.
     #[tokio::test]
@@ -514,7 +543,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("http.sock");
         let listener = tokio::net::UnixListener::bind(&path).unwrap();
-        let drain = Drain::new();
+        let trigger = DrainTrigger::new();
+        let drain = trigger.watcher();
         let (g, _) = gate();
         let accept_loop = tokio::spawn(serve(listener, app("unix", g), drain.clone()));
         let mut io = tokio::net::UnixStream::connect(&path).await.unwrap();
@@ -525,7 +555,7 @@ mod tests {
         })
         .await
         .unwrap();
-        drain.start(DrainReason::Stopped);
+        trigger.start(DrainReason::Stopped);
         timeout(T, accept_loop).await.unwrap().unwrap().unwrap();
         io.write_all(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
             .await
@@ -547,12 +577,13 @@ mod tests {
         async fn check<K: 'static>(app: impl App<std::net::SocketAddr, K>) {
             let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
             let addr = listener.local_addr().unwrap();
-            let drain = Drain::new();
+            let trigger = DrainTrigger::new();
+            let drain = trigger.watcher();
             tokio::spawn(serve(listener, app, drain.clone()));
             let mut c = Raw::connect(addr).await;
             let r = c.get("/").await;
             assert_eq!((r.status, r.close, r.body.as_str()), (200, false, "axum"));
-            drain.start(DrainReason::Stopped);
+            trigger.start(DrainReason::Stopped);
             let r = c.get("/").await;
             assert_eq!((r.status, r.close, r.body.as_str()), (200, true, "axum"));
             c.expect_eof().await;
@@ -579,7 +610,8 @@ mod tests {
         );
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let drain = Drain::new();
+        let trigger = DrainTrigger::new();
+        let drain = trigger.watcher();
         tokio::spawn(serve(
             listener,
             app.into_make_service_with_connect_info::<SocketAddr>(),
@@ -595,7 +627,7 @@ mod tests {
             }
             clients.push(c);
         }
-        drain.start(DrainReason::Stopped);
+        trigger.start(DrainReason::Stopped);
         for mut c in clients {
             let me = c.local_addr();
             let r = c.get("/peer").await;
@@ -642,7 +674,8 @@ mod tests {
         };
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let drain = Drain::new();
+        let trigger = DrainTrigger::new();
+        let drain = trigger.watcher();
         tokio::spawn(serve(listener, make, drain.clone()));
         let mut first = Raw::connect(addr).await;
         for _ in 0..3 {
