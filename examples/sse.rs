@@ -45,7 +45,6 @@ use axum::routing::get;
 use axum::{Extension, Router};
 use futures_util::{stream, Stream, StreamExt};
 use handover::DrainSignal;
-use hyper_util::service::TowerToHyperService;
 
 /// One event per period, in milliseconds.
 const PERIOD_MS: u64 = 20;
@@ -77,10 +76,21 @@ impl Feed {
 }
 
 #[tokio::main(flavor = "current_thread")]
-async fn main() -> Result<(), Box<dyn std::error::Error>> {
+async fn main() -> std::process::ExitCode {
     if let Err(e) = handover::logging::init() {
         eprintln!("sse: {e}");
     }
+    match run().await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            // handover's errors read as a whole sentence, their cause included.
+            tracing::error!("{e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run() -> Result<(), Box<dyn std::error::Error>> {
     let mut addr = "127.0.0.1:8081".to_owned();
     let mut builder = handover::Handover::builder();
     let mut args = std::env::args().skip(1);
@@ -124,7 +134,6 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .route("/events", get(events))
         .route("/lines", get(lines))
         .with_state(feed);
-    let app = TowerToHyperService::new(app);
     tokio::spawn(handover::http::serve(listener, app, handover.drain()));
 
     handover.ready().await?;

@@ -32,13 +32,23 @@ use axum::response::Response;
 use axum::routing::get;
 use axum::{Extension, Router};
 use handover::DrainSignal;
-use hyper_util::service::TowerToHyperService;
 
 #[tokio::main(flavor = "current_thread")]
-async fn main() -> Result<(), Box<dyn std::error::Error>> {
+async fn main() -> std::process::ExitCode {
     if let Err(e) = handover::logging::init() {
         eprintln!("websocket: {e}");
     }
+    match run().await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            // handover's errors read as a whole sentence, their cause included.
+            tracing::error!("{e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run() -> Result<(), Box<dyn std::error::Error>> {
     let mut addr = "127.0.0.1:8081".to_owned();
     let mut builder = handover::Handover::builder();
     let mut close_timeout = Duration::from_secs(5);
@@ -77,7 +87,6 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                 },
             ),
         );
-    let app = TowerToHyperService::new(app);
     tokio::spawn(handover::http::serve(listener, app, handover.drain()));
 
     handover.ready().await?;

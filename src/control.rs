@@ -24,12 +24,25 @@ use std::io::{self, BufRead, Read, Write};
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 
 use crate::drain::{Drain, DrainReason};
-use crate::Handover;
+use crate::process::Process;
+use crate::upgrade::Spawn;
+
+/// The control socket's file in the service's runtime directory.
+const FILE: &str = "handover.sock";
+
+/// Where the control socket is by default: `handover.sock` in
+/// `$RUNTIME_DIRECTORY` (its first entry, if absolute), which systemd sets
+/// for a unit with `RuntimeDirectory=`. What [`Builder`](crate::Builder)
+/// serves and `handover-reload` asks, unless told otherwise.
+pub fn default_socket() -> Option<std::path::PathBuf> {
+    crate::protocol::env::runtime_directory().map(|d| d.join(FILE))
+}
 
 /// The largest environment a reload command may send.
 pub const MAX_ENV_BYTES: usize = 256 * 1024;
@@ -44,12 +57,12 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 pub enum ControlError {
     /// Nobody listens at the socket (the service is not running, or has no
     /// control socket).
-    #[error("cannot connect to {path}: {source}")]
+    #[error("cannot connect to {path}: {cause}")]
     Connect {
         /// The socket path.
         path: String,
         /// The OS error.
-        source: io::Error,
+        cause: io::Error,
     },
     /// The environment to send exceeds [`MAX_ENV_BYTES`].
     #[error("the environment is {size} bytes, more than the limit of {MAX_ENV_BYTES}")]
@@ -106,6 +119,17 @@ fn decode_env(bytes: &[u8]) -> Vec<(OsString, OsString)> {
 ///
 /// This is what the `handover-reload` command does for `ExecReload=`.
 ///
+/// # Errors
+///
+/// [`ControlError::Connect`] when nothing listens at `socket`;
+/// [`ControlError::EnvTooLarge`] before sending an environment over
+/// [`MAX_ENV_BYTES`]; [`ControlError::Refused`] with the service's reason
+/// when the upgrade failed (the service still serves);
+/// [`ControlError::Cancelled`] when the service is being stopped;
+/// [`ControlError::Timeout`] without an answer within `timeout`;
+/// [`ControlError::Io`] when the connection fails or the answer is
+/// malformed.
+///
 /// ```no_run
 /// let pid = handover::control::request_upgrade(
 ///     "/run/hello/handover.sock".as_ref(),
@@ -143,6 +167,11 @@ pub fn request_upgrade(
 
 /// Asks the service behind `socket` for its state: `<phase> generation=<g>
 /// pid=<pid>`.
+///
+/// # Errors
+///
+/// As [`request_upgrade`]: `Connect`, `Refused` (a peer of another user),
+/// `Timeout`, `Io`.
 pub fn request_status(socket: &Path, timeout: Duration) -> Result<String, ControlError> {
     exchange(socket, b"status\n", timeout)
 }
@@ -150,7 +179,7 @@ pub fn request_status(socket: &Path, timeout: Duration) -> Result<String, Contro
 fn exchange(socket: &Path, request: &[u8], timeout: Duration) -> Result<String, ControlError> {
     let mut stream = UnixStream::connect(socket).map_err(|source| ControlError::Connect {
         path: socket.display().to_string(),
-        source,
+        cause: source,
     })?;
     let io_err = |e: io::Error| match e.kind() {
         io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => ControlError::Timeout(timeout),
@@ -188,8 +217,8 @@ fn exchange(socket: &Path, request: &[u8], timeout: Duration) -> Result<String, 
 /// Serves the control socket until the drain starts, and again if the
 /// drain is taken back; keeps the listener until the drain is final. Runs
 /// in the main process only (started by `ready()`).
-pub(crate) async fn serve(listener: tokio::net::UnixListener, handover: Handover) {
-    let drain = handover.drain();
+pub(crate) async fn serve<S: Spawn>(listener: tokio::net::UnixListener, process: Arc<Process<S>>) {
+    let drain = process.life.drain().watcher();
     loop {
         let conn = tokio::select! {
             r = listener.accept() => r,
@@ -202,10 +231,10 @@ pub(crate) async fn serve(listener: tokio::net::UnixListener, handover: Handover
         };
         match conn {
             Ok((stream, _)) => {
-                let h = handover.clone();
+                let p = process.clone();
                 let drain = drain.clone();
                 tokio::spawn(async move {
-                    if let Err(e) = handle(stream, h, drain).await {
+                    if let Err(e) = handle(stream, p, drain).await {
                         tracing::warn!(error = %e, "control request failed");
                     }
                 });
@@ -260,9 +289,9 @@ async fn read_request(stream: &mut BufReader<tokio::net::UnixStream>) -> io::Res
     })
 }
 
-async fn handle(
+async fn handle<S: Spawn>(
     stream: tokio::net::UnixStream,
-    handover: Handover,
+    process: Arc<Process<S>>,
     drain: Drain,
 ) -> io::Result<()> {
     // A connection counts as in-flight work only once its request starts to
@@ -279,16 +308,16 @@ async fn handle(
     let request = read_request(&mut stream).await?;
     let reply = match request {
         _ if !allowed => "error permission denied".to_owned(),
-        Request::Upgrade(env) => upgrade_reply(&handover, env).await,
+        Request::Upgrade(env) => upgrade_reply(&process, env).await,
         Request::Status => format!(
             "ok {:?} generation={} pid={}",
-            handover.phase(),
-            handover.generation(),
+            process.life.phase(),
+            process.generation,
             std::process::id()
         ),
         Request::Bad(why) => format!("error {why}"),
     };
-    let reply = format!("{}\n", crate::notify::status_text(&reply));
+    let reply = format!("{}\n", crate::protocol::one_line(&reply));
     match stream.get_mut().write_all(reply.as_bytes()).await {
         // The client went away first (killed by a stop, or timed out).
         Err(e) if e.kind() == io::ErrorKind::BrokenPipe => {
@@ -299,15 +328,18 @@ async fn handle(
     }
 }
 
-async fn upgrade_reply(handover: &Handover, env: Option<Vec<(OsString, OsString)>>) -> String {
+async fn upgrade_reply<S: Spawn>(
+    process: &Arc<Process<S>>,
+    env: Option<Vec<(OsString, OsString)>>,
+) -> String {
     tracing::info!(
         with_env = env.is_some(),
         "upgrade requested on the control socket"
     );
-    match handover.upgrade_with_env(env).await {
+    match process.upgrade(env).await {
         Ok(pid) => format!("ok {pid}"),
         // The service is being stopped: not a failed reload.
-        Err(e) if handover.drain().reason() == Some(DrainReason::Stopped) => {
+        Err(e) if process.life.drain().watcher().reason() == Some(DrainReason::Stopped) => {
             format!("cancelled {e}")
         }
         Err(e) => format!("error upgrade failed: {e}"),

@@ -1,10 +1,16 @@
-//! The drain signal and the count of in-flight work.
+//! The drain: a signal to stop taking new work, and the count of work in
+//! flight.
 //!
-//! A [`Drain`] is a cheap, clonable handle. Accept loops wait on
-//! [`Drain::draining`] to stop accepting; every connection or request holds a
-//! [`DrainGuard`] while it runs. The process exits as soon as the count of
-//! guards reaches zero after the drain started, or when the drain timeout
-//! expires, whichever comes first.
+//! Two types, as hyper-util's `GracefulShutdown` and its watchers: a
+//! [`DrainTrigger`] starts the drain and is kept by whoever decides (the
+//! [`Handover`](crate::Handover) keeps its own, so that only its
+//! [`stop`](crate::Handover::stop) and its upgrade start one); [`Drain`]s,
+//! handed out by [`DrainTrigger::watcher`] or
+//! [`Handover::drain`](crate::Handover::drain), watch it. Accept loops wait
+//! on [`Drain::draining`] to stop accepting; every connection or request
+//! holds a [`DrainGuard`] while it runs. The process exits as soon as the
+//! count of guards reaches zero after the drain started, or when the drain
+//! timeout expires, whichever comes first.
 //!
 //! Work that lasts as long as the client wants (an upgraded connection such
 //! as a WebSocket, a streaming response such as server-sent events) does not
@@ -34,8 +40,16 @@
 //! # }
 //! ```
 //!
-//! A drain started with [`Drain::start`] (a stop, or any drain of your own)
-//! is final at once.
+//! A drain started with [`DrainTrigger::start`] (a stop, or any drain of
+//! your own) is final at once.
+//!
+//! Why not tokio-util's `CancellationToken` and `TaskTracker`: a cancelled
+//! token stays cancelled, while a drain can be taken back (and the watchers
+//! that hold the old token would never learn it), and it carries no reason;
+//! `TaskTracker` needs tokio-util's `rt` feature, which pulls `futures-util`
+//! and its macros into every build for what is here one counter and a
+//! `Notify`, read under the same lock as the long-lived count so that
+//! [`Drain::outcome`] is a consistent snapshot.
 
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -91,44 +105,56 @@ impl Shared {
     }
 }
 
-/// A handle on the drain signal and the in-flight counter.
+/// Starts the drain its [`Drain`]s watch. Not `Clone`: whoever holds it
+/// decides when the work stops (a [`Handover`](crate::Handover) keeps its
+/// own and hands out watchers only).
+///
+/// Dropping it starts nothing: the watchers then wait for ever.
 ///
 /// # Example
 ///
 /// ```
 /// # #[tokio::main(flavor = "current_thread")] async fn main() {
-/// use handover::drain::{Drain, DrainReason};
+/// use handover::drain::{DrainReason, DrainTrigger};
 ///
-/// let drain = Drain::new();
+/// let trigger = DrainTrigger::new();
+/// let drain = trigger.watcher(); // for an accept loop
 /// let guard = drain.guard(); // one connection in flight
-/// drain.start(DrainReason::Stopped);
+/// trigger.start(DrainReason::Stopped);
 /// assert!(drain.is_draining());
 /// drop(guard);
 /// drain.idle().await; // resolves at once: nothing is in flight
 /// # }
 /// ```
-#[derive(Debug, Clone)]
-pub struct Drain {
+#[derive(Debug)]
+pub struct DrainTrigger {
     shared: Arc<Shared>,
 }
 
-impl Default for Drain {
+impl Default for DrainTrigger {
     fn default() -> Self {
         Self::new()
     }
 }
 
-impl Drain {
+impl DrainTrigger {
     /// A drain that has not started, with nothing in flight.
     pub fn new() -> Self {
         let (state, _) = watch::channel(State::default());
-        Drain {
+        DrainTrigger {
             shared: Arc::new(Shared {
                 state,
                 in_flight: AtomicUsize::new(0),
                 idle: Notify::new(),
                 long_lived: Mutex::new(LongLived::default()),
             }),
+        }
+    }
+
+    /// A watcher of this drain, to hand to accept loops and connections.
+    pub fn watcher(&self) -> Drain {
+        Drain {
+            shared: self.shared.clone(),
         }
     }
 
@@ -203,6 +229,42 @@ impl Drain {
         draining
     }
 
+    /// Resolves when a started drain was taken back.
+    pub(crate) async fn taken_back(&self) {
+        let mut rx = self.shared.state.subscribe();
+        let _ = rx.wait_for(|s| s.reason.is_none()).await;
+    }
+}
+
+/// A watcher of the drain and a handle on the in-flight counter: what
+/// accept loops and connections hold. Cheap to clone; it cannot start a
+/// drain (only its [`DrainTrigger`] can).
+///
+/// # Example
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")] async fn main() {
+/// use handover::drain::{Drain, DrainReason, DrainTrigger};
+///
+/// async fn connection(drain: Drain) {
+///     let _guard = drain.guard(); // counts until the connection ends
+///     drain.draining().await; // say goodbye to the client, then end
+/// }
+///
+/// let trigger = DrainTrigger::new();
+/// let task = tokio::spawn(connection(trigger.watcher()));
+/// trigger.start(DrainReason::Stopped);
+/// let unfinished = trigger.watcher().finished(std::time::Duration::from_secs(5)).await;
+/// assert_eq!(unfinished, 0);
+/// # task.await.unwrap();
+/// # }
+/// ```
+#[derive(Debug, Clone)]
+pub struct Drain {
+    shared: Arc<Shared>,
+}
+
+impl Drain {
     /// Whether the drain has started (and was not taken back).
     pub fn is_draining(&self) -> bool {
         self.shared.state.borrow().reason.is_some()
@@ -213,30 +275,37 @@ impl Drain {
         self.shared.state.borrow().reason
     }
 
-    /// Resolves once the drain has started. Cancel-safe: use it in `select!`
-    /// next to `accept()`.
-    pub async fn draining(&self) -> DrainReason {
-        let mut rx = self.shared.state.subscribe();
-        // The sender lives in `self`, so the channel cannot close here.
-        let r = rx.wait_for(|s| s.reason.is_some()).await;
-        r.ok()
-            .and_then(|s| s.reason)
-            .unwrap_or(DrainReason::Stopped)
+    /// Resolves once the drain has started (at once if it has), with its
+    /// reason. The future owns what it needs (`'static`), so it can be moved
+    /// into a task or a stream combinator such as `take_until`.
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel-safe: use it in `select!` next to `accept()`. A drain that
+    /// started while no future waited is seen by the next one.
+    pub fn draining(&self) -> impl Future<Output = DrainReason> + Send + 'static {
+        let shared = self.shared.clone();
+        async move {
+            let mut rx = shared.state.subscribe();
+            // The sender lives in `shared`, so the channel cannot close here.
+            let r = rx.wait_for(|s| s.reason.is_some()).await;
+            r.ok()
+                .and_then(|s| s.reason)
+                .unwrap_or(DrainReason::Stopped)
+        }
     }
 
     /// After the drain started: resolves with `true` when it was taken back
     /// (the process serves again: accept again) or `false` when it is final
     /// (drop the listener). `true` at once when no drain runs.
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel-safe: it only watches; the next call sees the same state.
     pub async fn resumed(&self) -> bool {
         let mut rx = self.shared.state.subscribe();
         let r = rx.wait_for(|s| s.reason.is_none() || s.settled).await;
         r.map(|s| s.reason.is_none()).unwrap_or(false)
-    }
-
-    /// Resolves when a started drain was taken back.
-    pub(crate) async fn taken_back(&self) {
-        let mut rx = self.shared.state.subscribe();
-        let _ = rx.wait_for(|s| s.reason.is_none()).await;
     }
 
     /// Counts one unit of in-flight work until the guard is dropped.
@@ -266,7 +335,12 @@ impl Drain {
         self.shared.in_flight.load(Ordering::Acquire)
     }
 
-    /// Resolves when no guard is alive.
+    /// Resolves when no guard is alive (at once if none is), whether or not
+    /// the drain started.
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel-safe: it only watches.
     pub async fn idle(&self) {
         loop {
             let notified = self.shared.idle.notified();
@@ -282,6 +356,11 @@ impl Drain {
     /// Waits for the drain to start, then for the in-flight count to reach
     /// zero, at most `timeout` after the start. Returns how many guards were
     /// still alive when it gave up (0 when everything finished).
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel-safe, but the timeout counts from this call's own view of the
+    /// start: a new call after a cancelled one waits up to `timeout` again.
     pub async fn finished(&self, timeout: Duration) -> usize {
         self.outcome(timeout).await.unfinished
     }
@@ -294,14 +373,15 @@ impl Drain {
     /// ```
     /// # #[tokio::main(flavor = "current_thread")] async fn main() {
     /// use std::time::Duration;
-    /// use handover::drain::{Drain, DrainReason};
+    /// use handover::drain::{DrainReason, DrainTrigger};
     ///
-    /// let drain = Drain::new();
+    /// let trigger = DrainTrigger::new();
+    /// let drain = trigger.watcher();
     /// let websocket = drain.guard();
     /// websocket.set_long_lived();
     /// let stubborn = drain.guard();
     /// stubborn.set_long_lived();
-    /// drain.start(DrainReason::Upgraded);
+    /// trigger.start(DrainReason::Upgraded);
     /// drop(websocket); // closed on the drain signal
     /// let outcome = drain.outcome(Duration::from_millis(10)).await;
     /// assert_eq!(outcome.unfinished, 1);
@@ -309,6 +389,10 @@ impl Drain {
     /// # drop(stubborn);
     /// # }
     /// ```
+    ///
+    /// # Cancel safety
+    ///
+    /// As [`finished`](Self::finished).
     pub async fn outcome(&self, timeout: Duration) -> DrainOutcome {
         self.draining().await;
         let _ = tokio::time::timeout(timeout, self.idle()).await;
@@ -352,10 +436,10 @@ pub struct DrainOutcome {
 ///
 /// ```
 /// # #[tokio::main(flavor = "current_thread")] async fn main() {
-/// use handover::drain::{Drain, DrainReason};
+/// use handover::drain::{DrainReason, DrainTrigger};
 ///
-/// let drain = Drain::new();
-/// let signal = drain.signal();
+/// let trigger = DrainTrigger::new();
+/// let signal = trigger.watcher().signal();
 /// let ticks = async move {
 ///     let mut sent = 0;
 ///     let draining = signal.draining();
@@ -368,7 +452,7 @@ pub struct DrainOutcome {
 ///     }
 /// };
 /// let task = tokio::spawn(ticks);
-/// drain.start(DrainReason::Upgraded);
+/// trigger.start(DrainReason::Upgraded);
 /// task.await.unwrap();
 /// # }
 /// ```
@@ -388,14 +472,17 @@ impl DrainSignal {
         self.shared.state.borrow().reason
     }
 
-    /// Resolves once the drain has started (at once if it has). The future
-    /// owns what it needs (`'static`), so it can be moved into a task or a
-    /// stream combinator such as `take_until`. Cancel-safe.
+    /// Resolves once the drain has started (at once if it has); see
+    /// [`Drain::draining`].
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel-safe.
     pub fn draining(&self) -> impl Future<Output = DrainReason> + Send + 'static {
-        let drain = Drain {
+        Drain {
             shared: self.shared.clone(),
-        };
-        async move { drain.draining().await }
+        }
+        .draining()
     }
 }
 
@@ -450,7 +537,8 @@ mod tests {
 
     #[tokio::test]
     async fn finishes_when_the_last_guard_drops() {
-        let drain = Drain::new();
+        let trigger = DrainTrigger::new();
+        let drain = trigger.watcher();
         let g1 = drain.guard();
         let g2 = drain.guard();
         assert_eq!(drain.in_flight(), 2);
@@ -458,8 +546,8 @@ mod tests {
             let d = drain.clone();
             async move { d.finished(Duration::from_secs(10)).await }
         });
-        assert!(drain.start(DrainReason::Upgraded));
-        assert!(!drain.start(DrainReason::Stopped), "first reason wins");
+        assert!(trigger.start(DrainReason::Upgraded));
+        assert!(!trigger.start(DrainReason::Stopped), "first reason wins");
         drop(g1);
         tokio::task::yield_now().await;
         assert!(!waiter.is_finished());
@@ -472,7 +560,8 @@ mod tests {
     /// reported), closed during it, still open at the timeout.
     #[tokio::test(start_paused = true)]
     async fn outcome_counts_long_lived_work() {
-        let drain = Drain::new();
+        let trigger = DrainTrigger::new();
+        let drain = trigger.watcher();
         let signal = drain.signal();
         let before = drain.guard();
         before.set_long_lived();
@@ -486,7 +575,7 @@ mod tests {
         drop(before);
         assert!(!signal.is_draining());
         let watcher = tokio::spawn(signal.draining());
-        drain.start(DrainReason::Upgraded);
+        trigger.start(DrainReason::Upgraded);
         assert_eq!(watcher.await.unwrap(), DrainReason::Upgraded);
         assert_eq!(signal.reason(), Some(DrainReason::Upgraded));
         drop(during);
@@ -504,9 +593,10 @@ mod tests {
 
     #[tokio::test]
     async fn a_revocable_drain_is_taken_back_or_settled() {
-        let drain = Drain::new();
+        let trigger = DrainTrigger::new();
+        let drain = trigger.watcher();
         assert!(drain.resumed().await, "nothing to resume from");
-        assert!(drain.start_revocable(DrainReason::Upgraded));
+        assert!(trigger.start_revocable(DrainReason::Upgraded));
         assert!(drain.is_draining());
         let accept_loop = tokio::spawn({
             let d = drain.clone();
@@ -514,29 +604,30 @@ mod tests {
         });
         tokio::task::yield_now().await;
         assert!(!accept_loop.is_finished(), "neither taken back nor final");
-        assert!(drain.take_back());
+        assert!(trigger.take_back());
         assert!(accept_loop.await.unwrap(), "taken back: accept again");
         assert!(!drain.is_draining() && drain.reason().is_none());
-        assert!(!drain.settle(), "nothing to settle");
+        assert!(!trigger.settle(), "nothing to settle");
 
-        assert!(drain.start_revocable(DrainReason::Upgraded));
-        assert!(!drain.start(DrainReason::Stopped), "first reason wins");
+        assert!(trigger.start_revocable(DrainReason::Upgraded));
+        assert!(!trigger.start(DrainReason::Stopped), "first reason wins");
         assert_eq!(drain.reason(), Some(DrainReason::Upgraded));
-        assert!(!drain.take_back(), "a stop made it final");
+        assert!(!trigger.take_back(), "a stop made it final");
         assert!(!drain.resumed().await, "final: drop the listener");
-        assert!(drain.settle());
+        assert!(trigger.settle());
 
-        let plain = Drain::new();
+        let plain = DrainTrigger::new();
         plain.start(DrainReason::Stopped);
         assert!(!plain.take_back(), "a plain start is final");
-        assert!(!plain.resumed().await);
+        assert!(!plain.watcher().resumed().await);
     }
 
     #[tokio::test(start_paused = true)]
     async fn gives_up_after_the_timeout() {
-        let drain = Drain::new();
+        let trigger = DrainTrigger::new();
+        let drain = trigger.watcher();
         let _g = drain.guard();
-        drain.start(DrainReason::Stopped);
+        trigger.start(DrainReason::Stopped);
         assert_eq!(drain.finished(Duration::from_secs(30)).await, 1);
     }
 }

@@ -1,4 +1,11 @@
 //! The crate's error types.
+//!
+//! Each error's `Display` is a whole sentence for an operator, its cause
+//! included ("cannot bind \"http\" on 127.0.0.1:8081: Address already in
+//! use"), so `source()` returns `None`: a report that walks the chain
+//! (anyhow's `{:#}` or `{:?}`, eyre) prints the cause once, not twice. The
+//! cause is still there for code: every variant that has one keeps it in a
+//! public `cause` field.
 
 use std::io;
 use std::path::PathBuf;
@@ -31,14 +38,14 @@ pub enum Error {
     },
 
     /// Binding a listener failed.
-    #[error("cannot bind {name:?} on {addr}: {source}")]
+    #[error("cannot bind {name:?} on {addr}: {cause}")]
     Bind {
         /// The listener name.
         name: String,
         /// The address asked for.
         addr: String,
         /// The OS error.
-        source: io::Error,
+        cause: io::Error,
     },
 
     /// `listen_*` was called twice with the same name.
@@ -50,21 +57,21 @@ pub enum Error {
     InvalidName(String),
 
     /// The PID file could not be written or its directory is unusable.
-    #[error("PID file {path}: {source}")]
+    #[error("PID file {path}: {cause}")]
     PidFile {
         /// The PID file's path.
         path: PathBuf,
         /// The OS error.
-        source: io::Error,
+        cause: io::Error,
     },
 
     /// Talking to the service manager's notify socket failed.
-    #[error("sd_notify to {socket}: {source}")]
+    #[error("sd_notify to {socket}: {cause}")]
     Notify {
         /// The `NOTIFY_SOCKET` value.
         socket: String,
         /// The OS error.
-        source: io::Error,
+        cause: io::Error,
     },
 
     /// `build()` must run inside a tokio runtime (it starts the signal task).
@@ -73,15 +80,15 @@ pub enum Error {
 
     /// An upgrade failed; the old process keeps serving.
     #[error("upgrade failed: {0}")]
-    Upgrade(#[from] UpgradeError),
+    Upgrade(UpgradeError),
 
     /// A system call failed.
-    #[error("{what}: {source}")]
+    #[error("{what}: {cause}")]
     Io {
         /// What was being done.
         what: &'static str,
         /// The OS error.
-        source: io::Error,
+        cause: io::Error,
     },
 }
 
@@ -102,20 +109,20 @@ pub enum UpgradeError {
     #[error("this process is draining")]
     Draining,
     /// Starting the new process failed before `execve`.
-    #[error("cannot start {exe}: {source}")]
+    #[error("cannot start {exe}: {cause}")]
     Spawn {
         /// The executable.
         exe: String,
         /// The OS error.
-        source: io::Error,
+        cause: io::Error,
     },
     /// `execve` of the new binary failed (for example: not executable).
-    #[error("cannot execute {exe}: {source}")]
+    #[error("cannot execute {exe}: {cause}")]
     Exec {
         /// The executable.
         exe: String,
         /// The OS error from `execve`.
-        source: io::Error,
+        cause: io::Error,
     },
     /// The new process reported a failure before it was ready.
     #[error("new process {pid} failed: {reason}")]
@@ -142,12 +149,12 @@ pub enum UpgradeError {
         timeout: std::time::Duration,
     },
     /// The service manager could not be told about the new main process.
-    #[error("cannot announce new process {pid} to the service manager: {source}")]
+    #[error("cannot announce new process {pid} to the service manager: {cause}")]
     Announce {
         /// The new process's pid.
         pid: u32,
         /// The notify error.
-        source: io::Error,
+        cause: io::Error,
     },
     /// A stop was requested while the upgrade ran.
     #[error("stopped during the upgrade")]
@@ -165,8 +172,65 @@ pub enum UpgradeError {
     Channel(io::Error),
 }
 
+impl From<UpgradeError> for Error {
+    fn from(e: UpgradeError) -> Self {
+        Error::Upgrade(e)
+    }
+}
+
 impl Error {
     pub(crate) fn io(what: &'static str, source: io::Error) -> Error {
-        Error::Io { what, source }
+        Error::Io {
+            what,
+            cause: source,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A report that walks the chain prints each cause once.
+    #[test]
+    fn anyhow_prints_the_cause_once() {
+        let in_use = || io::Error::from_raw_os_error(libc::EADDRINUSE);
+        let denied = || io::Error::from_raw_os_error(libc::EACCES);
+        let cases: Vec<(anyhow::Error, String)> = vec![
+            (
+                Error::Bind {
+                    name: "http".into(),
+                    addr: "127.0.0.1:8081".into(),
+                    cause: in_use(),
+                }
+                .into(),
+                format!("cannot bind \"http\" on 127.0.0.1:8081: {}", in_use()),
+            ),
+            (
+                Error::from(UpgradeError::Exec {
+                    exe: "/usr/local/bin/hello".into(),
+                    cause: denied(),
+                })
+                .into(),
+                format!(
+                    "upgrade failed: cannot execute /usr/local/bin/hello: {}",
+                    denied()
+                ),
+            ),
+            (
+                anyhow::Error::from(Error::Io {
+                    what: "take inherited fds",
+                    cause: in_use(),
+                })
+                .context("starting the service"),
+                format!("starting the service: take inherited fds: {}", in_use()),
+            ),
+        ];
+        for (e, sentence) in cases {
+            assert_eq!(format!("{e:#}"), sentence);
+            let cause = sentence.rsplit(": ").next().unwrap();
+            let debug = format!("{e:?}");
+            assert_eq!(debug.matches(cause).count(), 1, "{debug}");
+        }
     }
 }

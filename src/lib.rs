@@ -10,41 +10,67 @@
 //! request is lost.
 //!
 //! ```no_run
+//! # #[cfg(all(feature = "http", feature = "logging"))]
+//! # mod app {
+//! use std::process::ExitCode;
 //! use std::time::Duration;
 //!
-//! # #[cfg(all(feature = "http", feature = "logging"))]
+//! use axum::{routing::get, Router};
+//!
 //! #[tokio::main]
-//! async fn main() -> Result<(), handover::Error> {
-//!     handover::logging::init().expect("no other subscriber is installed");
+//! async fn main() -> ExitCode {
+//!     if let Err(e) = handover::logging::init() {
+//!         eprintln!("{e}");
+//!     }
+//!     match run().await {
+//!         Ok(()) => ExitCode::SUCCESS,
+//!         Err(e) => {
+//!             // Display is the whole sentence, its cause included.
+//!             tracing::error!("{e}");
+//!             ExitCode::FAILURE
+//!         }
+//!     }
+//! }
+//!
+//! async fn run() -> Result<(), handover::Error> {
 //!     let handover = handover::Handover::builder()
 //!         .pid_file("/run/hello/hello.pid")
 //!         .upgrade_timeout(Duration::from_secs(60))
 //!         .drain_timeout(Duration::from_secs(30))
 //!         .build()?;
 //!     let listener = handover.listen_tcp("http", "127.0.0.1:8081")?;
-//!     let service = hyper::service::service_fn(|_req| async {
-//!         Ok::<_, std::convert::Infallible>(hyper::Response::new(
-//!             http_body_util::Full::new(bytes::Bytes::from("hello\n")),
-//!         ))
-//!     });
-//!     tokio::spawn(handover::http::serve(listener, service, handover.drain()));
+//!     let app = Router::new().route("/", get(|| async { "hello\n" }));
+//!     tokio::spawn(handover::http::serve(listener, app, handover.drain()));
 //!     handover.ready().await?;
 //!     let exit = handover.wait().await;
 //!     tracing::info!(?exit, "bye");
 //!     Ok(())
 //! }
-//! # #[cfg(not(all(feature = "http", feature = "logging")))]
+//! # }
 //! # fn main() {}
 //! ```
 //!
-//! Where each behaviour lives (one module per concept): `activation` reads
-//! `LISTEN_*` strictly, `listeners` takes or binds sockets, `handoff` starts
-//! the new process and speaks the handoff channel, [`notify`] talks to
-//! systemd, [`drain`] counts in-flight work, [`http`] serves and drains
-//! HTTP/1 and HTTP/2, [`control`] is the control socket for a truthful
-//! reload, `pidfile` and `signals` do what they say, [`supervisor`] is the
-//! service manager behind the `handover run` command (for containers and a
-//! developer's terminal), and `sys` holds every `unsafe` block.
+//! # Modules
+//!
+//! The [`Handover`] (made by a [`Builder`]) is the whole life of one
+//! process: its listeners, `ready()`, upgrades, the drain, `wait()`. Around
+//! it:
+//!
+//! - [`drain`]: the drain's watchers ([`Drain`]), the in-flight count
+//!   ([`DrainGuard`]) and the signal application code watches
+//!   ([`DrainSignal`]);
+//! - [`http`]: an HTTP/1 and HTTP/2 accept loop that drains without losing a
+//!   request;
+//! - [`notify`]: a strict `sd_notify(3)` client with typed messages and
+//!   `BARRIER=1`;
+//! - [`control`]: the control socket, for a reload command that waits for
+//!   the outcome (`handover-reload`);
+//! - [`logging`]: a `tracing` subscriber for journald or stderr;
+//! - [`supervisor`]: the service manager behind `handover run`, for
+//!   containers and a developer's terminal.
+//!
+//! How the crate is built inside (which module does what, and which way the
+//! calls go) is in `docs/design.md` in the repository.
 //!
 //! # Cargo features
 //!
@@ -78,7 +104,6 @@ compile_error!(
      the control socket's peers with SO_PEERCRED, which other systems do not have"
 );
 
-mod activation;
 pub mod control;
 pub mod drain;
 mod error;
@@ -92,32 +117,27 @@ mod listeners;
 pub mod logging;
 pub mod notify;
 mod pidfile;
+mod process;
+mod protocol;
 mod signals;
 mod spare;
+mod startup;
 pub mod supervisor;
 #[allow(unsafe_code)]
 mod sys;
+mod upgrade;
 
-use std::net::{SocketAddr, ToSocketAddrs};
+use std::ffi::OsString;
+use std::net::ToSocketAddrs;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, Weak};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::Duration;
 
-use tokio::sync::watch;
-
-pub use drain::{Drain, DrainGuard, DrainReason, DrainSignal};
+pub use drain::{Drain, DrainGuard, DrainReason, DrainSignal, DrainTrigger};
 pub use error::{Error, Result, UpgradeError};
 
-use activation::Found;
-use handoff::{Executable, ParentLink};
-use listeners::{Listeners, Source};
-use notify::{status_text, Notifier};
-
-/// How long the old process waits for the manager to confirm `MAINPID=`.
-const BARRIER_TIMEOUT: Duration = Duration::from_secs(10);
-/// How long a new process's death may precede the stop that caused it.
-const STOP_GRACE: Duration = Duration::from_millis(200);
+use handoff::Reexec;
+use process::Process;
 
 /// Where a process is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -162,11 +182,8 @@ impl Default for Builder {
             upgrade_timeout: Duration::from_secs(60),
             drain_timeout: Duration::from_secs(30),
             signals: true,
-            control_socket: std::env::var_os("RUNTIME_DIRECTORY")
-                .and_then(|dirs| std::env::split_paths(&dirs).next())
-                .filter(|d| d.is_absolute())
-                .map(|d| d.join(CONTROL_SOCKET_FILE)),
-            state_limit: DEFAULT_STATE_LIMIT,
+            control_socket: control::default_socket(),
+            state_limit: 16 << 20,
             fd_store: false,
         }
     }
@@ -238,398 +255,26 @@ impl Builder {
     /// Reads the inherited sockets, checks the PID file's directory and
     /// installs the signal handlers. Must run inside a tokio runtime.
     ///
-    /// Errors: a malformed activation environment (garbage `LISTEN_FDS`,
-    /// a name count that does not match, an fd that is not a socket), an
-    /// unusable PID file directory, a malformed `NOTIFY_SOCKET`. No inherited
-    /// fd is touched when it fails.
+    /// # Errors
+    ///
+    /// [`Error::NoRuntime`] outside a tokio runtime;
+    /// [`Error::Activation`] for a malformed activation environment (garbage
+    /// `LISTEN_FDS`, a name count that does not match, a state length over
+    /// the [`state_limit`](Self::state_limit));
+    /// [`Error::InheritedSocket`] for a passed fd that is not open or not a
+    /// socket; [`Error::Notify`] for a malformed `NOTIFY_SOCKET`;
+    /// [`Error::PidFile`] for an unusable PID file directory;
+    /// [`Error::Io`] when the signal handlers, the handed-over state or the
+    /// control socket cannot be had ([`Error::Bind`] when its path is
+    /// taken).
+    ///
+    /// When it fails, the inherited listening sockets are left as they were
+    /// found: everything that can be checked without them is checked before
+    /// any of them is taken, and the few steps that need them give them
+    /// back (open and inheritable) when they fail. A parent waiting on the
+    /// handoff channel is told why.
     pub fn build(self) -> Result<Handover> {
-        if tokio::runtime::Handle::try_current().is_err() {
-            return Err(Error::NoRuntime);
-        }
-        let pid = std::process::id();
-        let env = |k: &str| std::env::var_os(k);
-        let (listen_pid, listen_fds, listen_fdnames, channel, generation, state_len) = (
-            env("LISTEN_PID"),
-            env("LISTEN_FDS"),
-            env("LISTEN_FDNAMES"),
-            env(activation::ENV_CHANNEL),
-            env(activation::ENV_GENERATION),
-            env(activation::ENV_STATE_LEN),
-        );
-        let vars = activation::Vars {
-            listen_pid: listen_pid.as_deref(),
-            listen_fds: listen_fds.as_deref(),
-            listen_fdnames: listen_fdnames.as_deref(),
-            channel: channel.as_deref(),
-            generation: generation.as_deref(),
-            state_len: state_len.as_deref(),
-            allow_missing_pid: env(activation::ENV_ALLOW_NO_PID).is_some_and(|v| v == "1"),
-        };
-        // Everything is validated before any inherited fd is touched.
-        let found = activation::read(vars, pid, self.state_limit)
-            .inspect_err(|e| report_to_parent(vars, pid, e))?;
-        let (passed, link, generation, state_len) = match found {
-            Found::Nothing => (Vec::new(), None, 0, 0),
-            Found::NotOurs(why) => {
-                tracing::warn!("ignoring the socket activation environment: {why}");
-                (Vec::new(), None, 0, 0)
-            }
-            Found::Passed(p) => {
-                let raw: Vec<_> = p.fds.iter().map(|(fd, _)| *fd).chain(p.channel).collect();
-                let mut owned = sys::take_inherited(&raw).map_err(|e| {
-                    let e = Error::io("take inherited fds", e);
-                    report_to_parent(vars, pid, &e);
-                    e
-                })?;
-                for fd in &owned {
-                    nix::fcntl::fcntl(
-                        fd,
-                        nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
-                    )
-                    .map_err(|e| {
-                        let e = Error::io("set FD_CLOEXEC on inherited fds", e.into());
-                        report_to_parent(vars, pid, &e);
-                        e
-                    })?;
-                }
-                // The channel is the last fd taken, when there is one.
-                let link = match p.channel {
-                    Some(_) => owned.pop(),
-                    None => None,
-                };
-                // From our parent, the listeners it names in HANDOVER_BOUND
-                // were bound from the configuration; every other one (and
-                // all of them from systemd) has the address a socket unit
-                // decided, which a new generation keeps.
-                let bound = env(activation::ENV_BOUND).filter(|_| link.is_some());
-                let bound = bound.as_deref().and_then(|b| b.to_str()).unwrap_or("");
-                let passed = owned
-                    .into_iter()
-                    .zip(p.fds)
-                    .map(|(fd, (number, name))| {
-                        let source = if bound.split(':').any(|b| b == name) {
-                            Source::Parent
-                        } else {
-                            Source::Manager
-                        };
-                        listeners::Passed {
-                            fd,
-                            number,
-                            name,
-                            source,
-                        }
-                    })
-                    .collect();
-                (passed, link, p.generation, p.state_len)
-            }
-        };
-        let (link, state) = match link {
-            Some(fd) => {
-                let (link, state) = ParentLink::new(fd, state_len).map_err(|(e, fd)| {
-                    let e = Error::io("read the handed-over state", e);
-                    if let Some(fd) = fd {
-                        handoff::fail_raw(std::os::fd::AsFd::as_fd(&fd), &e.to_string());
-                    }
-                    e
-                })?;
-                (Some(link), state)
-            }
-            None => (None, Vec::new()),
-        };
-        let fail = |e: Error| {
-            if let Some(l) = &link {
-                l.fail(&e.to_string());
-            }
-            e
-        };
-        let notify = Notifier::from_env().map_err(fail)?;
-        if let Some(p) = &self.pid_file {
-            pidfile::check(p).map_err(fail)?;
-        }
-        let first = link.is_none();
-        let mut listeners = Listeners::new(passed);
-        let control = match &self.control_socket {
-            Some(path) => Some(control_listener(&mut listeners, path).map_err(fail)?),
-            None => None,
-        };
-        let drain = Drain::new();
-        let (phase, _) = watch::channel(Phase::Starting);
-        let inner = Arc::new(Inner {
-            exe: Executable::current(),
-            generation,
-            notify,
-            listeners: Mutex::new(listeners),
-            control: Mutex::new(control),
-            state: Mutex::new((!state.is_empty()).then_some(state)),
-            state_provider: Mutex::new(None),
-            parent: tokio::sync::Mutex::new(link),
-            drain,
-            phase,
-            pending_upgrade: AtomicBool::new(false),
-            ready_called: AtomicBool::new(false),
-            is_main: AtomicBool::new(first),
-            last_error: Mutex::new(None),
-            spares: spare::Spares::default(),
-            to_parent: Mutex::new(None),
-            config: self,
-        });
-        if inner.config.signals {
-            let weak = Arc::downgrade(&inner);
-            signals::spawn(move |req, name| on_signal(&weak, req, name))
-                .map_err(|e| Error::io("install signal handlers", e))?;
-        }
-        tracing::debug!(generation, pid, exe = %inner.exe.path.display(), "handover built");
-        Ok(Handover { inner })
-    }
-}
-
-const CONTROL_SOCKET_FILE: &str = "handover.sock";
-const DEFAULT_STATE_LIMIT: usize = 16 << 20;
-
-fn control_listener(
-    listeners: &mut Listeners,
-    path: &Path,
-) -> Result<std::os::unix::net::UnixListener> {
-    // Bound here: created with mode 0600. Inherited: as the first
-    // generation created it. Never chmod by path: in a directory others can
-    // write to, the path may name another file by now.
-    let l = listeners.control(path)?;
-    use std::os::unix::fs::FileTypeExt;
-    let is_socket = std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_socket());
-    if !is_socket {
-        tracing::warn!(
-            path = %path.display(),
-            "the control socket's file is gone or was replaced; reload commands cannot reach this service there"
-        );
-    }
-    Ok(l)
-}
-
-type StateProvider = Box<dyn Fn() -> Vec<u8> + Send + Sync>;
-
-/// A child whose environment is broken still tells its parent why, if it
-/// can find the channel at all.
-fn report_to_parent(vars: activation::Vars<'_>, pid: u32, e: &Error) {
-    let ours = vars
-        .listen_pid
-        .and_then(|p| p.to_str())
-        .and_then(|p| p.parse::<u32>().ok())
-        == Some(pid);
-    let fd = vars
-        .channel
-        .and_then(|c| c.to_str())
-        .and_then(|c| c.parse::<i32>().ok());
-    // Only on an fd that was passed to us and is a socket: the number may
-    // name one of the runtime's own fds instead (its epoll fd, its signal
-    // pipe), which must not get a stray line.
-    let Some(fd) = fd.filter(|fd| !sys::fd_is_cloexec(*fd)) else {
-        return;
-    };
-    if ours && sys::fd_is_socket(fd).unwrap_or(false) {
-        let _ = sys::with_borrowed(fd, |fd| handoff::fail_raw(fd, &e.to_string()));
-    }
-}
-
-fn on_signal(weak: &Weak<Inner>, req: signals::Request, name: &'static str) -> bool {
-    let Some(inner) = weak.upgrade() else {
-        return false;
-    };
-    let handover = Handover { inner };
-    match req {
-        signals::Request::Stop => {
-            tracing::info!(signal = name, "stop requested");
-            handover.stop();
-        }
-        signals::Request::Upgrade => match handover.phase() {
-            Phase::Starting => {
-                tracing::info!(
-                    signal = name,
-                    "upgrade requested before ready(); it will run once ready"
-                );
-                handover
-                    .inner
-                    .pending_upgrade
-                    .store(true, Ordering::Release);
-            }
-            Phase::Ready => {
-                tokio::spawn(async move {
-                    let _ = handover.upgrade().await;
-                });
-            }
-            Phase::Upgrading => {
-                tracing::info!(signal = name, "an upgrade is already running; coalesced")
-            }
-            Phase::Draining => tracing::info!(signal = name, "draining; upgrade request ignored"),
-        },
-    }
-    true
-}
-
-struct Inner {
-    config: Builder,
-    exe: Executable,
-    generation: u32,
-    notify: Option<Notifier>,
-    listeners: Mutex<Listeners>,
-    control: Mutex<Option<std::os::unix::net::UnixListener>>,
-    state: Mutex<Option<Vec<u8>>>,
-    state_provider: Mutex<Option<StateProvider>>,
-    parent: tokio::sync::Mutex<Option<ParentLink>>,
-    drain: Drain,
-    phase: watch::Sender<Phase>,
-    pending_upgrade: AtomicBool,
-    ready_called: AtomicBool,
-    /// Whether the manager knows this process as the service's main one:
-    /// from the start for a first process, after the handoff for a new one.
-    is_main: AtomicBool,
-    last_error: Mutex<Option<String>>,
-    /// Fds kept free for the next upgrade.
-    spares: spare::Spares,
-    /// The handoff channel to the parent, once this process is main and
-    /// while the parent lives: to tell it that this process let go.
-    to_parent: Mutex<Option<Arc<tokio::net::UnixStream>>>,
-}
-
-impl Inner {
-    /// (Re)opens the spare fds the next upgrade needs (see `spare`).
-    fn keep_spares(&self) {
-        let n = self
-            .listeners
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .for_handoff()
-            .len();
-        // The image copies n listeners and the channel to 3+n+1 and above.
-        self.spares.keep(n + spare::FIXED, 3 + n + 1);
-    }
-
-    /// Keeps the channel to the parent, which drains now, until the parent
-    /// closes it (it exited): what `tell_parent` says there tells it not to
-    /// take the service back.
-    fn keep_parent_link(self: &Arc<Self>, link: ParentLink) {
-        let stream = Arc::new(link.into_stream());
-        *self.to_parent.lock().unwrap_or_else(|p| p.into_inner()) = Some(stream.clone());
-        let weak = Arc::downgrade(self);
-        tokio::spawn(async move {
-            // The parent says nothing after `main`: readable means gone.
-            let mut buf = [0u8; 64];
-            loop {
-                if stream.readable().await.is_err() {
-                    break;
-                }
-                match stream.try_read(&mut buf) {
-                    Ok(0) => break,
-                    Ok(_) => {}
-                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-                    Err(_) => break,
-                }
-            }
-            if let Some(inner) = weak.upgrade() {
-                inner
-                    .to_parent
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .take();
-            }
-        });
-    }
-
-    /// Tells a parent that still drains that this process let go of the
-    /// service (`upgraded <pid>`, `stopping`), once.
-    fn tell_parent(&self, line: &str) {
-        let link = self
-            .to_parent
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take();
-        if let Some(link) = link {
-            let line = format!("{line}\n");
-            let r = handoff::write_blocking(
-                std::os::fd::AsFd::as_fd(&*link),
-                line.as_bytes(),
-                Duration::from_secs(1),
-            );
-            if let Err(e) = r {
-                tracing::debug!(error = %e, "cannot tell the parent");
-            }
-        }
-    }
-
-    /// Writes this process's PID to the PID file, with a spare fd freed for
-    /// it (at the fd limit too).
-    fn write_pid_file(&self, path: &Path) -> Result<()> {
-        drop(self.spares.take(1));
-        let r = pidfile::write(path, std::process::id());
-        self.spares.refill();
-        r
-    }
-}
-
-impl std::fmt::Debug for Inner {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Inner")
-            .field("generation", &self.generation)
-            .field("exe", &self.exe)
-            .field("phase", &*self.phase.borrow())
-            .finish_non_exhaustive()
-    }
-}
-
-impl Drop for Inner {
-    fn drop(&mut self) {
-        // A new process that gives up before ready() tells its parent why:
-        // under a service manager the parent cannot see its exit status.
-        if let Some(link) = self.parent.get_mut().as_ref() {
-            let why = self.last_error.get_mut().map(|e| e.take()).ok().flatten();
-            link.fail(&why.unwrap_or_else(|| "exited before it was ready".into()));
-        }
-    }
-}
-
-/// Ends an upgrade on every way out, including a panic or a dropped
-/// future: the phase leaves `Upgrading` (back to `Ready`, or `Draining` if
-/// a drain started), and a `RELOADING=1` that was sent is ended with
-/// `READY=1`, so that neither the next upgrade nor `systemctl reload` waits
-/// for ever.
-struct UpgradeGuard<'a> {
-    inner: &'a Inner,
-    generation: u32,
-    /// `RELOADING=1` was sent.
-    reloading: bool,
-    /// The outcome was logged and told to the manager.
-    settled: bool,
-}
-
-impl Drop for UpgradeGuard<'_> {
-    fn drop(&mut self) {
-        let draining = self.inner.drain.is_draining();
-        if !self.settled {
-            let generation = self.generation;
-            tracing::error!(
-                generation,
-                outcome = "failed",
-                "upgrade interrupted; still serving"
-            );
-            if let (true, false, Some(n)) = (self.reloading, draining, &self.inner.notify) {
-                let status = status_text(&format!(
-                    "upgrade to generation {generation} interrupted; still serving, pid {}",
-                    std::process::id()
-                ));
-                let _ = n.send(&format!("READY=1\nSTATUS={status}"));
-            }
-            self.inner.keep_spares();
-        }
-        self.inner.phase.send_if_modified(|p| {
-            let upgrading = *p == Phase::Upgrading;
-            if upgrading {
-                *p = if draining {
-                    Phase::Draining
-                } else {
-                    Phase::Ready
-                };
-            }
-            upgrading
-        });
+        startup::build(self)
     }
 }
 
@@ -657,49 +302,13 @@ pub struct Exit {
 /// See the [crate documentation](crate) for a complete program.
 #[derive(Debug, Clone)]
 pub struct Handover {
-    inner: Arc<Inner>,
+    inner: Arc<Process<Reexec>>,
 }
 
 impl Handover {
     /// A [`Builder`] with the defaults.
     pub fn builder() -> Builder {
         Builder::default()
-    }
-
-    fn record<T>(&self, r: Result<T>) -> Result<T> {
-        if let Err(e) = &r {
-            if let Ok(mut last) = self.inner.last_error.lock() {
-                *last = Some(e.to_string());
-            }
-        }
-        r
-    }
-
-    /// Pushes the listeners this process bound itself to the fd store, if
-    /// configured (see [`Builder::fd_store`]). Only the main process may.
-    fn push_to_fd_store(&self) {
-        let (true, Some(n)) = (self.inner.config.fd_store, &self.inner.notify) else {
-            return;
-        };
-        let listeners = self.listeners();
-        for (name, fd) in listeners.for_handoff() {
-            if !listeners.bound_here(name) {
-                continue;
-            }
-            match n.send_with_fds(&format!("FDSTORE=1\nFDNAME={name}"), &[fd]) {
-                Ok(()) => tracing::debug!(name, "listener pushed to the fd store"),
-                Err(e) => {
-                    tracing::warn!(name, error = %e, "cannot push the listener to the fd store")
-                }
-            }
-        }
-    }
-
-    fn listeners(&self) -> std::sync::MutexGuard<'_, Listeners> {
-        self.inner
-            .listeners
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
     }
 
     /// A TCP listener named `name`: the inherited one with that name (or the
@@ -712,70 +321,102 @@ impl Handover {
     /// let listener = handover.listen_tcp("http", "127.0.0.1:8081")?;
     /// # Ok(()) }
     /// ```
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidName`], [`Error::DuplicateName`];
+    /// [`Error::InheritedSocket`] when the passed socket of that name is not
+    /// a listening TCP socket; [`Error::Bind`] when binding fails;
+    /// [`Error::Io`] when tokio cannot register it.
+    ///
+    /// # Panics
+    ///
+    /// Outside a tokio runtime (as `TcpListener::from_std` does).
     pub fn listen_tcp(
         &self,
         name: &str,
         addr: impl ToSocketAddrs,
     ) -> Result<tokio::net::TcpListener> {
-        let r = resolve(name, addr).and_then(|addr| {
-            let l = self.listeners().tcp(name, addr)?;
+        self.inner.listen(|l| {
+            let l = l.tcp(name, listeners::resolve(name, addr)?)?;
             tokio::net::TcpListener::from_std(l).map_err(|e| Error::io("register listener", e))
-        });
-        self.record(r)
+        })
     }
 
     /// A UDP socket named `name`; see [`listen_tcp`](Self::listen_tcp).
+    ///
+    /// # Errors
+    ///
+    /// As [`listen_tcp`](Self::listen_tcp), for a UDP socket.
+    ///
+    /// # Panics
+    ///
+    /// Outside a tokio runtime.
     pub fn listen_udp(
         &self,
         name: &str,
         addr: impl ToSocketAddrs,
     ) -> Result<tokio::net::UdpSocket> {
-        let r = resolve(name, addr).and_then(|addr| {
-            let s = self.listeners().udp(name, addr)?;
+        self.inner.listen(|l| {
+            let s = l.udp(name, listeners::resolve(name, addr)?)?;
             tokio::net::UdpSocket::from_std(s).map_err(|e| Error::io("register socket", e))
-        });
-        self.record(r)
+        })
     }
 
     /// A Unix stream listener named `name` at `path`; see
     /// [`listen_tcp`](Self::listen_tcp). A stale socket file (nobody
     /// listening) is replaced; a live one is an error.
+    ///
+    /// # Errors
+    ///
+    /// As [`listen_tcp`](Self::listen_tcp), for a listening Unix stream
+    /// socket; [`Error::Bind`] also when a live socket is at `path`.
+    ///
+    /// # Panics
+    ///
+    /// Outside a tokio runtime.
     pub fn listen_unix(
         &self,
         name: &str,
         path: impl AsRef<Path>,
     ) -> Result<tokio::net::UnixListener> {
-        let r = self.listeners().unix(name, path.as_ref()).and_then(|l| {
+        self.inner.listen(|l| {
+            let l = l.unix(name, path.as_ref())?;
             tokio::net::UnixListener::from_std(l).map_err(|e| Error::io("register listener", e))
-        });
-        self.record(r)
+        })
     }
 
     /// A Unix datagram socket named `name` at `path`; see
     /// [`listen_unix`](Self::listen_unix).
+    ///
+    /// # Errors
+    ///
+    /// As [`listen_unix`](Self::listen_unix), for a Unix datagram socket.
+    ///
+    /// # Panics
+    ///
+    /// Outside a tokio runtime.
     pub fn listen_unix_datagram(
         &self,
         name: &str,
         path: impl AsRef<Path>,
     ) -> Result<tokio::net::UnixDatagram> {
-        let r = self
-            .listeners()
-            .unix_datagram(name, path.as_ref())
-            .and_then(|s| {
-                tokio::net::UnixDatagram::from_std(s).map_err(|e| Error::io("register socket", e))
-            });
-        self.record(r)
+        self.inner.listen(|l| {
+            let s = l.unix_datagram(name, path.as_ref())?;
+            tokio::net::UnixDatagram::from_std(s).map_err(|e| Error::io("register socket", e))
+        })
     }
 
-    /// The drain signal and in-flight counter shared by this process's
-    /// accept loops and connections.
+    /// A watcher of this process's drain, with the in-flight counter its
+    /// accept loops and connections share. It cannot start the drain: only
+    /// [`stop`](Self::stop) and a successful upgrade do.
     pub fn drain(&self) -> Drain {
-        self.inner.drain.clone()
+        self.inner.life.drain().watcher()
     }
 
     /// Where this process is in its life.
     pub fn phase(&self) -> Phase {
-        *self.inner.phase.borrow()
+        self.inner.life.phase()
     }
 
     /// 0 for a process started by hand or by systemd; the parent's plus one
@@ -796,139 +437,24 @@ impl Handover {
     /// parent has made it the service's main process; then it writes the
     /// PID file and accepts upgrades itself. A first process writes the PID
     /// file and sends `READY=1`. Passed fds that no `listen_*` call claimed
-    /// are closed, and spare fds are opened for the next upgrade. Calling it
-    /// again does nothing.
+    /// are closed, and spare fds are opened for the next upgrade. A SIGHUP
+    /// that came before runs its upgrade now. Calling it again does
+    /// nothing.
     ///
-    /// Errors: [`Error::PidFile`] (a first process only: a process started
-    /// by an upgrade whose parent has let go logs the error, removes a
-    /// stale PID file and serves on without one), [`Error::Notify`].
+    /// # Errors
+    ///
+    /// [`Error::PidFile`] (a first process only: a process started by an
+    /// upgrade whose parent has let go logs the error, removes a stale PID
+    /// file and serves on without one); [`Error::Notify`] when the manager's
+    /// notify socket refuses `READY=1`.
+    ///
+    /// # Cancel safety
+    ///
+    /// Not cancel-safe: dropped while it waits for the parent's `main`, the
+    /// process is neither ready nor able to try again (a second call does
+    /// nothing); the parent then times out and kills it.
     pub async fn ready(&self) -> Result<()> {
-        if self.inner.ready_called.swap(true, Ordering::AcqRel) {
-            return Ok(());
-        }
-        let pid = std::process::id();
-        let link = self.inner.parent.lock().await.take();
-        if self.inner.drain.is_draining() {
-            // Stopped before it was ready: a parent must not hand over to us.
-            if let Some(link) = &link {
-                link.fail("stopped before it was ready");
-            }
-            return Ok(());
-        }
-        let mut announced_by_parent = false;
-        let had_parent = link.is_some();
-        if let Some(mut link) = link {
-            match link.ready().await {
-                Ok(true) => {
-                    announced_by_parent = true;
-                    self.inner.keep_parent_link(link);
-                }
-                Ok(false) => {
-                    tracing::warn!("the parent went away before handing over; taking over anyway")
-                }
-                Err(e) => tracing::warn!(error = %e, "handoff channel failed; taking over anyway"),
-            }
-        }
-        let unclaimed = self.listeners().close_unclaimed();
-        if !unclaimed.is_empty() {
-            tracing::info!(
-                ?unclaimed,
-                "closed passed sockets that no listen_* call claimed"
-            );
-        }
-        // Spares first: the PID file says "ready", to people and to tests.
-        self.inner.keep_spares();
-        let generation = self.inner.generation;
-        let mut status = format!("serving, generation {generation}, pid {pid}");
-        if let Some(path) = &self.inner.config.pid_file {
-            match self.inner.write_pid_file(path) {
-                Ok(()) => {}
-                // A first process fails before it serves: nothing is lost.
-                Err(e) if !had_parent => return self.record(Err(e)),
-                // A new process: its parent has let go and is draining. An
-                // error now would take the whole service down; serve without
-                // the PID file instead, and make sure it names nobody else.
-                Err(e) => {
-                    let stale = pidfile::remove_if_other(path, pid);
-                    tracing::error!(error = %e, removed_stale = ?stale, "cannot write the PID file; serving without it");
-                    status.push_str(&format!("; {e}"));
-                }
-            }
-        }
-        let status = status_text(&status);
-        if let Some(n) = &self.inner.notify {
-            let msg = if announced_by_parent {
-                format!("STATUS={status}")
-            } else {
-                format!("READY=1\nSTATUS={status}")
-            };
-            let r = n.send(&msg).map_err(|source| Error::Notify {
-                socket: n.socket_name().to_owned(),
-                source,
-            });
-            self.record(r)?;
-        }
-        self.inner.is_main.store(true, Ordering::Release);
-        self.push_to_fd_store();
-        self.start_watchdog();
-        let control = self.inner.control.lock().ok().and_then(|mut c| c.take());
-        if let Some(l) = control {
-            match tokio::net::UnixListener::from_std(l) {
-                Ok(l) => {
-                    tokio::spawn(control::serve(l, self.clone()));
-                }
-                Err(e) => tracing::error!(error = %e, "cannot serve the control socket"),
-            }
-        }
-        self.inner.phase.send_if_modified(|p| {
-            let starting = *p == Phase::Starting;
-            if starting {
-                *p = Phase::Ready;
-            }
-            starting
-        });
-        tracing::info!(generation, pid, "ready");
-        if self.inner.pending_upgrade.swap(false, Ordering::AcqRel) {
-            let h = self.clone();
-            tokio::spawn(async move {
-                let _ = h.upgrade().await;
-            });
-        }
-        Ok(())
-    }
-
-    fn start_watchdog(&self) {
-        let Some(usec) = std::env::var("WATCHDOG_USEC")
-            .ok()
-            .and_then(|v| v.parse::<u64>().ok())
-        else {
-            return;
-        };
-        let for_us = std::env::var("WATCHDOG_PID")
-            .ok()
-            .and_then(|p| p.parse::<u32>().ok())
-            .is_none_or(|p| p == std::process::id());
-        if usec == 0 || !for_us || self.inner.notify.is_none() {
-            return;
-        }
-        let weak = Arc::downgrade(&self.inner);
-        let period = Duration::from_micros(usec / 2);
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(period);
-            loop {
-                tick.tick().await;
-                let Some(inner) = weak.upgrade() else { break };
-                // After a handoff the pings are the new process's job.
-                if inner.drain.reason() == Some(DrainReason::Upgraded) {
-                    break;
-                }
-                if let Some(n) = &inner.notify {
-                    if let Err(e) = n.send("WATCHDOG=1") {
-                        tracing::warn!(error = %e, "watchdog ping failed");
-                    }
-                }
-            }
-        });
+        self.inner.ready().await
     }
 
     /// Starts the new version of this program, hands it every listener, and
@@ -938,10 +464,6 @@ impl Handover {
     /// killed and reaped, this process keeps serving, and the error says
     /// why. This is what SIGHUP does.
     ///
-    /// Every way out of an upgrade (a panic, or this future dropped,
-    /// included) leaves the phase `Ready` or `Draining`, never `Upgrading`,
-    /// and ends a `RELOADING=1` with `READY=1`.
-    ///
     /// ```no_run
     /// # async fn f(handover: handover::Handover) {
     /// match handover.upgrade().await {
@@ -950,8 +472,24 @@ impl Handover {
     /// }
     /// # }
     /// ```
+    ///
+    /// # Errors
+    ///
+    /// An [`UpgradeError`]: refused at once ([`NotReady`](UpgradeError::NotReady),
+    /// [`InProgress`](UpgradeError::InProgress),
+    /// [`Draining`](UpgradeError::Draining)), or why the new process did not
+    /// take over. In every case this process still serves on all its
+    /// listeners.
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel-safe in the sense that matters: dropping the future (or a
+    /// panic) abandons the upgrade cleanly: the new process, if started, is
+    /// killed and reaped, the phase goes back to `Ready` (never stays
+    /// `Upgrading`), and a `RELOADING=1` is ended with `READY=1`. Dropped
+    /// after the handoff, the handoff stands.
     pub async fn upgrade(&self) -> Result<u32, UpgradeError> {
-        self.upgrade_with_env(None).await
+        self.inner.upgrade(None).await
     }
 
     /// Like [`upgrade`](Self::upgrade), but the new process runs with `env`
@@ -962,264 +500,19 @@ impl Handover {
     /// `NOTIFY_SOCKET`, `JOURNAL_STREAM`, `WATCHDOG_USEC` and the handoff's
     /// own `LISTEN_*`/`HANDOVER_*`; dropped: `MAINPID`, `MANAGERPID`,
     /// `SYSTEMD_EXEC_PID`, `WATCHDOG_PID`. The environment is never logged.
+    ///
+    /// # Errors
+    ///
+    /// As [`upgrade`](Self::upgrade).
+    ///
+    /// # Cancel safety
+    ///
+    /// As [`upgrade`](Self::upgrade).
     pub async fn upgrade_with_env(
         &self,
-        env: Option<Vec<(std::ffi::OsString, std::ffi::OsString)>>,
+        env: Option<Vec<(OsString, OsString)>>,
     ) -> Result<u32, UpgradeError> {
-        let mut refused = None;
-        self.inner.phase.send_if_modified(|p| match p {
-            Phase::Ready => {
-                *p = Phase::Upgrading;
-                true
-            }
-            Phase::Starting => {
-                refused = Some(UpgradeError::NotReady);
-                false
-            }
-            Phase::Upgrading => {
-                refused = Some(UpgradeError::InProgress);
-                false
-            }
-            Phase::Draining => {
-                refused = Some(UpgradeError::Draining);
-                false
-            }
-        });
-        if let Some(e) = refused {
-            return Err(e);
-        }
-        let mut guard = UpgradeGuard {
-            inner: &self.inner,
-            generation: self.inner.generation + 1,
-            reloading: false,
-            settled: false,
-        };
-        self.run_upgrade(env.as_deref(), &mut guard).await
-    }
-
-    async fn run_upgrade(
-        &self,
-        env: Option<&[(std::ffi::OsString, std::ffi::OsString)]>,
-        guard: &mut UpgradeGuard<'_>,
-    ) -> Result<u32, UpgradeError> {
-        let inner = &*self.inner;
-        let started = Instant::now();
-        let old_pid = std::process::id();
-        let generation = guard.generation;
-        let timeout = inner.config.upgrade_timeout;
-        tracing::info!(generation, old_pid, exe = %inner.exe.path.display(), "upgrade started");
-        if let Some(n) = &inner.notify {
-            let extend = timeout.saturating_add(BARRIER_TIMEOUT);
-            let msg = format!(
-                "RELOADING=1\nMONOTONIC_USEC={}\nEXTEND_TIMEOUT_USEC={}\nSTATUS={}",
-                notify::monotonic_usec(),
-                extend.as_micros(),
-                status_text(&format!("upgrading to generation {generation}")),
-            );
-            // From here on, every way out ends the reload with READY=1.
-            guard.reloading = true;
-            if let Err(e) = n.send(&msg) {
-                tracing::warn!(error = %e, "cannot send RELOADING=1");
-            }
-        }
-        let result = self.handoff(generation, timeout, env).await;
-        if let Err(
-            UpgradeError::ChildExited { .. }
-            | UpgradeError::ChildFailed { .. }
-            | UpgradeError::Channel(_),
-        ) = &result
-        {
-            // A stop signals every process of the service at once (systemd's
-            // KillMode=control-group, Ctrl-C in a terminal): the new process
-            // may die of it a moment before this one sees its own. Give that
-            // stop a moment to arrive, so it is not reported as a failure.
-            let _ = tokio::time::timeout(STOP_GRACE, inner.drain.draining()).await;
-        }
-        let elapsed_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
-        match &result {
-            Ok(new_pid) => {
-                tracing::info!(
-                    generation,
-                    old_pid,
-                    new_pid,
-                    elapsed_ms,
-                    outcome = "ok",
-                    "upgrade complete; draining"
-                );
-            }
-            Err(e) if inner.drain.reason() == Some(DrainReason::Stopped) => {
-                // The stop already told the manager (STOPPING=1).
-                tracing::info!(generation, old_pid, elapsed_ms, outcome = "cancelled", reason = %e, "upgrade cancelled: stopping");
-            }
-            Err(e) => {
-                tracing::error!(generation, old_pid, elapsed_ms, outcome = "failed", reason = %e, "upgrade failed; still serving");
-                if guard.reloading {
-                    let status = status_text(&format!("upgrade to generation {generation} failed: {e}; still serving, pid {old_pid}"));
-                    if let Some(n) = &inner.notify {
-                        if let Err(e) = n.send(&format!("READY=1\nSTATUS={status}")) {
-                            tracing::warn!(error = %e, "cannot send READY=1 after the failed upgrade");
-                        }
-                    }
-                }
-                inner.keep_spares();
-            }
-        }
-        guard.settled = true;
-        result
-    }
-
-    async fn handoff(
-        &self,
-        generation: u32,
-        timeout: Duration,
-        env: Option<&[(std::ffi::OsString, std::ffi::OsString)]>,
-    ) -> Result<u32, UpgradeError> {
-        let inner = &*self.inner;
-        let reparent = inner.notify.is_some();
-        let state = match &*inner
-            .state_provider
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-        {
-            Some(f) => f(),
-            None => Vec::new(),
-        };
-        if state.len() > inner.config.state_limit {
-            return Err(UpgradeError::StateTooLarge {
-                size: state.len(),
-                limit: inner.config.state_limit,
-            });
-        }
-        // At the fd limit the next steps need the spares' slots: free them
-        // right before each step, with no await in between.
-        let mut spares = inner.spares.take(usize::MAX);
-        let for_barrier = spares.split_off(spares.len().saturating_sub(2));
-        let for_pidfd = spares.pop();
-        drop(spares);
-        let launch = {
-            let listeners = self.listeners();
-            handoff::prepare(
-                &inner.exe,
-                &listeners.for_handoff(),
-                &listeners.configured(),
-                generation,
-                reparent,
-                env,
-                state.len(),
-            )?
-        };
-        let mut child = launch.run(for_pidfd).await?;
-        let new_pid = child.pid;
-        tracing::info!(
-            generation,
-            new_pid,
-            "new process started; waiting for it to be ready"
-        );
-        tokio::select! {
-            r = child.wait_ready(&inner.exe.path, timeout, &state) => r?,
-            _ = inner.drain.draining() => {
-                child.kill().await;
-                return Err(UpgradeError::Stopped);
-            }
-        }
-        if let Some(n) = &inner.notify {
-            let status = status_text(&format!("serving, generation {generation}, pid {new_pid}"));
-            if let Err(source) = n.send(&format!("MAINPID={new_pid}\nREADY=1\nSTATUS={status}")) {
-                child.kill().await;
-                return Err(UpgradeError::Announce {
-                    pid: new_pid,
-                    source,
-                });
-            }
-            drop(for_barrier);
-            if let Err(e) = n.barrier(BARRIER_TIMEOUT).await {
-                tracing::warn!(error = %e, "the manager did not confirm MAINPID=; handing over anyway");
-            }
-        }
-        if let Err(e) = child.confirm_main().await {
-            // It died right after saying ready: take the service back.
-            if let Some(n) = &inner.notify {
-                let _ = n.send(&format!("MAINPID={}\nREADY=1", std::process::id()));
-            }
-            child.kill().await;
-            return Err(UpgradeError::Channel(e));
-        }
-        child.handed_over();
-        if reparent {
-            // The manager supervises the new process now: if it dies, the
-            // manager decides (Restart=), not us.
-            inner.drain.start(DrainReason::Upgraded);
-            self.listeners().clear();
-        } else {
-            // Run by hand: nobody else would restart the service if the new
-            // process died while this one drains. Keep the listeners (not
-            // accepting) so that this one can take the service back.
-            inner.drain.start_revocable(DrainReason::Upgraded);
-        }
-        inner.phase.send_replace(Phase::Draining);
-        inner.tell_parent(&format!("upgraded {new_pid}"));
-        self.watch_new_process(child);
-        Ok(new_pid)
-    }
-
-    /// Follows the new process after the handoff until it exits (and reaps
-    /// it, if it is ours). If it dies while this process drains, without
-    /// having handed the service on or been stopped, this process takes the
-    /// service back (run by hand only).
-    fn watch_new_process(&self, mut child: handoff::Child) {
-        let weak = Arc::downgrade(&self.inner);
-        tokio::spawn(async move {
-            let pid = child.pid;
-            let mut let_go = None;
-            let status = loop {
-                match child.next_event().await {
-                    handoff::Event::Said(what) => {
-                        // It handed over or stops: no taking back from now.
-                        if let Some(inner) = weak.upgrade() {
-                            inner.drain.settle();
-                        }
-                        tracing::debug!(new_pid = pid, said = %what, "the new process let go of the service");
-                        let_go = Some(what);
-                    }
-                    handoff::Event::Exited(status) => break status,
-                }
-            };
-            let Some(inner) = weak.upgrade() else { return };
-            Handover { inner }.new_process_exited(pid, &status, let_go.as_deref());
-        });
-    }
-
-    fn new_process_exited(&self, pid: u32, status: &str, let_go: Option<&str>) {
-        let inner = &*self.inner;
-        if let Some(said) = let_go {
-            tracing::debug!(new_pid = pid, %status, said, "the new process exited");
-            return;
-        }
-        if inner.notify.is_some() {
-            tracing::warn!(new_pid = pid, %status, "the new process exited while this one was draining; the service manager decides what happens next");
-            return;
-        }
-        if !inner.drain.take_back() {
-            tracing::warn!(new_pid = pid, %status, "the new process exited while this one was stopping; not taking the service back");
-            return;
-        }
-        // Serving again: the accept loops resume on the listeners this
-        // process kept; connections that came meanwhile waited in their
-        // backlogs.
-        if let Some(path) = &inner.config.pid_file {
-            if let Err(e) = inner.write_pid_file(path) {
-                tracing::error!(error = %e, "cannot write the PID file after taking the service back");
-            }
-        }
-        inner.keep_spares();
-        inner.phase.send_replace(Phase::Ready);
-        tracing::warn!(
-            new_pid = pid,
-            %status,
-            pid = std::process::id(),
-            generation = inner.generation,
-            "the new process died while this one was draining; took the service back"
-        );
+        self.inner.upgrade(env).await
     }
 
     /// Sets what the next upgrade hands to the new process: `provider` runs
@@ -1244,17 +537,13 @@ impl Handover {
     /// # }
     /// ```
     pub fn set_state(&self, provider: impl Fn() -> Vec<u8> + Send + Sync + 'static) {
-        *self
-            .inner
-            .state_provider
-            .lock()
-            .unwrap_or_else(|p| p.into_inner()) = Some(Box::new(provider));
+        self.inner.set_state_provider(Box::new(provider));
     }
 
     /// The state the parent handed over, once (`None` without a parent, or
     /// when it handed none).
     pub fn take_state(&self) -> Option<Vec<u8>> {
-        self.inner.state.lock().ok()?.take()
+        self.inner.take_handed_state()
     }
 
     /// Starts a graceful stop: `STOPPING=1`, stop accepting, finish
@@ -1262,25 +551,10 @@ impl Handover {
     /// it only makes the drain final, so that this process does not take
     /// the service back (the service lives on in the new process, and
     /// `STOPPING=1` from us would stop it). A process that has a draining
-    /// parent tells it that it stops.
+    /// parent tells it that it stops. `STOPPING=1` comes only from the
+    /// service's main process.
     pub fn stop(&self) {
-        // Also makes a drain after a handoff final: once asked to stop, this
-        // process never takes the service back.
-        let started = self.inner.drain.start(DrainReason::Stopped);
-        self.inner.tell_parent("stopping");
-        if !started {
-            return;
-        }
-        self.inner.phase.send_replace(Phase::Draining);
-        // A new process that is not main yet must not: with
-        // NotifyAccess=all, STOPPING=1 would stop the whole service.
-        let main = self.inner.is_main.load(Ordering::Acquire);
-        if let (true, Some(n)) = (main, &self.inner.notify) {
-            if let Err(e) = n.send("STOPPING=1\nSTATUS=stopping") {
-                tracing::warn!(error = %e, "cannot send STOPPING=1");
-            }
-        }
-        self.listeners().clear();
+        self.inner.stop()
     }
 
     /// Resolves when this process should exit: the drain started (handoff
@@ -1294,70 +568,12 @@ impl Handover {
     /// loops resume on the listeners they kept, see [`Drain::resumed`]),
     /// rewrites the PID file, is [`Phase::Ready`], and `wait` waits for the
     /// next drain.
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel-safe: it only watches. Once it has returned, the drain is
+    /// final and the listeners are gone.
     pub async fn wait(&self) -> Exit {
-        let drain = &self.inner.drain;
-        let timeout = self.inner.config.drain_timeout;
-        let (reason, outcome, started) = loop {
-            let reason = drain.draining().await;
-            let started = Instant::now();
-            let outcome = tokio::select! {
-                o = drain.outcome(timeout) => o,
-                () = drain.taken_back() => continue,
-            };
-            // Final from here on (unless it was taken back just now): the
-            // listeners go, and a new process that dies now is not replaced.
-            if drain.settle() {
-                break (reason, outcome, started);
-            }
-        };
-        self.listeners().clear();
-        let drain::DrainOutcome {
-            unfinished,
-            long_lived_closed,
-            long_lived_cut,
-        } = outcome;
-        if reason == DrainReason::Stopped {
-            if let Some(path) = &self.inner.config.pid_file {
-                if let Err(e) = pidfile::remove_if_ours(path, std::process::id()) {
-                    tracing::warn!(error = %e, "cannot remove the PID file");
-                }
-            }
-        }
-        let drain_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
-        if unfinished > 0 {
-            tracing::warn!(
-                ?reason,
-                unfinished,
-                long_lived_closed,
-                long_lived_cut,
-                drain_ms,
-                "drain timeout expired; exiting with work in flight"
-            );
-        } else {
-            tracing::info!(?reason, drain_ms, long_lived_closed, "drained; exiting");
-        }
-        Exit {
-            reason,
-            unfinished,
-            long_lived_closed,
-            long_lived_cut,
-        }
+        self.inner.wait().await
     }
-}
-
-fn resolve(name: &str, addr: impl ToSocketAddrs) -> Result<SocketAddr> {
-    let bind_err = |source| Error::Bind {
-        name: name.to_owned(),
-        addr: "the given address".into(),
-        source,
-    };
-    addr.to_socket_addrs()
-        .map_err(bind_err)?
-        .next()
-        .ok_or_else(|| {
-            bind_err(std::io::Error::new(
-                std::io::ErrorKind::InvalidInput,
-                "no address",
-            ))
-        })
 }

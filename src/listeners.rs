@@ -2,7 +2,7 @@
 //! parent) when present, else bound; each one remembered by name so that
 //! the next upgrade can hand it on.
 
-use std::net::{SocketAddr, TcpListener, UdpSocket};
+use std::net::{SocketAddr, TcpListener, ToSocketAddrs, UdpSocket};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::os::unix::net::{UnixDatagram, UnixListener};
 use std::path::{Path, PathBuf};
@@ -11,8 +11,9 @@ use nix::sys::socket::{
     self, sockopt, AddressFamily, SockFlag, SockType, SockaddrLike, SockaddrStorage,
 };
 
-use crate::activation::UNNAMED;
 use crate::error::{Error, Result};
+use crate::protocol::env::{Activation, UNNAMED};
+use crate::sys;
 
 /// The kinds of socket a listener can be.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -75,9 +76,9 @@ impl Address {
     }
 }
 
-/// An fd passed to this process, not yet claimed by a `listen_*` call.
+/// A socket passed to this process, not yet claimed by a `listen_*` call.
 #[derive(Debug)]
-pub(crate) struct Passed {
+pub(crate) struct Inherited {
     pub(crate) fd: OwnedFd,
     /// The fd number it arrived at (for messages).
     pub(crate) number: RawFd,
@@ -100,10 +101,87 @@ pub(crate) enum Source {
     Parent,
 }
 
+/// Takes the fds `activation` describes: close-on-exec from now on, so
+/// that no other child of this process inherits them. Returns the
+/// listeners, each with who decided its address, and the handoff channel.
+pub(crate) fn take(activation: Activation) -> Result<(Vec<Inherited>, Option<OwnedFd>)> {
+    let raw: Vec<RawFd> = activation
+        .fds
+        .iter()
+        .map(|(fd, _)| *fd)
+        .chain(activation.channel)
+        .collect();
+    let mut owned = sys::take_inherited(&raw).map_err(|e| Error::io("take inherited fds", e))?;
+    for fd in &owned {
+        nix::fcntl::fcntl(
+            fd,
+            nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
+        )
+        .map_err(|e| Error::io("set FD_CLOEXEC on inherited fds", e.into()))?;
+    }
+    // The channel is the last fd taken, when there is one.
+    let channel = match activation.channel {
+        Some(_) => owned.pop(),
+        None => None,
+    };
+    let configured = activation.configured;
+    let inherited = owned
+        .into_iter()
+        .zip(activation.fds)
+        .map(|(fd, (number, name))| {
+            let source = if configured.contains(&name) {
+                Source::Parent
+            } else {
+                Source::Manager
+            };
+            Inherited {
+                fd,
+                number,
+                name,
+                source,
+            }
+        })
+        .collect();
+    Ok((inherited, channel))
+}
+
+/// Gives `inherited` back as it was found, after a failed `build()`: open,
+/// inheritable (close-on-exec cleared), owned by nothing in this process.
+pub(crate) fn give_back(inherited: Vec<Inherited>) {
+    for i in inherited {
+        let cleared = nix::fcntl::fcntl(
+            &i.fd,
+            nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::empty()),
+        );
+        if let Err(e) = cleared {
+            tracing::debug!(fd = i.number, error = %e, "cannot clear FD_CLOEXEC on an inherited fd");
+        }
+        let _ = std::os::fd::IntoRawFd::into_raw_fd(i.fd);
+    }
+}
+
+/// The first address `addr` resolves to, for the listener `name`.
+pub(crate) fn resolve(name: &str, addr: impl ToSocketAddrs) -> Result<SocketAddr> {
+    let bind_err = |cause| Error::Bind {
+        name: name.to_owned(),
+        addr: "the given address".into(),
+        cause,
+    };
+    addr.to_socket_addrs()
+        .map_err(bind_err)?
+        .next()
+        .ok_or_else(|| {
+            bind_err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                "no address",
+            ))
+        })
+}
+
 /// The listeners of this process.
 #[derive(Debug)]
 pub(crate) struct Listeners {
-    passed: Vec<Option<Passed>>,
+    passed: Vec<Option<Inherited>>,
     /// A duplicate of every listener in use, by name, for the next handoff.
     active: Vec<(String, OwnedFd)>,
     /// The names of the listeners this process bound itself.
@@ -168,7 +246,7 @@ fn inspect(fd: BorrowedFd<'_>, kind: Kind) -> std::result::Result<Address, Strin
 }
 
 impl Listeners {
-    pub(crate) fn new(passed: Vec<Passed>) -> Listeners {
+    pub(crate) fn new(passed: Vec<Inherited>) -> Listeners {
         Listeners {
             passed: passed.into_iter().map(Some).collect(),
             active: Vec::new(),
@@ -261,7 +339,7 @@ impl Listeners {
                 let fd = bind(kind, &want, mode).map_err(|source| Error::Bind {
                     name: name.to_owned(),
                     addr: want.to_string(),
-                    source,
+                    cause: source,
                 })?;
                 self.bound_here.push(name.to_owned());
                 self.configured.push(name.to_owned());
@@ -319,13 +397,18 @@ impl Listeners {
         self.bound_here.iter().any(|n| n == name)
     }
 
+    /// The passed fds no `listen_*` call claimed, for [`give_back`].
+    pub(crate) fn into_unclaimed(mut self) -> Vec<Inherited> {
+        self.passed.drain(..).flatten().collect()
+    }
+
     /// Closes every passed fd no `listen_*` call claimed; returns their names.
     pub(crate) fn close_unclaimed(&mut self) -> Vec<String> {
         self.passed.drain(..).flatten().map(|p| p.name).collect()
     }
 
     /// The names of the listeners in use whose address this program decided
-    /// (see [`Source`]), for the next generation's `HANDOVER_BOUND`.
+    /// (see [`Source`]), for the next generation's `HANDOVER_CONFIGURED`.
     pub(crate) fn configured(&self) -> Vec<&str> {
         self.active
             .iter()
@@ -424,12 +507,12 @@ fn remove_stale(path: &Path, kind: Kind) {
 mod tests {
     use super::*;
 
-    fn passed(fd: OwnedFd, name: &str) -> Passed {
+    fn passed(fd: OwnedFd, name: &str) -> Inherited {
         from(fd, name, Source::Manager)
     }
 
-    fn from(fd: OwnedFd, name: &str, source: Source) -> Passed {
-        Passed {
+    fn from(fd: OwnedFd, name: &str, source: Source) -> Inherited {
+        Inherited {
             number: fd.as_raw_fd(),
             fd,
             name: name.into(),

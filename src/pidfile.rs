@@ -18,7 +18,7 @@ use crate::error::{Error, Result};
 fn err(path: &Path, source: io::Error) -> Error {
     Error::PidFile {
         path: path.to_owned(),
-        source,
+        cause: source,
     }
 }
 

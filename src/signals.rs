@@ -1,13 +1,14 @@
 //! Which signal means what: SIGHUP asks for an upgrade, SIGTERM and SIGINT
 //! for a graceful stop.
 //!
-//! The handlers are installed before [`spawn`] returns, so a SIGHUP that
-//! arrives right after `build()` can no longer kill the process (its default
-//! action); the policy (upgrade now, later, or not at all) is the caller's.
+//! The handlers are installed by [`install`], early in `build()`, so a
+//! SIGHUP that arrives right after it can no longer kill the process (its
+//! default action); the policy (upgrade now, later, or not at all) is the
+//! caller's, once it [forwards](Installed::forward) them.
 
 use std::io;
 
-use tokio::signal::unix::{signal, SignalKind};
+use tokio::signal::unix::{signal, Signal, SignalKind};
 
 /// What a signal asks for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -16,26 +17,48 @@ pub(crate) enum Request {
     Stop,
 }
 
-/// Installs the handlers, then forwards each signal to `on` from a task.
-/// The task ends when `on` returns `false`.
-pub(crate) fn spawn(
-    mut on: impl FnMut(Request, &'static str) -> bool + Send + 'static,
-) -> io::Result<()> {
-    let mut hup = signal(SignalKind::hangup())?;
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
-    tokio::spawn(async move {
-        loop {
-            let (req, name) = tokio::select! {
-                Some(()) = hup.recv() => (Request::Upgrade, "SIGHUP"),
-                Some(()) = term.recv() => (Request::Stop, "SIGTERM"),
-                Some(()) = int.recv() => (Request::Stop, "SIGINT"),
-                else => break,
-            };
-            if !on(req, name) {
-                break;
+/// The handlers, installed, not yet forwarded anywhere.
+#[derive(Debug)]
+pub(crate) struct Installed {
+    hup: Signal,
+    term: Signal,
+    int: Signal,
+}
+
+/// Installs the handlers. From now on these signals no longer kill the
+/// process; they queue until [`Installed::forward`].
+pub(crate) fn install() -> io::Result<Installed> {
+    Ok(Installed {
+        hup: signal(SignalKind::hangup())?,
+        term: signal(SignalKind::terminate())?,
+        int: signal(SignalKind::interrupt())?,
+    })
+}
+
+impl Installed {
+    /// Forwards each signal to `on` from a task, which ends when `on`
+    /// returns `false`.
+    pub(crate) fn forward(
+        self,
+        mut on: impl FnMut(Request, &'static str) -> bool + Send + 'static,
+    ) {
+        let Installed {
+            mut hup,
+            mut term,
+            mut int,
+        } = self;
+        tokio::spawn(async move {
+            loop {
+                let (req, name) = tokio::select! {
+                    Some(()) = hup.recv() => (Request::Upgrade, "SIGHUP"),
+                    Some(()) = term.recv() => (Request::Stop, "SIGTERM"),
+                    Some(()) = int.recv() => (Request::Stop, "SIGINT"),
+                    else => break,
+                };
+                if !on(req, name) {
+                    break;
+                }
             }
-        }
-    });
-    Ok(())
+        });
+    }
 }

@@ -1,11 +1,12 @@
 //! The tests' HTTP/1.1 client, std only: one response parser (a body by `Content-Length`,
 //! chunked, or up to the end of the connection; interim 1xx answers skipped), used by the load
 //! client and by the tests' own requests, on a fresh connection ([`get`], [`greeting`]) or on
-//! a connection the test keeps open ([`Conn`]).
+//! a connection the test keeps open ([`Conn`]), plain or wrapped (TLS: [`Connector`]).
 
 use std::fmt;
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
+use std::sync::Arc;
 use std::time::Duration;
 
 use crate::TIMEOUT;
@@ -123,26 +124,55 @@ pub fn connect(addr: SocketAddr, timeout: Duration) -> Result<TcpStream, Fail> {
     Ok(s)
 }
 
+/// A connection as the clients use it: a TCP stream, or a TLS stream over one.
+pub trait Stream: Read + Write + Send {}
+
+impl<T: Read + Write + Send> Stream for T {}
+
+/// Wraps each new connection (its timeouts set) before HTTP is spoken on it: a TLS client's
+/// handshake, say.
+#[derive(Clone)]
+pub struct Connector(pub Arc<dyn Fn(TcpStream) -> io::Result<Box<dyn Stream>> + Send + Sync>);
+
+impl fmt::Debug for Connector {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Connector")
+    }
+}
+
 /// A connection the test keeps open: requests one after another, a request sent in parts.
-/// Every socket operation is bounded by [`TIMEOUT`].
-pub struct Conn {
-    reader: BufReader<TcpStream>,
+/// Every socket operation is bounded by [`TIMEOUT`] (for a wrapped stream, by the timeouts of
+/// the TCP stream under it).
+pub struct Conn<S: Read + Write = TcpStream> {
+    reader: BufReader<S>,
 }
 
 impl Conn {
     /// Connects to `addr`; panics if it cannot.
     pub fn open(addr: SocketAddr) -> Conn {
         let s = connect(addr, TIMEOUT).unwrap_or_else(|f| panic!("{f}"));
+        Conn::over(s)
+    }
+
+    /// The client's own address of the connection.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.reader.get_ref().local_addr().unwrap()
+    }
+}
+
+impl<S: Read + Write> Conn<S> {
+    /// HTTP over `stream` (a TLS stream, say).
+    pub fn over(stream: S) -> Conn<S> {
         Conn {
-            reader: BufReader::new(s),
+            reader: BufReader::new(stream),
         }
     }
 
     /// Sends `bytes` (a whole request, or part of one).
     pub fn send(&mut self, bytes: &[u8]) {
-        self.reader
-            .get_mut()
-            .write_all(bytes)
+        let s = self.reader.get_mut();
+        s.write_all(bytes)
+            .and_then(|()| s.flush())
             .unwrap_or_else(|e| panic!("send: {e}"));
     }
 
@@ -171,8 +201,8 @@ impl Conn {
         }
     }
 
-    /// The socket, for a client that takes over (nothing of a response may be left unread).
-    pub fn into_stream(self) -> TcpStream {
+    /// The stream, for a client that takes over (nothing of a response may be left unread).
+    pub fn into_stream(self) -> S {
         assert!(self.reader.buffer().is_empty(), "unread bytes left");
         self.reader.into_inner()
     }

@@ -9,6 +9,9 @@
 //! report.assert_no_errors();
 //! ```
 //!
+//! With [`LoadConfig::connector`] each connection is wrapped before HTTP is spoken on it (a TLS
+//! client); a wrapping that fails counts as an error.
+//!
 //! A keep-alive client keeps one connection and sends `GET` after `GET` on it, back to back; a
 //! response with `Connection: close` makes it reconnect (not an error). A per-request client
 //! opens a new connection for each request, sends `Connection: close`, and expects the server to
@@ -19,14 +22,14 @@
 use std::collections::BTreeMap;
 use std::fmt;
 use std::io::{BufReader, Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc, Condvar, Mutex};
 use std::thread;
 use std::time::{Duration, Instant, SystemTime};
 
-pub use crate::http::ErrorKind;
-use crate::http::{connect, get_request, read_response, Fail};
+use crate::http::{connect, get_request, read_response, Fail, Stream};
+pub use crate::http::{Connector, ErrorKind};
 use crate::TIMEOUT;
 
 /// How many error samples each client keeps, and the report.
@@ -63,6 +66,9 @@ pub struct LoadConfig {
     /// Keep a [`Record`] of every request, for a caller that analyses each one (the
     /// benchmark); without it the report keeps counts, samples and latencies only.
     pub record_requests: bool,
+    /// Wraps each new connection (its timeouts set) before the first request: a TLS
+    /// handshake, say. `None`: plain HTTP.
+    pub connector: Option<Connector>,
 }
 
 impl Default for LoadConfig {
@@ -77,6 +83,7 @@ impl Default for LoadConfig {
             max_requests_per_client: None,
             error_pause: Duration::from_millis(10),
             record_requests: false,
+            connector: None,
         }
     }
 }
@@ -217,6 +224,17 @@ impl LoadReport {
         assert!(
             self.ok >= min_ok,
             "too little load to prove anything (wanted {min_ok} ok): {self}"
+        );
+    }
+
+    /// Panics unless every successful response carried `body`.
+    #[track_caller]
+    pub fn assert_every_body(&self, body: &str) {
+        let count = self.body(body).map(|b| b.count);
+        assert_eq!(
+            count,
+            Some(self.ok),
+            "not every answer was {body:?}: {self}"
         );
     }
 
@@ -505,6 +523,7 @@ struct Client {
     max_requests: u64,
     error_pause: Duration,
     record: bool,
+    connector: Option<Connector>,
     shared: Arc<Shared>,
     started: Instant,
     report: ClientReport,
@@ -514,10 +533,13 @@ struct Client {
     records: Vec<Record>,
 }
 
+/// A client's connection.
+type Connection = BufReader<Box<dyn Stream>>;
+
 /// How one request went: the connection back if it may be reused, whether the response
 /// carried `Connection: close`.
 struct Exchanged {
-    conn: Option<BufReader<TcpStream>>,
+    conn: Option<Connection>,
     result: Result<(), ErrorKind>,
     close: bool,
 }
@@ -541,6 +563,7 @@ impl Client {
             max_requests: cfg.max_requests_per_client.unwrap_or(u64::MAX),
             error_pause: cfg.error_pause,
             record: cfg.record_requests,
+            connector: cfg.connector.clone(),
             shared,
             started,
             report: ClientReport {
@@ -559,7 +582,7 @@ impl Client {
     }
 
     fn run(&mut self) {
-        let mut conn: Option<BufReader<TcpStream>> = None;
+        let mut conn: Option<Connection> = None;
         let mut sent = 0;
         let started = self.started;
         let ns = |t: Instant| t.saturating_duration_since(started).as_nanos() as u64;
@@ -574,11 +597,10 @@ impl Client {
                     sent += 1;
                     self.exchange(c)
                 }
-                None => match connect(self.addr, self.io_timeout) {
-                    Ok(s) => {
-                        self.report.connections += 1;
+                None => match self.connect() {
+                    Ok(c) => {
                         sent += 1;
-                        self.exchange(BufReader::new(s))
+                        self.exchange(c)
                     }
                     Err(f) => {
                         let kind = f.kind;
@@ -607,8 +629,19 @@ impl Client {
         }
     }
 
+    /// A new connection, wrapped by the connector if there is one.
+    fn connect(&mut self) -> Result<Connection, Fail> {
+        let s = connect(self.addr, self.io_timeout)?;
+        self.report.connections += 1;
+        let s: Box<dyn Stream> = match &self.connector {
+            None => Box::new(s),
+            Some(Connector(wrap)) => wrap(s).map_err(|e| Fail::io("handshake", e))?,
+        };
+        Ok(BufReader::new(s))
+    }
+
     /// One request on `conn`.
-    fn exchange(&mut self, mut conn: BufReader<TcpStream>) -> Exchanged {
+    fn exchange(&mut self, mut conn: Connection) -> Exchanged {
         let t0 = Instant::now();
         let result = conn
             .get_mut()

@@ -7,7 +7,7 @@ use std::net::TcpListener as StdListener;
 use std::time::Duration;
 
 use bytes::Bytes;
-use handover::drain::{Drain, DrainReason};
+use handover::drain::{DrainReason, DrainTrigger};
 use http_body_util::Full;
 use hyper::{body::Incoming, Request, Response};
 use support::load::{ClientKind, Load, LoadConfig};
@@ -41,13 +41,13 @@ fn no_request_lost_across_three_handovers() {
     let addr = socket.local_addr().unwrap();
     let generation = |greeting: &'static str| {
         let listener = socket.try_clone().unwrap();
-        let drain = Drain::new();
-        let d = drain.clone();
+        let trigger = DrainTrigger::new();
+        let d = trigger.watcher();
         let server = rt.spawn(async move {
             let listener = tokio::net::TcpListener::from_std(listener).unwrap();
             handover::http::serve(listener, hello(greeting), d).await
         });
-        (drain, server)
+        (trigger, server)
     };
 
     let mut current = generation("gen0");
@@ -66,7 +66,8 @@ fn no_request_lost_across_three_handovers() {
             old_server.await.unwrap().unwrap();
             // Keep-alive clients send back to back, so all connections close
             // well before the drain timeout.
-            assert_eq!(old_drain.finished(Duration::from_secs(10)).await, 0);
+            let drain = old_drain.watcher();
+            assert_eq!(drain.finished(Duration::from_secs(10)).await, 0);
         });
     }
     let before = load.ok();

@@ -14,6 +14,10 @@ fn twenty_sighup_upgrades_under_load_lose_nothing() {
     let mut server = Server::start(program!("hello"), &[], &[]);
     let addr = server.addr();
     let first = server.pid().unwrap();
+    // Its fds once it has said "ready": the PID file comes a moment before the last spare fd
+    // is open again.
+    let ready = format!("ready generation=0 pid={first}");
+    server.log.wait_line(0, &[&ready], TIMEOUT);
     let baseline = fd_kinds(first);
 
     let load = Load::start(addr, LoadConfig::clients(4, 4));

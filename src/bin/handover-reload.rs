@@ -26,10 +26,7 @@ fn usage() -> ExitCode {
 }
 
 fn main() -> ExitCode {
-    let mut socket: Option<PathBuf> = std::env::var_os("RUNTIME_DIRECTORY")
-        .and_then(|d| std::env::split_paths(&d).next())
-        .filter(|d| d.is_absolute())
-        .map(|d| d.join("handover.sock"));
+    let mut socket: Option<PathBuf> = handover::control::default_socket();
     let mut timeout = Duration::from_secs(90);
     let mut send_env = true;
     let mut args = std::env::args().skip(1);

@@ -3,19 +3,18 @@
 //! means (retry at once, pause, or stop). It keeps the listener until the
 //! drain is final, and accepts again if the drain is taken back.
 
-use std::future::Future;
+use std::future::{poll_fn, Future};
 use std::io;
 use std::pin::pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use hyper::body::{Body, Incoming};
-use hyper::service::Service;
-use hyper::{Request, Response};
 use tokio::io::{AsyncRead, AsyncWrite};
 
+use super::app::App;
 use super::conn::serve_connection;
-use super::{BoxError, Server};
+use super::handshake::Acceptor;
+use super::Server;
 use crate::drain::Drain;
 
 /// A listening socket the accept loop can take connections from.
@@ -25,7 +24,8 @@ use crate::drain::Drain;
 pub trait Listener: Send + 'static {
     /// A connection.
     type Io: AsyncRead + AsyncWrite + Unpin + Send + 'static;
-    /// The peer's address, for logs.
+    /// The peer's address: for logs, and what a make-service is called
+    /// with (see [`App`]).
     type Addr: std::fmt::Debug + Send + 'static;
 
     /// Accepts the next connection. Must be cancel-safe: the accept loop
@@ -55,24 +55,21 @@ impl Listener for tokio::net::UnixListener {
     }
 }
 impl Server {
-    /// Runs the accept loop; see [`serve`](super::serve). The returned future is `'static`,
-    /// so it can be spawned directly.
-    pub fn serve<L, S, B>(
+    /// The accept loop of [`Server::serve`] and [`Server::serve_with`].
+    pub(super) fn accept_loop<L, H, A, K>(
         &self,
         mut listener: L,
-        service: S,
+        acceptor: H,
+        mut app: A,
         drain: Drain,
     ) -> impl Future<Output = io::Result<()>> + Send + 'static
     where
         L: Listener,
-        S: Service<Request<Incoming>, Response = Response<B>> + Clone + Send + 'static,
-        S::Future: Send + 'static,
-        S::Error: Into<BoxError>,
-        B: Body + Send + 'static,
-        B::Data: Send,
-        B::Error: Into<BoxError>,
+        H: Acceptor<L::Io>,
+        A: App<L::Addr, K>,
     {
         let cfg = Arc::new(self.clone());
+        let acceptor = Arc::new(acceptor);
         async move {
             let mut backoff = Backoff::default();
             // Serves until the drain starts; keeps the listener (not
@@ -81,6 +78,18 @@ impl Server {
             loop {
                 let mut draining = pin!(drain.draining());
                 loop {
+                    // A make-service that is not ready holds the next
+                    // accept back (tower's back-pressure); the others
+                    // always are.
+                    let ready = tokio::select! {
+                        biased;
+                        _ = draining.as_mut() => break,
+                        r = poll_fn(|cx| app.poll_ready(cx)) => r,
+                    };
+                    if let Err(e) = ready {
+                        tracing::error!(error = %e, "the make-service failed, stopping the accept loop");
+                        return Err(io::Error::other(e));
+                    }
                     let accepted = tokio::select! {
                         biased;
                         _ = draining.as_mut() => break,
@@ -95,7 +104,8 @@ impl Server {
                             let guard = drain.guard();
                             let conn = serve_connection(
                                 io,
-                                service.clone(),
+                                acceptor.clone(),
+                                app.make(&peer),
                                 drain.clone(),
                                 cfg.clone(),
                                 guard,

@@ -1,5 +1,5 @@
-//! One connection's life: protocol detection, then HTTP/1 or HTTP/2 run by
-//! the drain skeleton both share. Once the drain has started, [`drive`]
+//! One connection's life: its handshake (TLS, if any), protocol detection,
+//! then HTTP/1 or HTTP/2 run by the drain skeleton both share. Once the drain has started, [`drive`]
 //! closes a connection gracefully at the moment its protocol module names:
 //! HTTP/1 once idle for the grace, HTTP/2 at once if it has opened a stream,
 //! else after the grace (its first request may be on its way).
@@ -18,12 +18,13 @@ use std::task::{Context, Poll};
 use hyper::body::{Body, Incoming};
 use hyper::service::Service;
 use hyper::{Request, Response};
-use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::time::{Instant, Sleep};
 
+use super::app::MakeFuture;
 use super::detect::{detect, Detected, Protocol};
 use super::h1::serve_h1;
 use super::h2::serve_h2;
+use super::handshake::Acceptor;
 use super::{BoxError, Server};
 use crate::drain::{Drain, DrainGuard};
 
@@ -31,22 +32,42 @@ use crate::drain::{Drain, DrainGuard};
 /// marks it long-lived.
 pub(super) type ConnGuard = Arc<DrainGuard>;
 
-pub(super) async fn serve_connection<I, S, B>(
-    mut io: I,
-    service: S,
+/// One connection, from its accept: the handshake (bounded by the
+/// handshake timeout), its service (made for it), protocol detection, then
+/// HTTP/1 or HTTP/2. `guard` counts it in the drain all along.
+pub(super) async fn serve_connection<I, H, S, B>(
+    io: I,
+    handshake: Arc<H>,
+    service: MakeFuture<S>,
     drain: Drain,
     cfg: Arc<Server>,
     guard: DrainGuard,
 ) -> Result<(), BoxError>
 where
-    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-    S: Service<Request<Incoming>, Response = Response<B>> + Clone + Send + 'static,
+    H: Acceptor<I>,
+    S: Service<Request<Incoming>, Response = Response<B>> + Send + 'static,
     S::Future: Send + 'static,
     S::Error: Into<BoxError>,
     B: Body + Send + 'static,
     B::Data: Send,
     B::Error: Into<BoxError>,
 {
+    // Once draining, a connection still in its handshake finishes it: its
+    // client has sent its first bytes and waits for an answer.
+    let mut io = match tokio::time::timeout(cfg.handshake_timeout, handshake.accept(io)).await {
+        Ok(Ok(io)) => io,
+        Ok(Err(e)) => return Err(format!("handshake failed: {e}").into()),
+        Err(_) => {
+            return Err(format!(
+                "handshake not done within the handshake timeout ({:?})",
+                cfg.handshake_timeout
+            )
+            .into())
+        }
+    };
+    let service = service
+        .await
+        .map_err(|e| format!("no service for the connection: {e}"))?;
     let accepted = Instant::now();
     let mut drain_at = None;
     let (protocol, prefix) = match detect(&mut io, &drain, &cfg, accepted, &mut drain_at).await? {

@@ -145,7 +145,8 @@ mod tests {
     /// HTTP/2 preface (or the whole preface), in as many reads as it takes.
     #[tokio::test]
     async fn detection_stops_where_it_can_decide() {
-        let drain = Drain::new();
+        let trigger = crate::drain::DrainTrigger::new();
+        let drain = trigger.watcher();
         let cfg = Server::new();
         for (chunks, want, prefix_len) in [
             (

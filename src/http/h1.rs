@@ -64,6 +64,9 @@ where
         .timer(TokioTimer::new())
         .header_read_timeout(cfg.header_read_timeout)
         .keep_alive(true);
+    for settings in &cfg.http1 {
+        settings(&mut builder);
+    }
     let conn = pin!(builder
         .serve_connection(TokioIo::new(io), service)
         .with_upgrades());

@@ -14,13 +14,13 @@ use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper::server::conn::http2;
 use hyper::service::Service;
 use hyper::{Request, Response};
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::time::Instant;
 
 use super::conn::{drive, ConnGuard};
 use super::replay::{ConnIo, Prefix};
-use super::{BoxError, Server};
+use super::{BoxError, Executor, Server};
 use crate::drain::{Drain, DrainSignal};
 
 #[allow(clippy::too_many_arguments)]
@@ -54,8 +54,11 @@ where
         guard: guard.clone(),
     };
     let builder = {
-        let mut b = http2::Builder::new(TokioExecutor::new());
+        let mut b = http2::Builder::new(Executor);
         b.timer(TokioTimer::new());
+        for settings in &cfg.http2 {
+            settings(&mut b);
+        }
         b
     };
     let conn = pin!(builder.serve_connection(TokioIo::new(io), service));

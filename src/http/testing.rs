@@ -27,7 +27,7 @@ use tokio::task::JoinHandle;
 use tokio::time::timeout;
 
 use super::Server;
-use crate::drain::{Drain, DrainReason, DrainSignal};
+use crate::drain::{Drain, DrainReason, DrainSignal, DrainTrigger};
 
 pub(super) const T: Duration = Duration::from_secs(10);
 
@@ -153,16 +153,19 @@ fn stream(signal: DrainSignal, stubborn: bool) -> Response<TestBody> {
 pub(super) struct Running {
     pub(super) addr: SocketAddr,
     pub(super) drain: Drain,
+    trigger: DrainTrigger,
     accept_loop: JoinHandle<io::Result<()>>,
 }
 
 pub(super) async fn start_on(server: Server, listener: TcpListener, app: App) -> Running {
     let addr = listener.local_addr().unwrap();
-    let drain = Drain::new();
+    let trigger = DrainTrigger::new();
+    let drain = trigger.watcher();
     let accept_loop = tokio::spawn(server.serve(listener, app, drain.clone()));
     Running {
         addr,
         drain,
+        trigger,
         accept_loop,
     }
 }
@@ -175,7 +178,7 @@ pub(super) async fn start(server: Server, app: App) -> Running {
 impl Running {
     /// Starts the drain and checks the accept loop stops.
     pub(super) async fn drain(&mut self) {
-        assert!(self.drain.start(DrainReason::Upgraded));
+        assert!(self.trigger.start(DrainReason::Upgraded));
         timeout(T, &mut self.accept_loop)
             .await
             .expect("accept loop stops")
@@ -219,6 +222,11 @@ impl Raw {
         Raw {
             io: BufReader::new(TcpStream::connect(addr).await.unwrap()),
         }
+    }
+
+    /// The client's own address, as the server sees it.
+    pub(super) fn local_addr(&self) -> SocketAddr {
+        self.io.get_ref().local_addr().unwrap()
     }
 
     pub(super) async fn write(&mut self, bytes: &[u8]) {

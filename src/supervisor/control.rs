@@ -107,7 +107,7 @@ async fn handle(stream: tokio::net::UnixStream, tx: mpsc::Sender<Request>) -> io
         }
         _ => "error unknown request".into(),
     };
-    let reply = format!("{}\n", crate::notify::status_text(&reply));
+    let reply = format!("{}\n", crate::protocol::one_line(&reply));
     stream.get_mut().write_all(reply.as_bytes()).await
 }
 

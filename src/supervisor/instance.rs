@@ -17,31 +17,11 @@ use tokio::time::Instant;
 
 use tokio::io::unix::AsyncFd;
 
-use crate::activation::{ENV_BOUND, ENV_CHANNEL, ENV_GENERATION, ENV_STATE_LEN};
+use crate::handoff::{find_in_path, is_executable};
+use crate::protocol::env;
 use crate::sys;
 
 use super::ProgramExit;
-
-/// Variables of the supervisor's environment that the program does not
-/// inherit: they describe one process, or the supervisor's own manager
-/// (the program's manager is the supervisor, which sets `NOTIFY_SOCKET`
-/// and the `LISTEN_*` variables itself).
-const NOT_INHERITED: &[&str] = &[
-    "LISTEN_PID",
-    "LISTEN_FDS",
-    "LISTEN_FDNAMES",
-    "LISTEN_PIDFDID",
-    "NOTIFY_SOCKET",
-    "WATCHDOG_PID",
-    "WATCHDOG_USEC",
-    "MAINPID",
-    "MANAGERPID",
-    "SYSTEMD_EXEC_PID",
-    ENV_CHANNEL,
-    ENV_GENERATION,
-    ENV_STATE_LEN,
-    ENV_BOUND,
-];
 
 /// Finds `program` as `execve` will run it: a path (made absolute against
 /// the current directory) or a bare name looked up in `PATH`.
@@ -49,10 +29,6 @@ pub(super) fn resolve_program(program: &OsStr) -> Result<PathBuf, String> {
     if program.is_empty() {
         return Err("the program name is empty".into());
     }
-    let is_exe = |p: &Path| {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
-    };
     if program.as_bytes().contains(&b'/') {
         let path = Path::new(program);
         let path = if path.is_absolute() {
@@ -62,24 +38,14 @@ pub(super) fn resolve_program(program: &OsStr) -> Result<PathBuf, String> {
                 .map_err(|e| format!("cannot read the current directory: {e}"))?
                 .join(path)
         };
-        return if is_exe(&path) {
+        return if is_executable(&path) {
             Ok(path)
         } else {
             Err(format!("{} is not an executable file", path.display()))
         };
     }
     let search = std::env::var_os("PATH").unwrap_or_else(|| "/usr/local/bin:/usr/bin:/bin".into());
-    std::env::split_paths(&search)
-        .map(|dir| dir.join(program))
-        .find(|p| is_exe(p))
-        .map(|p| {
-            if p.is_absolute() {
-                p
-            } else {
-                std::env::current_dir().map(|d| d.join(&p)).unwrap_or(p)
-            }
-        })
-        .ok_or_else(|| format!("{:?} is not found in PATH", program))
+    find_in_path(program, &search).ok_or_else(|| format!("{:?} is not found in PATH", program))
 }
 
 /// What every instance is started with.
@@ -100,16 +66,8 @@ impl Launcher {
         notify_socket: &Path,
         listeners: Vec<(String, OwnedFd)>,
     ) -> Launcher {
-        let mut env: Vec<(OsString, OsString)> = base_env
-            .into_iter()
-            .filter(|(k, _)| !NOT_INHERITED.iter().any(|n| OsStr::new(n) == k))
-            .collect();
-        env.push(("NOTIFY_SOCKET".into(), notify_socket.as_os_str().to_owned()));
-        if !listeners.is_empty() {
-            env.push(("LISTEN_FDS".into(), listeners.len().to_string().into()));
-            let names: Vec<&str> = listeners.iter().map(|(n, _)| n.as_str()).collect();
-            env.push(("LISTEN_FDNAMES".into(), names.join(":").into()));
-        }
+        let names: Vec<&str> = listeners.iter().map(|(n, _)| n.as_str()).collect();
+        let env = env::supervised(base_env, notify_socket, &names);
         Launcher {
             path,
             argv,

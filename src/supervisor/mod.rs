@@ -64,8 +64,8 @@ use tokio::io::unix::AsyncFd;
 pub use dir::runtime_dir;
 pub use spec::{parse_seconds, ListenAddress, ListenerSpec, SocketKind};
 
-use crate::activation::{self, Found};
-use crate::listeners::{self, Listeners, Source};
+use crate::listeners::{self, Listeners};
+use crate::protocol::env::{self, Found};
 use crate::sys;
 
 /// How a reload is done; see the [module documentation](self).
@@ -195,17 +195,20 @@ pub enum SupervisorError {
     #[error("{0}")]
     NotReady(String),
     /// A system call failed.
-    #[error("{what}: {source}")]
+    #[error("{what}: {cause}")]
     Io {
         /// What was being done.
         what: &'static str,
         /// The OS error.
-        source: io::Error,
+        cause: io::Error,
     },
 }
 
 fn io_err(what: &'static str) -> impl FnOnce(io::Error) -> SupervisorError {
-    move |source| SupervisorError::Io { what, source }
+    move |source| SupervisorError::Io {
+        what,
+        cause: source,
+    }
 }
 
 /// Where the control socket is.
@@ -330,6 +333,10 @@ impl Config {
 
 /// The default control socket of the supervisor named `name`:
 /// `<runtime dir>/<name>.sock` (see [`runtime_dir`]).
+///
+/// # Errors
+///
+/// [`SupervisorError::Name`] when `name` cannot be a file name here.
 pub fn default_control_socket(name: &str) -> Result<PathBuf, SupervisorError> {
     spec::check_supervisor_name(name)?;
     Ok(runtime_dir().join(format!("{name}.sock")))
@@ -338,6 +345,12 @@ pub fn default_control_socket(name: &str) -> Result<PathBuf, SupervisorError> {
 /// The control socket `handover reload` talks to without `--control`:
 /// `<runtime dir>/<name>.sock` with a name, else the only `*.sock` in the
 /// runtime directory.
+///
+/// # Errors
+///
+/// [`SupervisorError::Name`] for an unusable name;
+/// [`SupervisorError::NoControlSocket`] when the runtime directory cannot
+/// be read, holds no control socket, or several (name one).
 pub fn find_control_socket(name: Option<&str>) -> Result<PathBuf, SupervisorError> {
     if let Some(name) = name {
         return default_control_socket(name);
@@ -413,6 +426,17 @@ fn thread_count() -> usize {
 /// when it returns: exit with the status. It runs its own single-threaded
 /// tokio runtime. The instances start with every signal unblocked and
 /// default dispositions.
+///
+/// # Errors
+///
+/// Before the program starts: [`SupervisorError::Threads`],
+/// [`SupervisorError::ListenerSpec`] and [`SupervisorError::Sockets`] (a
+/// listener cannot be had), [`SupervisorError::Name`],
+/// [`SupervisorError::RuntimeDir`], [`SupervisorError::Control`],
+/// [`SupervisorError::Program`] (it cannot be run), [`SupervisorError::Io`].
+/// After: [`SupervisorError::NotReady`] when the first instance was not
+/// ready within the ready timeout (it was stopped). A program that exits,
+/// however it exits, is not an error: its status is the `Ok` value.
 pub fn run(config: Config) -> Result<ProgramExit, SupervisorError> {
     let threads = thread_count();
     if threads > 1 {
@@ -431,45 +455,15 @@ pub fn run(config: Config) -> Result<ProgramExit, SupervisorError> {
 }
 
 /// The fds passed to the supervisor by its own socket activation.
-fn inherited() -> Result<Vec<listeners::Passed>, SupervisorError> {
-    let env = |k: &str| std::env::var_os(k);
-    let (pid, fds, names) = (env("LISTEN_PID"), env("LISTEN_FDS"), env("LISTEN_FDNAMES"));
-    let vars = activation::Vars {
-        listen_pid: pid.as_deref(),
-        listen_fds: fds.as_deref(),
-        listen_fdnames: names.as_deref(),
-        channel: None,
-        generation: None,
-        state_len: None,
-        allow_missing_pid: env(activation::ENV_ALLOW_NO_PID).is_some_and(|v| v == "1"),
-    };
-    match activation::read(vars, std::process::id(), 0)? {
+fn inherited() -> Result<Vec<listeners::Inherited>, SupervisorError> {
+    let vars = env::Vars::from_env().activation_only();
+    match env::read(&vars, std::process::id(), 0)? {
         Found::Nothing => Ok(Vec::new()),
         Found::NotOurs(why) => {
             tracing::warn!("ignoring the socket activation environment: {why}");
             Ok(Vec::new())
         }
-        Found::Passed(p) => {
-            let raw: Vec<_> = p.fds.iter().map(|(fd, _)| *fd).collect();
-            let owned = sys::take_inherited(&raw).map_err(io_err("take inherited fds"))?;
-            for fd in &owned {
-                nix::fcntl::fcntl(
-                    fd,
-                    nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
-                )
-                .map_err(|e| io_err("set FD_CLOEXEC on inherited fds")(e.into()))?;
-            }
-            Ok(owned
-                .into_iter()
-                .zip(p.fds)
-                .map(|(fd, (number, name))| listeners::Passed {
-                    fd,
-                    number,
-                    name,
-                    source: Source::Manager,
-                })
-                .collect())
-        }
+        Found::Ours(activation) => Ok(listeners::take(activation)?.0),
     }
 }
 
@@ -525,7 +519,9 @@ fn control_listener(path: &Path) -> Result<tokio::net::UnixListener, SupervisorE
     let std = Listeners::new(Vec::new())
         .unix("control", path)
         .map_err(|e| match e {
-            crate::Error::Bind { source, .. } if source.kind() == io::ErrorKind::AddrInUse => {
+            crate::Error::Bind { cause: source, .. }
+                if source.kind() == io::ErrorKind::AddrInUse =>
+            {
                 problem("another supervisor serves there already".into())
             }
             other => problem(other.to_string()),
@@ -577,7 +573,7 @@ async fn supervise(config: Config, signals: SignalFd) -> Result<ProgramExit, Sup
     let notify_path = dir.join(format!("{name}.{}.notify", std::process::id()));
     let notify = notify::NotifySocket::bind(&notify_path).map_err(|e| SupervisorError::Io {
         what: "bind the notify socket",
-        source: e,
+        cause: e,
     })?;
 
     let mut argv = vec![config.program.clone()];

@@ -285,8 +285,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("n.notify");
         let rx = NotifySocket::bind(&path).unwrap();
-        let tx = crate::notify::Notifier::new(path.to_str().unwrap()).unwrap();
-        tx.send("READY=1\nSTATUS=hi").unwrap();
+        use crate::notify::{Notifier, NotifyState};
+        let tx = Notifier::new(path.to_str().unwrap()).unwrap();
+        tx.notify(&[NotifyState::Ready, NotifyState::Status("hi")])
+            .unwrap();
         rx.readable().await.unwrap();
         let d = rx.try_recv().unwrap().unwrap();
         assert_eq!(d.pid, Some(std::process::id() as i32));
@@ -307,8 +309,8 @@ mod tests {
         barrier.unwrap();
         assert!(rx.try_recv().unwrap().is_none());
 
-        let long = format!("STATUS={}", "x".repeat(MAX_MESSAGE));
-        tx.send(&long).unwrap();
+        let long = "x".repeat(MAX_MESSAGE);
+        tx.notify(&[NotifyState::Status(&long)]).unwrap();
         rx.readable().await.unwrap();
         let d = rx.try_recv().unwrap().unwrap();
         assert!(d.truncated);

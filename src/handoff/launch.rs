@@ -1,0 +1,323 @@
+//! The parent's side of a handoff: the new process prepared, started on a
+//! thread of its own, and followed through its pidfd and the channel.
+
+use std::io;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use tokio::io::unix::AsyncFd;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::UnixStream;
+
+use super::Executable;
+use crate::error::UpgradeError;
+use crate::protocol::channel::{self, FromNew};
+use crate::protocol::env::{self, Handoff};
+use crate::sys;
+use crate::upgrade::{Event, NewProcess, Plan};
+
+/// Everything needed to start the new process, prepared on the caller's
+/// thread (cheap); [`Launch::run`] then clones on a thread of its own, so
+/// the copy of the page tables does not stall a runtime thread that serves.
+pub(super) struct Launch {
+    image: sys::ExecImage,
+    ours_end: std::os::unix::net::UnixStream,
+    theirs: std::os::unix::net::UnixStream,
+    reparent: bool,
+    exe: PathBuf,
+}
+
+/// Prepares to start `exe` as `plan` says (see [`env::next_generation`]
+/// for its environment); with `reparent`, as the service manager's child.
+pub(super) fn prepare(
+    exe: &Executable,
+    plan: &Plan<'_>,
+    reparent: bool,
+) -> Result<Launch, UpgradeError> {
+    let spawn_err = |source| UpgradeError::Spawn {
+        exe: exe.path.display().to_string(),
+        cause: source,
+    };
+    let (ours_end, theirs) = std::os::unix::net::UnixStream::pair().map_err(spawn_err)?;
+    let names: Vec<&str> = plan.listeners.iter().map(|(n, _)| *n).collect();
+    let handoff = Handoff {
+        names: &names,
+        configured: plan.configured,
+        generation: plan.generation,
+        state_len: plan.state_len,
+    };
+    let env = env::next_generation(plan.env, &handoff);
+    let env = env.iter().map(|(k, v)| (k.as_os_str(), v.as_os_str()));
+    let mut fds: Vec<BorrowedFd<'_>> = plan.listeners.iter().map(|(_, fd)| *fd).collect();
+    fds.push(theirs.as_fd());
+    let image =
+        sys::ExecImage::new(exe.path.as_os_str(), &exe.argv, env, &fds).map_err(spawn_err)?;
+    Ok(Launch {
+        image,
+        ours_end,
+        theirs,
+        reparent,
+        exe: exe.path.clone(),
+    })
+}
+
+/// The stack of the thread that clones: it only makes a few system calls
+/// (the new process runs on a copy of it until `execve`).
+const SPAWN_STACK: usize = 64 * 1024;
+
+impl Launch {
+    /// Starts the new process. `spare` (an fd kept free for this moment,
+    /// see [`crate::spare`]) is closed right before the clone, so that the
+    /// pidfd finds a free slot even at the fd limit.
+    ///
+    /// The clone runs on a thread made for it with
+    /// `std::thread::Builder`, which fails with an error where tokio's
+    /// `spawn_blocking` would panic (no thread can be created: a pids limit,
+    /// no memory): the upgrade then fails with that reason and the next one
+    /// can start.
+    pub(super) async fn run(self, spare: Option<OwnedFd>) -> Result<Child, UpgradeError> {
+        let Launch {
+            mut image,
+            ours_end,
+            theirs,
+            reparent,
+            exe,
+        } = self;
+        let spawn_err = |source| UpgradeError::Spawn {
+            exe: exe.display().to_string(),
+            cause: source,
+        };
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        std::thread::Builder::new()
+            .name("handover-spawn".into())
+            .stack_size(SPAWN_STACK)
+            .spawn(move || {
+                drop(spare);
+                let spawned = sys::spawn(&mut image, reparent);
+                drop(image);
+                if let Err(Ok(orphan)) = tx.send(spawned) {
+                    // The upgrade was abandoned meanwhile: nobody would
+                    // ever kill or reap this process.
+                    sys::kill_and_wait(&orphan, !reparent, KILL_WAIT);
+                }
+            })
+            .map_err(|e| {
+                spawn_err(io::Error::new(
+                    e.kind(),
+                    format!("cannot create a thread to start it: {e}"),
+                ))
+            })?;
+        let spawned = rx
+            .await
+            .map_err(|_| spawn_err(io::Error::other("the thread starting it died")))?
+            .map_err(spawn_err)?;
+        // Our copies of the child's fds are gone with the image; the
+        // channel's end goes now, so that the child's exit shows as EOF.
+        drop(theirs);
+        let pid = spawned.pid;
+        let channel = ours_end
+            .set_nonblocking(true)
+            .and_then(|()| UnixStream::from_std(ours_end));
+        let (channel, pidfd) = match channel {
+            Ok(channel) => match sys::async_readable(spawned.pidfd) {
+                Ok(pidfd) => (channel, pidfd),
+                Err((e, pidfd)) => {
+                    sys::kill_and_wait(&sys::Spawned { pid, pidfd }, !reparent, KILL_WAIT);
+                    return Err(spawn_err(e));
+                }
+            },
+            Err(e) => {
+                sys::kill_and_wait(&spawned, !reparent, KILL_WAIT);
+                return Err(spawn_err(e));
+            }
+        };
+        Ok(Child {
+            pid,
+            exe,
+            pidfd,
+            channel: BufReader::new(channel),
+            channel_eof: false,
+            ours: !reparent,
+            armed: true,
+        })
+    }
+}
+
+/// How long a killed process may take to exit.
+const KILL_WAIT: Duration = Duration::from_secs(5);
+/// How long to read what a process that exited left on the channel.
+const EXIT_READ: Duration = Duration::from_secs(1);
+
+/// The new process, from the parent's side.
+#[derive(Debug)]
+pub(crate) struct Child {
+    pid: u32,
+    /// What it runs, for messages.
+    exe: PathBuf,
+    pidfd: AsyncFd<OwnedFd>,
+    channel: BufReader<UnixStream>,
+    /// The channel reached end of file: the child said all it will.
+    channel_eof: bool,
+    /// Our own child (standalone), which we must reap; otherwise the
+    /// manager's.
+    ours: bool,
+    /// Killed when dropped: set until it was killed or handed over.
+    armed: bool,
+}
+
+impl Drop for Child {
+    /// An upgrade abandoned half-way (its future dropped, or a panic) must
+    /// not leave the new process running unsupervised: kill it, and reap it
+    /// in the background if it is ours.
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        let _ = sys::pidfd_signal(self.pidfd.get_ref().as_fd(), libc::SIGKILL);
+        tracing::warn!(pid = self.pid, "upgrade abandoned; new process killed");
+        if !self.ours {
+            return;
+        }
+        let (Ok(rt), Ok(fd)) = (
+            tokio::runtime::Handle::try_current(),
+            self.pidfd.get_ref().try_clone(),
+        ) else {
+            return;
+        };
+        rt.spawn(async move {
+            if let Ok(fd) = sys::async_readable(fd) {
+                if tokio::time::timeout(KILL_WAIT, fd.readable()).await.is_ok() {
+                    let _ = sys::reap(fd.get_ref().as_fd());
+                }
+            }
+        });
+    }
+}
+
+impl NewProcess for Child {
+    fn pid(&self) -> u32 {
+        self.pid
+    }
+
+    async fn wait_ready(&mut self, state: &[u8]) -> Result<(), UpgradeError> {
+        let pid = self.pid;
+        let exe = self.exe.clone();
+        let exe = exe.as_path();
+        let mut line = String::new();
+        if !state.is_empty() {
+            // The child reads the state in build(), before anything else.
+            let written = self.channel.get_mut().write_all(state).await;
+            if written.is_err() {
+                // It died first (EPIPE): say why, if it left a reason.
+                let said = tokio::time::timeout(EXIT_READ, self.channel.read_line(&mut line)).await;
+                let status = self.kill().await;
+                return Err(match said {
+                    Ok(Ok(_)) if !line.trim().is_empty() => {
+                        FromNew::parse(line.trim_end()).into_failure(pid, exe)
+                    }
+                    _ => UpgradeError::ChildExited { pid, status },
+                });
+            }
+        }
+        let outcome = tokio::select! {
+            r = self.channel.read_line(&mut line) => match r {
+                Ok(0) => Err(None),
+                Ok(_) => Ok(line.trim_end().to_owned()),
+                // It exited without reading the state we wrote: Linux then
+                // reports ECONNRESET instead of EOF (anything it wrote before
+                // was read first).
+                Err(e) if e.kind() == io::ErrorKind::ConnectionReset => Err(None),
+                Err(e) => Err(Some(UpgradeError::Channel(e))),
+            },
+            _ = self.pidfd.readable() => {
+                // It exited: whatever it wrote before is in the socket buffer
+                // (and partly in `line` already). Bounded, in case something
+                // it started still holds its end of the channel.
+                match tokio::time::timeout(EXIT_READ, self.channel.read_line(&mut line)).await {
+                    Ok(Ok(_)) if !line.trim().is_empty() => Ok(line.trim_end().to_owned()),
+                    _ => Err(None),
+                }
+            }
+        };
+        let err = match outcome.map(|line| FromNew::parse(&line)) {
+            Ok(FromNew::Ready) => return Ok(()),
+            Ok(msg) => msg.into_failure(pid, exe),
+            Err(Some(e)) => e,
+            Err(None) => UpgradeError::ChildExited {
+                pid,
+                status: String::new(),
+            },
+        };
+        let status = self.kill().await;
+        Err(match err {
+            UpgradeError::ChildExited { pid, .. } => UpgradeError::ChildExited { pid, status },
+            e => e,
+        })
+    }
+
+    async fn confirm_main(&mut self) -> io::Result<()> {
+        self.channel.get_mut().write_all(channel::main_line()).await
+    }
+
+    /// Also reaps it, if it is ours.
+    async fn kill(&mut self) -> String {
+        self.armed = false;
+        if let Err(e) = sys::pidfd_signal(self.pidfd.get_ref().as_fd(), libc::SIGKILL) {
+            tracing::error!(pid = self.pid, error = %e, "cannot kill the new process");
+        }
+        if tokio::time::timeout(KILL_WAIT, self.pidfd.readable())
+            .await
+            .is_err()
+        {
+            return "did not exit after SIGKILL".into();
+        }
+        self.reap_status()
+    }
+
+    fn handed_over(&mut self) {
+        self.armed = false;
+    }
+
+    /// Reaps it, if it is ours, once it has exited.
+    async fn next_event(&mut self) -> Event {
+        loop {
+            if self.channel_eof {
+                let _ = self.pidfd.readable().await;
+                return Event::Exited(self.reap_status());
+            }
+            let mut line = String::new();
+            let said = tokio::select! {
+                r = self.channel.read_line(&mut line) => r,
+                _ = self.pidfd.readable() => {
+                    // It exited: read what it wrote before, to the end
+                    // (bounded, in case something it started holds its end).
+                    tokio::time::timeout(EXIT_READ, self.channel.read_line(&mut line))
+                        .await
+                        .unwrap_or(Ok(0))
+                }
+            };
+            match said {
+                Ok(n) if n > 0 => {
+                    if !line.trim().is_empty() {
+                        return Event::Said(FromNew::parse(line.trim_end()));
+                    }
+                }
+                _ => self.channel_eof = true,
+            }
+        }
+    }
+}
+
+impl Child {
+    fn reap_status(&self) -> String {
+        if !self.ours {
+            return "reaped by the service manager".into();
+        }
+        match sys::reap(self.pidfd.get_ref().as_fd()) {
+            Ok(Some(status)) => status.to_string(),
+            Ok(None) => "still running".into(),
+            Err(e) => format!("cannot reap: {e}"),
+        }
+    }
+}
