@@ -42,11 +42,14 @@ pub enum ErrorKind {
 /// A failed request: its kind and what happened.
 #[derive(Debug, Clone)]
 pub struct Fail {
+    /// How it failed.
     pub kind: ErrorKind,
+    /// What happened, for the report.
     pub message: String,
 }
 
 impl Fail {
+    /// A failure of `kind`.
     pub fn new(kind: ErrorKind, message: impl Into<String>) -> Fail {
         Fail {
             kind,
@@ -77,9 +80,11 @@ impl fmt::Display for Fail {
 /// A response as read.
 #[derive(Debug, Clone)]
 pub struct Response {
+    /// The status code.
     pub status: u16,
     /// Names lowercased, values trimmed, in order.
     pub headers: Vec<(String, String)>,
+    /// The body, whole (chunks joined).
     pub body: Vec<u8>,
     /// The server closes the connection after it (`Connection: close`, HTTP/1.0, or a body
     /// delimited by the end of the connection).

@@ -20,6 +20,8 @@
 //! Tests that need root, a manager or a tool skip with a printed reason when they cannot have
 //! it ([`skip`]), and fail instead under `CI=true`.
 
+#![warn(missing_docs)]
+
 use std::io::Write;
 use std::time::{Duration, Instant};
 

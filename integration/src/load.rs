@@ -121,27 +121,33 @@ pub struct Record {
 pub struct ErrorSample {
     /// Index of the client in [`LoadReport::clients`].
     pub client: usize,
+    /// How it failed.
     pub kind: ErrorKind,
     /// Since the load started.
     pub at: Duration,
     /// Wall clock, to match server logs.
     pub wall: SystemTime,
+    /// What happened.
     pub message: String,
 }
 
 /// The two kinds of client.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ClientKind {
+    /// One connection, request after request.
     KeepAlive,
+    /// A new connection per request, `Connection: close`.
     PerRequest,
 }
 
 /// What one client saw.
 #[derive(Debug, Clone)]
 pub struct ClientReport {
+    /// Which kind of client.
     pub kind: ClientKind,
     /// Requests answered 2xx, completely.
     pub ok: u64,
+    /// Failed requests, by kind.
     pub errors: BTreeMap<ErrorKind, u64>,
     /// Connections opened.
     pub connections: u64,
@@ -152,6 +158,7 @@ pub struct ClientReport {
 }
 
 impl ClientReport {
+    /// Failed requests.
     pub fn errors_total(&self) -> u64 {
         self.errors.values().sum()
     }
@@ -160,27 +167,33 @@ impl ClientReport {
 /// A distinct response body (its first 256 bytes, lossy UTF-8).
 #[derive(Debug, Clone)]
 pub struct BodySeen {
+    /// The body.
     pub body: String,
     /// 2xx responses with this body.
     pub count: u64,
-    /// First and last time it was received, since the load started.
+    /// First time it was received, since the load started.
     pub first_at: Duration,
+    /// Last time it was received.
     pub last_at: Duration,
 }
 
 /// What the load saw, once stopped.
 #[derive(Debug, Clone)]
 pub struct LoadReport {
+    /// From the start of the load to its stop.
     pub elapsed: Duration,
     /// Requests answered 2xx, completely.
     pub ok: u64,
+    /// Failed requests, by kind.
     pub errors: BTreeMap<ErrorKind, u64>,
     /// The first errors in time (at most 20).
     pub first_errors: Vec<ErrorSample>,
+    /// Each client's own account.
     pub clients: Vec<ClientReport>,
     /// Latency of each 2xx request (request written to response read), in
     /// no particular order.
     pub latencies: Vec<Duration>,
+    /// The longest of them.
     pub max_latency: Duration,
     /// The first 16 distinct bodies, in the order they first appeared.
     pub bodies: Vec<BodySeen>,
@@ -191,6 +204,7 @@ pub struct LoadReport {
 }
 
 impl LoadReport {
+    /// Failed requests.
     pub fn errors_total(&self) -> u64 {
         self.errors.values().sum()
     }

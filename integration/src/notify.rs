@@ -45,6 +45,7 @@ impl Drop for ReceivedFd {
 /// One datagram.
 #[derive(Debug)]
 pub struct Datagram {
+    /// The message.
     pub text: String,
     /// The sending process.
     pub sender: u32,

@@ -146,6 +146,7 @@ impl Log {
 pub struct Server {
     /// The process started (the first generation, or the launcher that execs it).
     pub child: Child,
+    /// What the processes wrote to stderr (every generation inherits it).
     pub log: Log,
     pid_file: PidFile,
     _dir: tempfile::TempDir,
