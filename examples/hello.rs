@@ -1,4 +1,4 @@
-//! The seed's server, on handover: `GET /` answers `Welcome to the Home
+//! A minimal web server on handover: `GET /` answers `Welcome to the Home
 //! Page!`; `kill -HUP $(cat PIDFILE)` (or `systemctl reload hello`) upgrades
 //! it to whatever binary is now at its path, without losing a request.
 //!

@@ -1,34 +1,36 @@
-//! A raw HTTP/1.1 load client for integration tests: std only, one thread
-//! per client, so a test needs no async runtime to drive it.
-//!
-//! Include it with `#[path = "support/load.rs"] mod load;`.
+//! Continuous HTTP/1.1 load from plain threads (no async runtime needed to drive it), with
+//! the client and parser of [`crate::http`].
 //!
 //! ```ignore
-//! let load = load::Load::start(addr, load::LoadConfig { keepalive_clients: 8, ..Default::default() });
-//! assert!(load.wait_for_ok(100, Duration::from_secs(10)));
-//! // ... reload the server ...
+//! let load = Load::start(addr, LoadConfig { keepalive_clients: 8, ..Default::default() });
+//! load.assert_flows(100);
+//! // ... upgrade the server ...
 //! let report = load.stop();
 //! report.assert_no_errors();
 //! ```
 //!
-//! With [`LoadConfig::connector`] each connection is wrapped before HTTP is
-//! spoken on it (a TLS client); a wrapping that fails counts as an error.
+//! With [`LoadConfig::connector`] each connection is wrapped before HTTP is spoken on it (a TLS
+//! client); a wrapping that fails counts as an error.
 //!
-//! A keep-alive client keeps one connection and sends `GET` after `GET` on
-//! it, back to back; a response with `Connection: close` makes it reconnect
-//! (not an error). A per-request client opens a new connection for each
-//! request, sends `Connection: close`, and expects the server to close after
-//! the response. Everything else is an error, counted by [`ErrorKind`].
-#![allow(dead_code)]
+//! A keep-alive client keeps one connection and sends `GET` after `GET` on it, back to back; a
+//! response with `Connection: close` makes it reconnect (not an error). A per-request client
+//! opens a new connection for each request, sends `Connection: close`, and expects the server to
+//! close after the response. Everything else is an error, counted by [`ErrorKind`]; after one, a
+//! client pauses ([`LoadConfig::error_pause`]) so that a server that is gone does not turn it
+//! into a busy loop.
 
 use std::collections::BTreeMap;
 use std::fmt;
-use std::io::{self, BufRead, BufReader, Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::io::{BufReader, Read, Write};
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc, Condvar, Mutex};
 use std::thread;
 use std::time::{Duration, Instant, SystemTime};
+
+use crate::http::{connect, get_request, read_response, Fail, Stream};
+pub use crate::http::{Connector, ErrorKind};
+use crate::TIMEOUT;
 
 /// How many error samples each client keeps, and the report.
 const SAMPLES_PER_CLIENT: usize = 8;
@@ -39,8 +41,6 @@ const DISTINCT_BODIES: usize = 16;
 const BODY_PREFIX: usize = 256;
 /// Latencies kept per client (about 16 MB at most).
 const LATENCIES_PER_CLIENT: usize = 1_000_000;
-/// Longest status or header line accepted.
-const MAX_LINE: usize = 16 * 1024;
 
 /// What to run.
 #[derive(Debug, Clone)]
@@ -60,26 +60,15 @@ pub struct LoadConfig {
     pub max_duration: Duration,
     /// The clients stop by themselves after this many requests each.
     pub max_requests_per_client: Option<u64>,
-    /// Pause after a failed connect, so a server that is gone does not turn
-    /// the client into a busy loop.
-    pub connect_error_pause: Duration,
-    /// Wraps each new connection (its timeouts set) before the first
-    /// request: a TLS handshake, say. `None`: plain HTTP.
+    /// Pause after a failed request, so that a server that is gone does not turn the client
+    /// into a busy loop.
+    pub error_pause: Duration,
+    /// Keep a [`Record`] of every request, for a caller that analyses each one (the
+    /// benchmark); without it the report keeps counts, samples and latencies only.
+    pub record_requests: bool,
+    /// Wraps each new connection (its timeouts set) before the first request: a TLS
+    /// handshake, say. `None`: plain HTTP.
     pub connector: Option<Connector>,
-}
-
-/// A connection as the clients use it: plain TCP or a TLS stream over it.
-pub trait Stream: Read + Write + Send {}
-impl<T: Read + Write + Send> Stream for T {}
-
-/// See [`LoadConfig::connector`].
-#[derive(Clone)]
-pub struct Connector(pub Arc<dyn Fn(TcpStream) -> io::Result<Box<dyn Stream>> + Send + Sync>);
-
-impl fmt::Debug for Connector {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("Connector")
-    }
 }
 
 impl Default for LoadConfig {
@@ -92,35 +81,39 @@ impl Default for LoadConfig {
             io_timeout: Duration::from_secs(5),
             max_duration: Duration::from_secs(120),
             max_requests_per_client: None,
-            connect_error_pause: Duration::from_millis(10),
+            error_pause: Duration::from_millis(10),
+            record_requests: false,
             connector: None,
         }
     }
 }
 
-/// Why a request failed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub enum ErrorKind {
-    /// The connection was refused (nothing listening).
-    Refused,
-    /// Connecting failed otherwise (including a connect timeout).
-    Connect,
-    /// The connection was reset, or writing hit a closed connection.
-    Reset,
-    /// The server closed the connection before sending any byte of the
-    /// response: the keep-alive race.
-    EofBeforeResponse,
-    /// The server closed the connection in the middle of a response.
-    EofMidResponse,
-    /// A read or write timed out.
-    Timeout,
-    /// The response status was not 2xx.
-    Status,
-    /// The response could not be parsed, or the server did not close after
-    /// answering a `Connection: close` request.
-    Malformed,
-    /// Any other IO error.
-    Io,
+impl LoadConfig {
+    /// `keepalive` clients of the one kind and `per_request` of the other, the rest as
+    /// [`LoadConfig::default`].
+    pub fn clients(keepalive: usize, per_request: usize) -> LoadConfig {
+        LoadConfig {
+            keepalive_clients: keepalive,
+            per_request_clients: per_request,
+            ..LoadConfig::default()
+        }
+    }
+}
+
+/// One request, with [`LoadConfig::record_requests`].
+#[derive(Debug, Clone, Copy)]
+pub struct Record {
+    /// Nanoseconds since the load started: the request began (the connect for a new
+    /// connection, else the write) ...
+    pub start_ns: u64,
+    /// ... and ended (the response read, or the failure).
+    pub end_ns: u64,
+    /// `Ok` for a complete 2xx answer.
+    pub result: Result<(), ErrorKind>,
+    /// The response carried `Connection: close`.
+    pub close: bool,
+    /// The request opened a new connection first.
+    pub connected: bool,
 }
 
 /// One error, for debugging.
@@ -128,27 +121,33 @@ pub enum ErrorKind {
 pub struct ErrorSample {
     /// Index of the client in [`LoadReport::clients`].
     pub client: usize,
+    /// How it failed.
     pub kind: ErrorKind,
     /// Since the load started.
     pub at: Duration,
     /// Wall clock, to match server logs.
     pub wall: SystemTime,
+    /// What happened.
     pub message: String,
 }
 
 /// The two kinds of client.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ClientKind {
+    /// One connection, request after request.
     KeepAlive,
+    /// A new connection per request, `Connection: close`.
     PerRequest,
 }
 
 /// What one client saw.
 #[derive(Debug, Clone)]
 pub struct ClientReport {
+    /// Which kind of client.
     pub kind: ClientKind,
     /// Requests answered 2xx, completely.
     pub ok: u64,
+    /// Failed requests, by kind.
     pub errors: BTreeMap<ErrorKind, u64>,
     /// Connections opened.
     pub connections: u64,
@@ -159,6 +158,7 @@ pub struct ClientReport {
 }
 
 impl ClientReport {
+    /// Failed requests.
     pub fn errors_total(&self) -> u64 {
         self.errors.values().sum()
     }
@@ -167,35 +167,44 @@ impl ClientReport {
 /// A distinct response body (its first 256 bytes, lossy UTF-8).
 #[derive(Debug, Clone)]
 pub struct BodySeen {
+    /// The body.
     pub body: String,
     /// 2xx responses with this body.
     pub count: u64,
-    /// First and last time it was received, since the load started.
+    /// First time it was received, since the load started.
     pub first_at: Duration,
+    /// Last time it was received.
     pub last_at: Duration,
 }
 
 /// What the load saw, once stopped.
 #[derive(Debug, Clone)]
 pub struct LoadReport {
+    /// From the start of the load to its stop.
     pub elapsed: Duration,
     /// Requests answered 2xx, completely.
     pub ok: u64,
+    /// Failed requests, by kind.
     pub errors: BTreeMap<ErrorKind, u64>,
     /// The first errors in time (at most 20).
     pub first_errors: Vec<ErrorSample>,
+    /// Each client's own account.
     pub clients: Vec<ClientReport>,
     /// Latency of each 2xx request (request written to response read), in
     /// no particular order.
     pub latencies: Vec<Duration>,
+    /// The longest of them.
     pub max_latency: Duration,
     /// The first 16 distinct bodies, in the order they first appeared.
     pub bodies: Vec<BodySeen>,
     /// Clients that did not finish within the stop deadline.
     pub stuck_clients: usize,
+    /// Every request of every client, by client, with [`LoadConfig::record_requests`].
+    pub records: Vec<Record>,
 }
 
 impl LoadReport {
+    /// Failed requests.
     pub fn errors_total(&self) -> u64 {
         self.errors.values().sum()
     }
@@ -217,6 +226,29 @@ impl LoadReport {
         assert!(
             self.errors_total() == 0 && self.stuck_clients == 0,
             "load saw errors:\n{self}"
+        );
+    }
+
+    /// Prints the report, and panics unless no request failed, no client got stuck, and at
+    /// least `min_ok` requests succeeded (less proves nothing).
+    #[track_caller]
+    pub fn assert_lost_nothing(&self, min_ok: u64) {
+        eprintln!("{self}");
+        self.assert_no_errors();
+        assert!(
+            self.ok >= min_ok,
+            "too little load to prove anything (wanted {min_ok} ok): {self}"
+        );
+    }
+
+    /// Panics unless every successful response carried `body`.
+    #[track_caller]
+    pub fn assert_every_body(&self, body: &str) {
+        let count = self.body(body).map(|b| b.count);
+        assert_eq!(
+            count,
+            Some(self.ok),
+            "not every answer was {body:?}: {self}"
         );
     }
 
@@ -338,6 +370,32 @@ impl Load {
         }
     }
 
+    /// When the clients started: the origin of [`Record`]'s times.
+    pub fn started(&self) -> Instant {
+        self.started
+    }
+
+    /// Waits until `n` more requests than now have succeeded: proof that traffic flows at this
+    /// moment. Panics with the counts after [`TIMEOUT`].
+    #[track_caller]
+    pub fn assert_flows(&self, n: u64) {
+        self.assert_flows_or(n, String::new);
+    }
+
+    /// [`Load::assert_flows`], with `context` (what the server or its manager says) in the
+    /// panic message.
+    #[track_caller]
+    pub fn assert_flows_or(&self, n: u64, context: impl FnOnce() -> String) {
+        let want = self.ok() + n;
+        assert!(
+            self.wait_for_ok(want, TIMEOUT),
+            "requests stopped flowing within {TIMEOUT:?} ({} ok, {} errors)\n{}",
+            self.ok(),
+            self.errors(),
+            context()
+        );
+    }
+
     /// 2xx requests so far.
     pub fn ok(&self) -> u64 {
         self.shared.ok.load(Ordering::SeqCst)
@@ -410,7 +468,9 @@ impl Load {
         let mut latencies = Vec::new();
         let mut bodies: Vec<BodySeen> = Vec::new();
         let mut reports = Vec::new();
+        let mut records = Vec::new();
         for c in clients {
+            records.extend(c.records);
             for (k, n) in &c.report.errors {
                 *errors.entry(*k).or_insert(0) += n;
             }
@@ -448,6 +508,7 @@ impl Load {
             clients: reports,
             bodies,
             stuck_clients,
+            records,
         }
     }
 }
@@ -474,7 +535,8 @@ struct Client {
     io_timeout: Duration,
     max_duration: Duration,
     max_requests: u64,
-    connect_error_pause: Duration,
+    error_pause: Duration,
+    record: bool,
     connector: Option<Connector>,
     shared: Arc<Shared>,
     started: Instant,
@@ -482,40 +544,18 @@ struct Client {
     samples: Vec<ErrorSample>,
     latencies: Vec<Duration>,
     bodies: Vec<Body>,
+    records: Vec<Record>,
 }
 
-/// A failed request.
-struct Fail {
-    kind: ErrorKind,
-    message: String,
-}
+/// A client's connection.
+type Connection = BufReader<Box<dyn Stream>>;
 
-impl Fail {
-    fn new(kind: ErrorKind, message: impl Into<String>) -> Fail {
-        Fail {
-            kind,
-            message: message.into(),
-        }
-    }
-
-    fn io(what: &str, e: io::Error) -> Fail {
-        let kind = match e.kind() {
-            io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => ErrorKind::Timeout,
-            io::ErrorKind::ConnectionReset
-            | io::ErrorKind::ConnectionAborted
-            | io::ErrorKind::BrokenPipe => ErrorKind::Reset,
-            io::ErrorKind::UnexpectedEof => ErrorKind::EofMidResponse,
-            _ => ErrorKind::Io,
-        };
-        Fail::new(kind, format!("{what}: {e}"))
-    }
-}
-
-/// A parsed response.
-struct Reply {
-    status: u16,
+/// How one request went: the connection back if it may be reused, whether the response
+/// carried `Connection: close`.
+struct Exchanged {
+    conn: Option<Connection>,
+    result: Result<(), ErrorKind>,
     close: bool,
-    body: Vec<u8>,
 }
 
 impl Client {
@@ -527,22 +567,16 @@ impl Client {
         shared: Arc<Shared>,
         started: Instant,
     ) -> Client {
-        let close = match kind {
-            ClientKind::KeepAlive => "",
-            ClientKind::PerRequest => "Connection: close\r\n",
-        };
-        let request = format!(
-            "GET {} HTTP/1.1\r\nHost: {}\r\nUser-Agent: handover-load\r\n{close}\r\n",
-            cfg.path, cfg.host
-        );
+        let request = get_request(&cfg.path, &cfg.host, kind == ClientKind::PerRequest);
         Client {
             id,
             addr,
-            request: request.into_bytes(),
+            request,
             io_timeout: cfg.io_timeout,
             max_duration: cfg.max_duration,
             max_requests: cfg.max_requests_per_client.unwrap_or(u64::MAX),
-            connect_error_pause: cfg.connect_error_pause,
+            error_pause: cfg.error_pause,
+            record: cfg.record_requests,
             connector: cfg.connector.clone(),
             shared,
             started,
@@ -557,46 +591,62 @@ impl Client {
             samples: Vec::new(),
             latencies: Vec::new(),
             bodies: Vec::new(),
+            records: Vec::new(),
         }
     }
 
     fn run(&mut self) {
-        let mut conn: Option<BufReader<Box<dyn Stream>>> = None;
+        let mut conn: Option<Connection> = None;
         let mut sent = 0;
+        let started = self.started;
+        let ns = |t: Instant| t.saturating_duration_since(started).as_nanos() as u64;
         while !self.shared.stop.load(Ordering::Relaxed)
             && sent < self.max_requests
             && self.started.elapsed() < self.max_duration
         {
-            let c = match conn.take() {
-                Some(c) => c,
+            let start = Instant::now();
+            let connected = conn.is_none();
+            let done = match conn.take() {
+                Some(c) => {
+                    sent += 1;
+                    self.exchange(c)
+                }
                 None => match self.connect() {
-                    Ok(c) => c,
+                    Ok(c) => {
+                        sent += 1;
+                        self.exchange(c)
+                    }
                     Err(f) => {
+                        let kind = f.kind;
                         self.fail(f);
-                        thread::sleep(self.connect_error_pause);
-                        continue;
+                        Exchanged {
+                            conn: None,
+                            result: Err(kind),
+                            close: false,
+                        }
                     }
                 },
             };
-            sent += 1;
-            conn = self.exchange(c);
+            if self.record {
+                self.records.push(Record {
+                    start_ns: ns(start),
+                    end_ns: ns(Instant::now()),
+                    result: done.result,
+                    close: done.close,
+                    connected,
+                });
+            }
+            conn = done.conn;
+            if done.result.is_err() {
+                thread::sleep(self.error_pause);
+            }
         }
     }
 
-    fn connect(&mut self) -> Result<BufReader<Box<dyn Stream>>, Fail> {
-        let s = TcpStream::connect_timeout(&self.addr, self.io_timeout).map_err(|e| {
-            let kind = match e.kind() {
-                io::ErrorKind::ConnectionRefused => ErrorKind::Refused,
-                _ => ErrorKind::Connect,
-            };
-            Fail::new(kind, format!("connect: {e}"))
-        })?;
+    /// A new connection, wrapped by the connector if there is one.
+    fn connect(&mut self) -> Result<Connection, Fail> {
+        let s = connect(self.addr, self.io_timeout)?;
         self.report.connections += 1;
-        let setup = s
-            .set_read_timeout(Some(self.io_timeout))
-            .and_then(|()| s.set_write_timeout(Some(self.io_timeout)))
-            .and_then(|()| s.set_nodelay(true));
-        setup.map_err(|e| Fail::io("socket options", e))?;
         let s: Box<dyn Stream> = match &self.connector {
             None => Box::new(s),
             Some(Connector(wrap)) => wrap(s).map_err(|e| Fail::io("handshake", e))?,
@@ -604,11 +654,8 @@ impl Client {
         Ok(BufReader::new(s))
     }
 
-    /// One request on `conn`; returns the connection if it may be reused.
-    fn exchange(
-        &mut self,
-        mut conn: BufReader<Box<dyn Stream>>,
-    ) -> Option<BufReader<Box<dyn Stream>>> {
+    /// One request on `conn`.
+    fn exchange(&mut self, mut conn: Connection) -> Exchanged {
         let t0 = Instant::now();
         let result = conn
             .get_mut()
@@ -618,49 +665,82 @@ impl Client {
         let latency = t0.elapsed();
         let reply = match result {
             Ok(r) => r,
-            Err(f) => {
-                self.fail(f);
-                return None;
-            }
+            Err(f) => return self.failed(f, false),
         };
         let keepalive = self.report.kind == ClientKind::KeepAlive;
-        if !(200..300).contains(&reply.status) {
+        let result = if !(200..300).contains(&reply.status) {
             let body = String::from_utf8_lossy(&reply.body[..reply.body.len().min(BODY_PREFIX)]);
-            self.fail(Fail::new(
+            Err(Fail::new(
                 ErrorKind::Status,
                 format!("status {}: {body:?}", reply.status),
-            ));
+            ))
         } else if !keepalive && !reply.close {
-            self.fail(Fail::new(
+            Err(Fail::new(
                 ErrorKind::Malformed,
                 "no `Connection: close` in the answer to a `Connection: close` request",
-            ));
+            ))
         } else {
-            self.succeed(latency, &reply.body);
-        }
+            Ok(())
+        };
         if keepalive {
+            // A complete answer leaves the connection usable, whatever its status.
             if reply.close {
                 self.report.server_closes += 1;
-                return None;
             }
-            return Some(conn);
+            let conn = (!reply.close).then_some(conn);
+            return match result {
+                Ok(()) => {
+                    self.succeed(latency, &reply.body);
+                    Exchanged {
+                        conn,
+                        result: Ok(()),
+                        close: reply.close,
+                    }
+                }
+                Err(f) => Exchanged {
+                    conn,
+                    ..self.failed(f, reply.close)
+                },
+            };
         }
-        // Per request: the server must close now. Waiting for its FIN (rather
-        // than closing first) leaves TIME_WAIT on the server's side, so
-        // the client does not run out of ephemeral ports.
+        if let Err(f) = result {
+            return self.failed(f, reply.close);
+        }
+        // Per request: the server must close now. Waiting for its FIN (rather than closing
+        // first) leaves TIME_WAIT on the server's side, so the client does not run out of
+        // ephemeral ports.
         let mut rest = [0u8; 64];
         match conn.read(&mut rest) {
             Ok(0) => {}
-            Ok(n) => self.fail(Fail::new(
-                ErrorKind::Malformed,
-                format!(
-                    "{n} bytes after a `Connection: close` response: {:?}",
-                    String::from_utf8_lossy(&rest[..n])
-                ),
-            )),
-            Err(e) => self.fail(Fail::io("wait for close after response", e)),
+            Ok(n) => {
+                let f = Fail::new(
+                    ErrorKind::Malformed,
+                    format!(
+                        "{n} bytes after a `Connection: close` response: {:?}",
+                        String::from_utf8_lossy(&rest[..n])
+                    ),
+                );
+                return self.failed(f, true);
+            }
+            Err(e) => return self.failed(Fail::io("wait for close after response", e), true),
         }
-        None
+        self.succeed(latency, &reply.body);
+        Exchanged {
+            conn: None,
+            result: Ok(()),
+            close: true,
+        }
+    }
+
+    /// A failed request: counted, and its connection dropped.
+    fn failed(&mut self, f: Fail, close: bool) -> Exchanged {
+        let kind = f.kind;
+        self.fail(f);
+        Exchanged {
+            conn: None,
+            result: Err(kind),
+            close,
+        }
     }
 
     fn succeed(&mut self, latency: Duration, body: &[u8]) {
@@ -703,174 +783,86 @@ impl Client {
     }
 }
 
-/// Reads one line (up to and including `\n`), bounded.
-fn read_line(r: &mut impl BufRead, line: &mut Vec<u8>) -> io::Result<usize> {
-    line.clear();
-    let n = Read::take(&mut *r, MAX_LINE as u64).read_until(b'\n', line)?;
-    if n > 0 && !line.ends_with(b"\n") {
-        if n == MAX_LINE {
-            return Err(io::Error::new(io::ErrorKind::InvalidData, "line too long"));
-        }
-        return Err(io::ErrorKind::UnexpectedEof.into());
-    }
-    Ok(n)
-}
+#[cfg(test)]
+mod tests {
+    use std::io::{Read, Write};
+    use std::net::TcpListener;
+    use std::time::Duration;
 
-fn read_response(r: &mut impl BufRead) -> Result<Reply, Fail> {
-    let mut line = Vec::new();
-    loop {
-        let n = read_line(r, &mut line).map_err(|e| match e.kind() {
-            io::ErrorKind::InvalidData => Fail::new(ErrorKind::Malformed, "status line too long"),
-            _ => Fail::io("read status line", e),
-        })?;
-        if n == 0 {
-            return Err(Fail::new(
-                ErrorKind::EofBeforeResponse,
-                "connection closed before any byte of the response",
-            ));
-        }
-        let text = String::from_utf8_lossy(&line);
-        let mut parts = text.trim_end().splitn(3, ' ');
-        let (version, code) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
-        let status: u16 = match (version.starts_with("HTTP/1."), code.parse()) {
-            (true, Ok(s)) if (100..600).contains(&s) => s,
-            _ => {
-                return Err(Fail::new(
-                    ErrorKind::Malformed,
-                    format!("bad status line {text:?}"),
-                ))
-            }
+    use super::*;
+
+    /// One keep-alive client that stops after `requests`.
+    fn one_client(addr: SocketAddr, requests: u64) -> Load {
+        let cfg = LoadConfig {
+            max_requests_per_client: Some(requests),
+            ..LoadConfig::clients(1, 0)
         };
-        let http10 = version == "HTTP/1.0";
-        let mut length: Option<u64> = None;
-        let mut chunked = false;
-        let mut close = http10;
-        loop {
-            let n = read_line(r, &mut line).map_err(|e| match e.kind() {
-                io::ErrorKind::InvalidData => Fail::new(ErrorKind::Malformed, "header too long"),
-                io::ErrorKind::UnexpectedEof => Fail::new(
-                    ErrorKind::EofMidResponse,
-                    "connection closed in the headers",
-                ),
-                _ => Fail::io("read headers", e),
-            })?;
-            if n == 0 {
-                return Err(Fail::new(
-                    ErrorKind::EofMidResponse,
-                    "connection closed in the headers",
-                ));
+        Load::start(addr, cfg)
+    }
+
+    /// The load client sees the keep-alive race that a server closing idle
+    /// keep-alive connections causes, and reports it by kind.
+    #[test]
+    fn load_reports_a_server_that_closes_keepalive_connections() {
+        let socket = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = socket.local_addr().unwrap();
+        // Answers exactly one request per connection without `Connection: close`,
+        // then closes: every second request of a keep-alive client is lost.
+        let server = std::thread::spawn(move || {
+            for stream in socket.incoming().take(10) {
+                let mut s = stream.unwrap();
+                let mut buf = [0u8; 1024];
+                let _ = s.read(&mut buf);
+                let _ = s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok");
             }
-            let h = String::from_utf8_lossy(&line);
-            let h = h.trim_end();
-            if h.is_empty() {
-                break;
-            }
-            let Some((name, value)) = h.split_once(':') else {
-                return Err(Fail::new(ErrorKind::Malformed, format!("bad header {h:?}")));
-            };
-            let (name, value) = (
-                name.trim().to_ascii_lowercase(),
-                value.trim().to_ascii_lowercase(),
-            );
-            match name.as_str() {
-                "content-length" => {
-                    length = Some(value.parse().map_err(|_| {
-                        Fail::new(
-                            ErrorKind::Malformed,
-                            format!("bad content-length {value:?}"),
-                        )
-                    })?)
-                }
-                "transfer-encoding" => chunked = value.split(',').any(|v| v.trim() == "chunked"),
-                "connection" => {
-                    for token in value.split(',').map(str::trim) {
-                        match token {
-                            "close" => close = true,
-                            "keep-alive" if http10 => close = false,
-                            _ => {}
-                        }
-                    }
-                }
-                _ => {}
-            }
-        }
-        if (100..200).contains(&status) && status != 101 {
-            continue; // an interim response; the real one follows
-        }
-        let body = if status == 204 || status == 304 {
-            Vec::new()
-        } else if chunked {
-            read_chunked(r)?
-        } else if let Some(len) = length {
-            let mut body = Vec::new();
-            let got = Read::take(&mut *r, len)
-                .read_to_end(&mut body)
-                .map_err(|e| Fail::io("read body", e))?;
-            if (got as u64) < len {
-                return Err(Fail::new(
-                    ErrorKind::EofMidResponse,
-                    format!("connection closed after {got} of {len} body bytes"),
-                ));
-            }
-            body
-        } else {
-            // Delimited by the end of the connection.
-            close = true;
-            let mut body = Vec::new();
-            r.read_to_end(&mut body)
-                .map_err(|e| Fail::io("read body to EOF", e))?;
-            body
-        };
-        return Ok(Reply {
-            status,
-            close,
-            body,
         });
+        let load = one_client(addr, 20);
+        assert!(load.wait_until(Duration::from_secs(20), |ok, errors| ok + errors >= 20));
+        server.join().unwrap();
+        let report = load.stop();
+        assert_eq!(report.ok, 10, "{report}");
+        let lost = report
+            .errors
+            .get(&ErrorKind::EofBeforeResponse)
+            .copied()
+            .unwrap_or(0)
+            + report.errors.get(&ErrorKind::Reset).copied().unwrap_or(0);
+        assert_eq!(lost, 10, "{report}");
+        assert!(!report.first_errors.is_empty());
     }
-}
 
-fn read_chunked(r: &mut impl BufRead) -> Result<Vec<u8>, Fail> {
-    let eof = |what: &str| {
-        Fail::new(
-            ErrorKind::EofMidResponse,
-            format!("connection closed in {what}"),
-        )
-    };
-    let mut body = Vec::new();
-    let mut line = Vec::new();
-    loop {
-        if read_line(r, &mut line).map_err(|e| Fail::io("read chunk size", e))? == 0 {
-            return Err(eof("a chunk size"));
-        }
-        let text = String::from_utf8_lossy(&line);
-        let size = text.trim_end().split(';').next().unwrap_or("").trim();
-        let size = u64::from_str_radix(size, 16)
-            .map_err(|_| Fail::new(ErrorKind::Malformed, format!("bad chunk size {text:?}")))?;
-        if size == 0 {
-            // Trailers, up to an empty line.
-            loop {
-                if read_line(r, &mut line).map_err(|e| Fail::io("read trailers", e))? == 0 {
-                    return Err(eof("the trailers"));
+    /// Chunked bodies, `Connection: close` and non-2xx responses are parsed.
+    #[test]
+    fn load_parses_chunked_and_counts_status_errors() {
+        let socket = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = socket.local_addr().unwrap();
+        let server = std::thread::spawn(move || {
+            let replies: [&[u8]; 3] = [
+                b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n2;x=y\r\nde\r\n0\r\nT: v\r\n\r\n",
+                b"HTTP/1.1 503 Busy\r\nContent-Length: 4\r\n\r\nbusy",
+                b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 3\r\n\r\nbye",
+            ];
+            let (mut s, _) = socket.accept().unwrap();
+            let mut socket = Some(socket);
+            for (i, reply) in replies.into_iter().enumerate() {
+                let mut buf = [0u8; 1024];
+                let _ = s.read(&mut buf).unwrap();
+                if i == replies.len() - 1 {
+                    socket = None; // the reconnect after `Connection: close` is refused
                 }
-                if line == b"\r\n" || line == b"\n" {
-                    return Ok(body);
-                }
+                s.write_all(reply).unwrap();
             }
-        }
-        let got = Read::take(&mut *r, size)
-            .read_to_end(&mut body)
-            .map_err(|e| Fail::io("read chunk", e))?;
-        if (got as u64) < size {
-            return Err(eof("a chunk"));
-        }
-        if read_line(r, &mut line).map_err(|e| Fail::io("read chunk end", e))? == 0 {
-            return Err(eof("a chunk end"));
-        }
-        if line != b"\r\n" && line != b"\n" {
-            return Err(Fail::new(
-                ErrorKind::Malformed,
-                "chunk not followed by CRLF",
-            ));
-        }
+            drop((s, socket));
+        });
+        let load = one_client(addr, 4);
+        assert!(load.wait_until(Duration::from_secs(20), |_, errors| errors >= 2));
+        server.join().unwrap();
+        let report = load.stop();
+        assert_eq!(report.ok, 2, "{report}");
+        assert_eq!(report.errors.get(&ErrorKind::Status), Some(&1), "{report}");
+        assert_eq!(report.errors.get(&ErrorKind::Refused), Some(&1), "{report}");
+        let bodies: Vec<&str> = report.bodies.iter().map(|b| b.body.as_str()).collect();
+        assert_eq!(bodies, ["abcde", "bye"]);
+        assert_eq!(report.clients[0].server_closes, 1);
     }
 }

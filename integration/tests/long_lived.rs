@@ -10,9 +10,6 @@
 //! event exactly once; an upgrade request sent to a draining process ends
 //! on the new process; at the drain timeout the log counts what was cut.
 
-#[path = "support/server.rs"]
-mod server;
-
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
@@ -24,13 +21,14 @@ use futures_util::{SinkExt, StreamExt};
 use http_body_util::{BodyExt, Empty};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncReadExt;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::{self, Message};
 
-use server::{alive, become_subreaper, fresh_example, reap, wait_for, Server};
-
-const T: Duration = Duration::from_secs(30);
+use support::http::Conn;
+use support::process::{alive, reap};
+use support::server::Server;
+use support::{program, wait_for, TIMEOUT};
 
 fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread()
@@ -157,6 +155,20 @@ async fn ws_client(
     }
 }
 
+/// `n` old processes logged that they drained, each saying `field`.
+#[track_caller]
+fn each_drained(server: &Server, n: usize, field: &str) {
+    let log = server.log.text();
+    let drained: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("drained; exiting"))
+        .collect();
+    assert_eq!(drained.len(), n, "{log}");
+    for line in drained {
+        assert!(line.contains(field), "{field}: {line}");
+    }
+}
+
 /// 20 WebSocket clients across 10 upgrades: each connection open at an
 /// upgrade gets 1001 and reconnects to the new process, none is cut, and
 /// every message is acknowledged in the end.
@@ -164,8 +176,7 @@ async fn ws_client(
 fn websockets_get_going_away_and_reconnect_across_ten_upgrades() {
     const CLIENTS: usize = 20;
     const UPGRADES: usize = 10;
-    become_subreaper();
-    let server = Server::start(&fresh_example("websocket"), &["--addr", "127.0.0.1:0"], &[]);
+    let mut server = Server::start(program!("websocket"), &[], &[]);
     let addr = server.addr();
     let url = format!("ws://{addr}/ws");
     let rt = runtime();
@@ -184,7 +195,7 @@ fn websockets_get_going_away_and_reconnect_across_ten_upgrades() {
         })
         .collect();
     let all_on = |pid: u32| {
-        wait_for(&format!("every client on pid {pid}"), T, || {
+        wait_for(&format!("every client on pid {pid}"), TIMEOUT, || {
             pids.iter()
                 .all(|p| p.load(Ordering::SeqCst) == pid)
                 .then_some(())
@@ -195,16 +206,14 @@ fn websockets_get_going_away_and_reconnect_across_ten_upgrades() {
     // Traffic between upgrades: 400 messages (20 per client, 0.4 s).
     let sent_before = |n: u64| {
         let since = counts.sent.load(Ordering::Relaxed);
-        wait_for("messages to flow", T, || {
+        wait_for("messages to flow", TIMEOUT, || {
             (counts.sent.load(Ordering::Relaxed) >= since + n).then_some(())
         })
     };
     sent_before(400);
     let mut olds = Vec::new();
-    for i in 1..=UPGRADES {
-        let (old, new) = server.upgrade(T);
-        let code = reap(old, T);
-        assert_eq!(code, 0, "upgrade {i}: old process {old} exited with {code}");
+    for _ in 1..=UPGRADES {
+        let (old, new) = server.upgrade_and_reap();
         all_on(new);
         sent_before(400);
         olds.push(old);
@@ -213,7 +222,7 @@ fn websockets_get_going_away_and_reconnect_across_ten_upgrades() {
     let mut messages = 0;
     for (id, c) in clients.into_iter().enumerate() {
         let (acked, sent) = rt
-            .block_on(async { tokio::time::timeout(T, c).await })
+            .block_on(async { tokio::time::timeout(TIMEOUT, c).await })
             .expect("client finishes")
             .unwrap();
         let all: BTreeSet<u64> = (0..sent).collect();
@@ -243,18 +252,8 @@ fn websockets_get_going_away_and_reconnect_across_ten_upgrades() {
     assert_eq!(get(&counts.connections), (CLIENTS * (UPGRADES + 1)) as u64);
     assert!(messages >= 4_400, "{messages} messages");
     // Each old process says it closed its 20 sockets in time.
+    each_drained(&server, UPGRADES, &format!("long_lived_closed={CLIENTS}"));
     let log = server.log.text();
-    let drained: Vec<&str> = log
-        .lines()
-        .filter(|l| l.contains("drained; exiting"))
-        .collect();
-    assert_eq!(drained.len(), UPGRADES, "{log}");
-    for line in drained {
-        assert!(
-            line.contains(&format!("long_lived_closed={CLIENTS}")),
-            "{line}"
-        );
-    }
     assert!(!log.contains("drain timeout expired"), "{log}");
     for old in olds {
         assert!(!alive(old));
@@ -320,7 +319,7 @@ async fn sse_client(addr: SocketAddr, seen: Arc<Mutex<SseSeen>>, stop: Arc<Atomi
             req = req.header("last-event-id", last.to_string());
         }
         let res = tokio::select! {
-            r = tokio::time::timeout(T, client.request(req.body(Empty::new()).unwrap())) => {
+            r = tokio::time::timeout(TIMEOUT, client.request(req.body(Empty::new()).unwrap())) => {
                 r.expect("the stream's response headers arrive within the bound")
             }
             _ = stopped(&stop) => return,
@@ -371,29 +370,27 @@ async fn sse_client(addr: SocketAddr, seen: Arc<Mutex<SseSeen>>, stop: Arc<Atomi
 #[test]
 fn server_sent_events_arrive_exactly_once_across_ten_upgrades() {
     const UPGRADES: usize = 10;
-    become_subreaper();
-    let server = Server::start(&fresh_example("sse"), &["--addr", "127.0.0.1:0"], &[]);
+    let mut server = Server::start(program!("sse"), &[], &[]);
     let addr = server.addr();
     let rt = runtime();
     let seen = Arc::new(Mutex::new(SseSeen::default()));
     let stop = Arc::new(AtomicBool::new(false));
     let client = rt.spawn(sse_client(addr, seen.clone(), stop.clone()));
     let events_from = |pid: u32| {
-        wait_for(&format!("events from pid {pid}"), T, || {
+        wait_for(&format!("events from pid {pid}"), TIMEOUT, || {
             let s = seen.lock().unwrap();
             (s.pid == pid && s.on_stream >= 10).then_some(())
         })
     };
     events_from(server.pid().unwrap());
     let mut olds = Vec::new();
-    for i in 1..=UPGRADES {
-        let (old, new) = server.upgrade(T);
-        assert_eq!(reap(old, T), 0, "upgrade {i}");
+    for _ in 1..=UPGRADES {
+        let (old, new) = server.upgrade_and_reap();
         events_from(new);
         olds.push(old);
     }
     stop.store(true, Ordering::SeqCst);
-    rt.block_on(async { tokio::time::timeout(T, client).await })
+    rt.block_on(async { tokio::time::timeout(TIMEOUT, client).await })
         .expect("client stops")
         .unwrap();
     let s = seen.lock().unwrap();
@@ -412,15 +409,7 @@ fn server_sent_events_arrive_exactly_once_across_ten_upgrades() {
     );
     assert_eq!(s.cut, 0);
     assert!(s.ended >= UPGRADES as u64);
-    let log = server.log.text();
-    let drained: Vec<&str> = log
-        .lines()
-        .filter(|l| l.contains("drained; exiting"))
-        .collect();
-    assert_eq!(drained.len(), UPGRADES, "{log}");
-    for line in drained {
-        assert!(line.contains("long_lived_closed=1"), "{line}");
-    }
+    each_drained(&server, UPGRADES, "long_lived_closed=1");
 }
 
 /// The ids around each gap or repeat, for the failure message.
@@ -431,59 +420,26 @@ fn gaps(ids: &[u64]) -> Vec<(u64, u64)> {
         .collect()
 }
 
-/// Reads one HTTP/1.1 response with a `Content-Length` body from `s`.
-async fn read_response(s: &mut tokio::net::TcpStream) -> String {
-    let mut got = Vec::new();
-    loop {
-        let mut buf = [0; 1024];
-        let n = tokio::time::timeout(T, s.read(&mut buf))
-            .await
-            .unwrap()
-            .unwrap();
-        assert!(n > 0, "closed early: {}", String::from_utf8_lossy(&got));
-        got.extend_from_slice(&buf[..n]);
-        let text = String::from_utf8_lossy(&got).into_owned();
-        if let Some((head, body)) = text.split_once("\r\n\r\n") {
-            let len: usize = head
-                .lines()
-                .find_map(|l| {
-                    l.to_ascii_lowercase()
-                        .strip_prefix("content-length:")
-                        .map(|v| v.trim().parse().unwrap())
-                })
-                .unwrap();
-            if body.len() >= len {
-                return text;
-            }
-        }
-    }
-}
-
 /// A WebSocket handshake sent on a keep-alive connection of a process that
 /// is draining gets `503` + `Retry-After: 0` + `Connection: close`; the
 /// client's retry ends on the new process.
 #[test]
 fn an_upgrade_sent_to_a_draining_process_ends_on_the_new_one() {
-    become_subreaper();
-    let server = Server::start(&fresh_example("websocket"), &["--addr", "127.0.0.1:0"], &[]);
+    let server = Server::start(program!("websocket"), &[], &[]);
     let addr = server.addr();
     let rt = runtime();
-    let mut kept = rt.block_on(async {
-        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-        s.write_all(b"GET / HTTP/1.1\r\nHost: test\r\n\r\n")
-            .await
-            .unwrap();
-        let r = read_response(&mut s).await;
-        assert!(r.starts_with("HTTP/1.1 200"), "{r}");
-        s
-    });
+    let mut kept = Conn::open(addr);
+    assert_eq!(kept.get("/").status, 200);
+    let kept = kept.into_stream();
+    kept.set_nonblocking(true).unwrap();
+    let mut kept = rt.block_on(async { tokio::net::TcpStream::from_std(kept).unwrap() });
     let from = server.log.len();
-    let (old, new) = server.upgrade(T);
+    let (old, new) = server.upgrade();
     // The old process has started draining (it logs this after the start).
     server.log.wait_line(
         from,
         &["upgrade complete; draining", &format!("new_pid={new}")],
-        T,
+        TIMEOUT,
     );
     assert!(alive(old), "the kept connection holds the old process");
     let url = format!("ws://{addr}/ws");
@@ -499,7 +455,7 @@ fn an_upgrade_sent_to_a_draining_process_ends_on_the_new_one() {
             other => panic!("expected 503 from the draining process: {other:?}"),
         }
         let mut rest = Vec::new();
-        let n = tokio::time::timeout(T, kept.read_to_end(&mut rest))
+        let n = tokio::time::timeout(TIMEOUT, kept.read_to_end(&mut rest))
             .await
             .unwrap()
             .unwrap();
@@ -521,8 +477,8 @@ fn an_upgrade_sent_to_a_draining_process_ends_on_the_new_one() {
         new,
         "the retry reached the new process"
     );
-    assert_eq!(reap(old, T), 0);
-    let (_, line) = server.log.wait_line(from, &["drained; exiting"], T);
+    assert_eq!(reap(old, TIMEOUT), 0);
+    let (_, line) = server.log.wait_line(from, &["drained; exiting"], TIMEOUT);
     assert!(
         line.contains("long_lived_closed=0"),
         "nothing upgraded there: {line}"
@@ -536,16 +492,8 @@ fn an_upgrade_sent_to_a_draining_process_ends_on_the_new_one() {
 /// while that socket is open.
 #[test]
 fn at_the_drain_timeout_the_log_counts_the_websockets_cut() {
-    become_subreaper();
-    let args = [
-        "--addr",
-        "127.0.0.1:0",
-        "--drain-timeout",
-        "2",
-        "--close-timeout",
-        "30",
-    ];
-    let server = Server::start(&fresh_example("websocket"), &args, &[]);
+    let args = ["--drain-timeout", "2", "--close-timeout", "30"];
+    let server = Server::start(program!("websocket"), &args, &[]);
     let addr = server.addr();
     let url = format!("ws://{addr}/ws");
     let rt = runtime();
@@ -563,10 +511,10 @@ fn at_the_drain_timeout_the_log_counts_the_websockets_cut() {
     });
     let from = server.log.len();
     let hup = Instant::now();
-    let (old, _new) = server.upgrade(T);
+    let (old, _new) = server.upgrade();
     // The polite client gets 1001, answers, and its socket closes.
     rt.block_on(async {
-        match tokio::time::timeout(T, polite.next()).await.unwrap() {
+        match tokio::time::timeout(TIMEOUT, polite.next()).await.unwrap() {
             Some(Ok(Message::Close(Some(f)))) => assert_eq!(f.code, CloseCode::Away),
             other => panic!("expected a 1001 close: {other:?}"),
         }
@@ -575,20 +523,22 @@ fn at_the_drain_timeout_the_log_counts_the_websockets_cut() {
     // The silent one reads nothing, so it never answers: the old process
     // stays for the whole drain timeout.
     assert!(alive(old), "exited with a socket still open");
-    assert_eq!(reap(old, T), 0);
+    assert_eq!(reap(old, TIMEOUT), 0);
     let took = hup.elapsed();
     assert!(
         took >= Duration::from_secs(2),
         "the old process exited {took:?} after the HUP, before its drain timeout"
     );
-    let (_, line) = server.log.wait_line(from, &["drain timeout expired"], T);
+    let (_, line) = server
+        .log
+        .wait_line(from, &["drain timeout expired"], TIMEOUT);
     for field in ["unfinished=1", "long_lived_closed=1", "long_lived_cut=1"] {
         assert!(line.contains(field), "{field}: {line}");
     }
     // What the silent client finds when it reads at last: the 1001, then
     // the end of a connection the server could not close properly.
     rt.block_on(async {
-        match tokio::time::timeout(T, silent.next()).await.unwrap() {
+        match tokio::time::timeout(TIMEOUT, silent.next()).await.unwrap() {
             Some(Ok(Message::Close(Some(f)))) => assert_eq!(f.code, CloseCode::Away),
             other => panic!("expected the 1001 close first: {other:?}"),
         }
@@ -602,9 +552,8 @@ fn at_the_drain_timeout_the_log_counts_the_websockets_cut() {
 /// client sees the body fail.
 #[test]
 fn at_the_drain_timeout_the_log_counts_the_streams_cut() {
-    become_subreaper();
-    let args = ["--addr", "127.0.0.1:0", "--drain-timeout", "4"];
-    let server = Server::start(&fresh_example("sse"), &args, &[]);
+    let args = ["--drain-timeout", "4"];
+    let server = Server::start(program!("sse"), &args, &[]);
     let addr = server.addr();
     let rt = runtime();
     let client = Client::builder(TokioExecutor::new()).build_http::<Empty<Bytes>>();
@@ -627,10 +576,10 @@ fn at_the_drain_timeout_the_log_counts_the_streams_cut() {
     let long = open("/lines?n=600"); // 60 s
     let from = server.log.len();
     let hup = Instant::now();
-    let (old, _new) = server.upgrade(T);
+    let (old, _new) = server.upgrade();
     let ends = rt.block_on(async move {
         let f = |b: hyper::body::Incoming| async move {
-            tokio::time::timeout(T, b.collect())
+            tokio::time::timeout(TIMEOUT, b.collect())
                 .await
                 .unwrap()
                 .map(|_| ())
@@ -644,10 +593,12 @@ fn at_the_drain_timeout_the_log_counts_the_streams_cut() {
     );
     assert!(ends.1.is_ok(), "the short download completes: {:?}", ends.1);
     assert!(ends.2.is_err(), "the long download is cut");
-    assert_eq!(reap(old, T), 0);
+    assert_eq!(reap(old, TIMEOUT), 0);
     let took = hup.elapsed();
     assert!(took >= Duration::from_secs(4), "exited after {took:?}");
-    let (_, line) = server.log.wait_line(from, &["drain timeout expired"], T);
+    let (_, line) = server
+        .log
+        .wait_line(from, &["drain timeout expired"], TIMEOUT);
     for field in ["unfinished=1", "long_lived_closed=2", "long_lived_cut=1"] {
         assert!(line.contains(field), "{field}: {line}");
     }

@@ -6,30 +6,29 @@
 //! root and skip otherwise (and fail under `CI=true`). The terminal tests
 //! run it as a plain child of the test, with no root.
 
-#[path = "support/load.rs"]
-mod load;
-#[path = "support/server.rs"]
-mod server;
-
+use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
-use std::path::PathBuf;
-use std::process::{Child, Command, Output, Stdio};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output};
 use std::time::Duration;
 
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
-use server::{alive, deploy, example, fd_kinds, free_port, get, wait_for, zombie_children, Log};
+use support::http::{free_port, get, greeting, Conn};
+use support::load::{Load, LoadConfig};
+use support::process::{alive, children, fd_kinds, fd_target, host_pid, zombie_children};
+use support::server::{command, Deployed, Log, BROKEN_BUILD, NEVER_READY};
+use support::{program, skip, wait_for, TIMEOUT};
 
-const T: Duration = Duration::from_secs(30);
-
-fn handover() -> &'static str {
-    env!("CARGO_BIN_EXE_handover")
+/// The crate's `handover` command.
+fn handover() -> &'static Path {
+    program!("test-handover")
 }
 
-/// Whether this machine can run the supervisor as PID 1 of a new PID
-/// namespace; says why not (and fails under `CI=true`).
-fn pid1_or_skip(test: &str) -> bool {
+/// Whether this machine can run the supervisor as PID 1 of a new PID namespace; says why not
+/// (and fails under `CI=true`).
+fn pid1_or_skip() -> bool {
     let why = if !nix::unistd::geteuid().is_root() {
         Some("needs root for a PID namespace".to_owned())
     } else {
@@ -47,69 +46,8 @@ fn pid1_or_skip(test: &str) -> bool {
     };
     match why {
         None => true,
-        Some(why) => skip(test, &why),
+        Some(why) => skip(&why),
     }
-}
-
-/// Says why `test` skips; fails instead under `CI=true`.
-fn skip(test: &str, why: &str) -> bool {
-    let ci = std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "0" && v != "false");
-    assert!(!ci, "{test}: cannot run here (CI is set): {why}");
-    eprintln!("SKIP {test}: {why}");
-    false
-}
-
-/// The children of `pid` (any state), from /proc.
-fn children(pid: u32) -> Vec<u32> {
-    let mut out = vec![];
-    for e in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(p) = e.file_name().to_string_lossy().parse::<u32>() else {
-            continue;
-        };
-        let Ok(stat) = std::fs::read_to_string(format!("/proc/{p}/stat")) else {
-            continue;
-        };
-        let ppid = stat
-            .rsplit(')')
-            .next()
-            .and_then(|rest| rest.split_whitespace().nth(1))
-            .and_then(|s| s.parse::<u32>().ok());
-        if ppid == Some(pid) {
-            out.push(p);
-        }
-    }
-    out.sort();
-    out
-}
-
-/// The pid, as this test sees it, of the process `ns_pid` in the PID
-/// namespace of `anchor`.
-fn host_pid(anchor: u32, ns_pid: u32) -> Option<u32> {
-    let ns = std::fs::read_link(format!("/proc/{anchor}/ns/pid")).ok()?;
-    for e in std::fs::read_dir("/proc").ok()?.flatten() {
-        let Ok(p) = e.file_name().to_string_lossy().parse::<u32>() else {
-            continue;
-        };
-        if std::fs::read_link(format!("/proc/{p}/ns/pid"))
-            .ok()
-            .as_ref()
-            != Some(&ns)
-        {
-            continue;
-        }
-        let Ok(status) = std::fs::read_to_string(format!("/proc/{p}/status")) else {
-            continue;
-        };
-        let last = status
-            .lines()
-            .find_map(|l| l.strip_prefix("NSpid:"))
-            .and_then(|l| l.split_whitespace().last())
-            .and_then(|s| s.parse::<u32>().ok());
-        if last == Some(ns_pid) {
-            return Some(p);
-        }
-    }
-    None
 }
 
 /// A supervisor started by a test, as PID 1 of a new PID namespace or as
@@ -124,39 +62,43 @@ struct Supervised {
     in_namespace: bool,
 }
 
+/// A fresh runtime directory (mode 0700) for a supervisor and its commands.
+fn runtime_dir() -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let runtime = dir.path().join("runtime");
+    std::fs::create_dir(&runtime).unwrap();
+    std::fs::set_permissions(&runtime, std::fs::Permissions::from_mode(0o700)).unwrap();
+    (dir, runtime)
+}
+
 impl Supervised {
     /// `handover run ARGS`, with `XDG_RUNTIME_DIR` in a fresh directory.
-    fn start(in_namespace: bool, args: &[&str], dir: tempfile::TempDir) -> Supervised {
-        let runtime = dir.path().join("runtime");
-        std::fs::create_dir(&runtime).unwrap();
-        std::fs::set_permissions(&runtime, std::fs::Permissions::from_mode(0o700)).unwrap();
+    fn start(in_namespace: bool, args: &[&str]) -> Supervised {
+        let (dir, runtime) = runtime_dir();
         let mut cmd = if in_namespace {
-            let mut c = Command::new("unshare");
-            c.args(["--pid", "--fork", "--mount-proc", handover(), "run"]);
+            let mut c = command("unshare");
+            c.args(["--pid", "--fork", "--mount-proc"])
+                .arg(handover())
+                .arg("run");
             c
         } else {
-            let mut c = Command::new(handover());
+            let mut c = command(handover());
             c.arg("run");
             c
         };
         cmd.args(args)
             .current_dir(dir.path())
-            .env("XDG_RUNTIME_DIR", &runtime)
-            .env("RUST_LOG", "info")
-            .env_remove("NOTIFY_SOCKET")
-            .env_remove("LISTEN_FDS")
-            .env_remove("LISTEN_PID")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
-        let mut child = wait_for("the supervisor to start", T, || match cmd.spawn() {
+            .env("XDG_RUNTIME_DIR", &runtime);
+        let mut child = wait_for("the supervisor to start", TIMEOUT, || match cmd.spawn() {
             Err(e) if e.kind() == std::io::ErrorKind::ExecutableFileBusy => None,
             r => Some(r.unwrap()),
         });
         let log = Log::capture(child.stderr.take().unwrap());
         let pid = if in_namespace {
             let unshare = child.id();
-            wait_for("unshare's child", T, || children(unshare).first().copied())
+            wait_for("unshare's child", TIMEOUT, || {
+                children(unshare).first().copied()
+            })
         } else {
             child.id()
         };
@@ -171,7 +113,7 @@ impl Supervised {
     }
 
     fn wait_ready(&self) {
-        self.log.wait_line(0, &["the program is ready"], T);
+        self.log.wait_line(0, &["the program is ready"], TIMEOUT);
     }
 
     /// `handover CMD ARGS` with the same runtime directory.
@@ -220,7 +162,9 @@ impl Supervised {
     /// A pid the supervisor reports, as this test sees it.
     fn host(&self, pid: u32) -> u32 {
         if self.in_namespace {
-            wait_for("the pid in the namespace", T, || host_pid(self.pid, pid))
+            wait_for("the pid in the namespace", TIMEOUT, || {
+                host_pid(self.pid, pid)
+            })
         } else {
             pid
         }
@@ -232,7 +176,7 @@ impl Supervised {
 
     /// Waits (bounded) for the supervisor to exit; its exit code.
     fn wait_exit(&mut self) -> i32 {
-        let status = wait_for("the supervisor to exit", T, || {
+        let status = wait_for("the supervisor to exit", TIMEOUT, || {
             self.child.try_wait().unwrap()
         });
         status.code().unwrap_or(-1)
@@ -243,7 +187,7 @@ impl Supervised {
     fn wait_settled(&self, main: u32) {
         wait_for(
             "the supervisor to have only the main process as child, and no zombie",
-            T,
+            TIMEOUT,
             || (children(self.pid) == [main] && zombie_children(self.pid).is_empty()).then_some(()),
         );
     }
@@ -265,61 +209,50 @@ impl Drop for Supervised {
     }
 }
 
-/// Waits until the load has completed `n` more requests.
-fn traffic_flows(load: &load::Load, n: u64) {
-    let since = load.ok();
-    wait_for("requests to flow", T, || {
-        (load.ok() >= since + n).then_some(())
-    });
+/// A supervisor (as PID 1 of a new namespace or not), ready, running `program` (from a copy
+/// the test may replace) on one listening socket `http` at a free port; its address, and the
+/// copy. `options` go before the listener, `program_args` after the program.
+fn supervise(
+    in_namespace: bool,
+    program: &Path,
+    options: &[&str],
+    program_args: &[&str],
+) -> (Supervised, SocketAddr, Deployed) {
+    let exe = Deployed::copy(program);
+    let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let listen = format!("http={addr}");
+    let mut args = options.to_vec();
+    args.extend(["-l", &listen, "--", exe.path().to_str().unwrap()]);
+    let addr_arg = addr.to_string();
+    for a in program_args {
+        // The program is told the address the supervisor listens on.
+        args.push(if *a == "ADDR" { &addr_arg } else { a });
+    }
+    let sup = Supervised::start(in_namespace, &args);
+    sup.wait_ready();
+    (sup, addr, exe)
 }
 
-/// A copy of an example in a fresh directory (so a test can replace it).
-fn copy_of(name: &str) -> (tempfile::TempDir, PathBuf, Vec<u8>) {
-    let dir = tempfile::tempdir().unwrap();
-    let exe = dir.path().join(name);
-    let real = std::fs::read(example(name)).unwrap();
-    deploy(&exe, &real, 0o755);
-    (dir, exe, real)
-}
-
-fn fd_target(pid: u32, fd: u32) -> String {
-    std::fs::read_link(format!("/proc/{pid}/fd/{fd}"))
-        .map(|p| p.display().to_string())
-        .unwrap_or_else(|e| format!("({e})"))
+/// hello under the supervisor in handoff mode, told the supervisor's address.
+fn handoff_hello(in_namespace: bool) -> (Supervised, SocketAddr, Deployed) {
+    let options = ["--reload", "handoff"];
+    supervise(
+        in_namespace,
+        program!("hello"),
+        &options,
+        &["--addr", "ADDR"],
+    )
 }
 
 #[test]
 fn hello_upgrades_itself_twenty_times_under_load_as_pid_1() {
-    if !pid1_or_skip("hello_upgrades_itself_twenty_times_under_load_as_pid_1") {
+    if !pid1_or_skip() {
         return;
     }
-    let (dir, exe, _) = copy_of("hello");
-    let port = free_port();
-    let listen = format!("http=127.0.0.1:{port}");
-    let addr = format!("127.0.0.1:{port}");
-    let exe = exe.to_str().unwrap();
-    let sup = Supervised::start(
-        true,
-        &[
-            "--reload", "handoff", "-l", &listen, "--", exe, "--addr", &addr,
-        ],
-        dir,
-    );
-    sup.wait_ready();
-    assert_eq!(
-        get(addr.parse().unwrap(), "/").1,
-        "Welcome to the Home Page!\n"
-    );
-
-    let load = load::Load::start(
-        addr.parse().unwrap(),
-        load::LoadConfig {
-            keepalive_clients: 4,
-            per_request_clients: 4,
-            ..Default::default()
-        },
-    );
-    traffic_flows(&load, 50);
+    let (sup, addr, _exe) = handoff_hello(true);
+    assert_eq!(greeting(addr), "Welcome to the Home Page!");
+    let load = Load::start(addr, LoadConfig::clients(4, 4));
+    load.assert_flows(50);
     let mut mains = vec![sup.main_pid()];
     for i in 1..=20 {
         let new = if i % 2 == 0 {
@@ -328,7 +261,7 @@ fn hello_upgrades_itself_twenty_times_under_load_as_pid_1() {
             // SIGHUP to the supervisor: the same reload, without an answer.
             let old = *mains.last().unwrap();
             sup.signal(Signal::SIGHUP);
-            wait_for("a new main process after SIGHUP", T, || {
+            wait_for("a new main process after SIGHUP", TIMEOUT, || {
                 Some(sup.main_pid()).filter(|p| *p != old)
             })
         };
@@ -337,18 +270,15 @@ fn hello_upgrades_itself_twenty_times_under_load_as_pid_1() {
         let host = sup.host(new);
         assert!(children(sup.pid).contains(&host), "reload {i}");
         mains.push(new);
-        traffic_flows(&load, 20);
+        load.assert_flows(20);
     }
     let report = load.stop();
-    eprintln!("{report}");
-    report.assert_no_errors();
-    assert!(report.ok > 1000, "too little load: {report}");
+    report.assert_lost_nothing(1000);
 
     let main = sup.host(*mains.last().unwrap());
     sup.wait_settled(main);
-    sup.log.wait_line(0, &["ready", "generation=20"], T);
-    // The terminal is kept: the twentieth generation writes where the
-    // supervisor writes.
+    sup.log.wait_line(0, &["ready", "generation=20"], TIMEOUT);
+    // The terminal is kept: the twentieth generation writes where the supervisor writes.
     for fd in [1, 2] {
         assert_eq!(fd_target(main, fd), fd_target(sup.pid, fd), "fd {fd}");
     }
@@ -356,45 +286,27 @@ fn hello_upgrades_itself_twenty_times_under_load_as_pid_1() {
     sup.signal(Signal::SIGINT);
     assert_eq!(sup.wait_exit(), 0, "hello exits 0 after SIGINT");
     assert!(!alive(main));
-    eprintln!(
-        "hello under handover run as PID 1: 20 reloads (10 handover reload, exit 0 each; 10 SIGHUP), {} requests, {} failed",
-        report.ok,
-        report.errors_total()
-    );
+    eprintln!("hello under handover run as PID 1: 20 reloads (10 handover reload, 10 SIGHUP)");
 }
 
 #[test]
 fn a_program_not_built_on_handover_restarts_twenty_times_without_a_failed_request() {
-    if !pid1_or_skip(
-        "a_program_not_built_on_handover_restarts_twenty_times_without_a_failed_request",
-    ) {
+    if !pid1_or_skip() {
         return;
     }
-    let (dir, exe, _) = copy_of("plain_server");
-    let port = free_port();
-    let listen = format!("http=127.0.0.1:{port}");
-    let sup = Supervised::start(true, &["-l", &listen, "--", exe.to_str().unwrap()], dir);
-    sup.wait_ready();
+    let (sup, addr, _exe) = supervise(true, program!("plain_server"), &[], &[]);
     let fds_at_start = fd_kinds(sup.pid);
-    let addr = format!("127.0.0.1:{port}").parse().unwrap();
-    let load = load::Load::start(
-        addr,
-        load::LoadConfig {
-            keepalive_clients: 0,
-            per_request_clients: 8,
-            ..Default::default()
-        },
-    );
-    traffic_flows(&load, 50);
+    let load = Load::start(addr, LoadConfig::clients(0, 8));
+    load.assert_flows(50);
     let mut mains = vec![sup.main_pid()];
     for i in 1..=20 {
         let new = if i < 20 {
             sup.reload_ok()
         } else {
-            // The systemd-side command speaks the same protocol (it sends
-            // its environment too, which the supervisor does not apply).
+            // The systemd-side command speaks the same protocol (it sends its environment
+            // too, which the supervisor does not apply).
             let socket = sup.runtime.join("handover/plain_server.sock");
-            let out = Command::new(env!("CARGO_BIN_EXE_handover-reload"))
+            let out = Command::new(program!("test-handover-reload"))
                 .arg("--socket")
                 .arg(&socket)
                 .output()
@@ -406,22 +318,17 @@ fn a_program_not_built_on_handover_restarts_twenty_times_without_a_failed_reques
         assert!(!mains.contains(&new), "reload {i}: pid {new} seen before");
         let old = *mains.last().unwrap();
         // The old instance got SIGTERM, drained and exited 0.
-        sup.log.wait_line(
-            0,
-            &[
-                "old instance exited",
-                &format!("pid={old} "),
-                "exit status 0",
-            ],
-            T,
-        );
+        let needles = [
+            "old instance exited",
+            &format!("pid={old} "),
+            "exit status 0",
+        ];
+        sup.log.wait_line(0, &needles, TIMEOUT);
         mains.push(new);
-        traffic_flows(&load, 20);
+        load.assert_flows(20);
     }
     let report = load.stop();
-    eprintln!("{report}");
-    report.assert_no_errors();
-    assert!(report.ok > 500, "too little load: {report}");
+    report.assert_lost_nothing(500);
     // Each instance answered some of the requests.
     assert!(report.bodies.len() >= 10, "{report}");
     let main = sup.host(*mains.last().unwrap());
@@ -429,59 +336,36 @@ fn a_program_not_built_on_handover_restarts_twenty_times_without_a_failed_reques
     // No fd left behind by 20 instances and 20 control connections.
     wait_for(
         "the supervisor's fds to be what they were at start",
-        T,
+        TIMEOUT,
         || (fd_kinds(sup.pid) == fds_at_start).then_some(()),
     );
     let mut sup = sup;
     sup.signal(Signal::SIGTERM);
     assert_eq!(sup.wait_exit(), 0);
-    eprintln!(
-        "plain_server under handover run as PID 1: 20 reloads (19 handover reload + 1 handover-reload --socket, exit 0 each), {} connection-per-request requests, {} failed",
-        report.ok,
-        report.errors_total()
-    );
+    eprintln!("plain_server under handover run as PID 1: 20 reloads (19 handover reload, 1 handover-reload --socket)");
 }
 
 #[test]
 fn a_broken_new_binary_fails_the_reload_and_the_old_keeps_serving() {
-    if !pid1_or_skip("a_broken_new_binary_fails_the_reload_and_the_old_keeps_serving") {
+    if !pid1_or_skip() {
         return;
     }
     // Restart mode: the supervisor starts the new binary itself.
-    let (dir, exe, real) = copy_of("plain_server");
-    let port = free_port();
-    let listen = format!("http=127.0.0.1:{port}");
-    let args = [
-        "--ready-timeout",
-        "1",
-        "-l",
-        &listen,
-        "--",
-        exe.to_str().unwrap(),
-    ];
-    let sup = Supervised::start(true, &args, dir);
-    sup.wait_ready();
-    let addr = format!("127.0.0.1:{port}").parse().unwrap();
-    let load = load::Load::start(
-        addr,
-        load::LoadConfig {
-            keepalive_clients: 0,
-            per_request_clients: 4,
-            ..Default::default()
-        },
-    );
-    traffic_flows(&load, 20);
+    let options = ["--ready-timeout", "1"];
+    let (sup, addr, exe) = supervise(true, program!("plain_server"), &options, &[]);
+    let load = Load::start(addr, LoadConfig::clients(0, 4));
+    load.assert_flows(20);
     let main = sup.main_pid();
     let cases: [(&str, &[u8], u32, &str); 3] = [
         (
             "exits",
-            b"#!/bin/sh\nexit 3\n",
+            BROKEN_BUILD,
             0o755,
             "exited before it was ready: exit status 3",
         ),
         (
             "never ready",
-            b"#!/bin/sh\nexec sleep 30\n",
+            NEVER_READY,
             0o755,
             "was not ready within 1s; killed",
         ),
@@ -493,46 +377,31 @@ fn a_broken_new_binary_fails_the_reload_and_the_old_keeps_serving() {
         ),
     ];
     for (what, contents, mode, want) in cases {
-        deploy(&exe, contents, mode);
+        exe.replace(contents, mode);
         let (code, stdout, stderr) = sup.reload();
         assert_eq!(code, 1, "{what}: {stdout} {stderr}");
         assert!(stderr.contains(want), "{what}: {stderr}");
         assert_eq!(sup.main_pid(), main, "{what}: the old one is still main");
-        traffic_flows(&load, 10);
+        load.assert_flows(10);
         eprintln!(
             "restart, new binary {what}: handover reload exit {code}: {}",
             stderr.trim()
         );
     }
-    deploy(&exe, &real, 0o755);
+    exe.restore();
     let new = sup.reload_ok();
     assert_ne!(new, main);
-    traffic_flows(&load, 10);
+    load.assert_flows(10);
     let report = load.stop();
     report.assert_no_errors();
     sup.wait_settled(sup.host(new));
     drop(sup);
 
-    // Handoff mode: hello starts the broken binary, which the supervisor
-    // reaps (it is its child through CLONE_PARENT).
-    let (dir, exe, real) = copy_of("hello");
-    let port = free_port();
-    let listen = format!("http=127.0.0.1:{port}");
-    let addr = format!("127.0.0.1:{port}");
-    let args = [
-        "--reload",
-        "handoff",
-        "-l",
-        &listen,
-        "--",
-        exe.to_str().unwrap(),
-        "--addr",
-        &addr,
-    ];
-    let sup = Supervised::start(true, &args, dir);
-    sup.wait_ready();
+    // Handoff mode: hello starts the broken binary, which the supervisor reaps (it is its
+    // child through CLONE_PARENT).
+    let (sup, addr, exe) = handoff_hello(true);
     let main = sup.main_pid();
-    deploy(&exe, b"#!/bin/sh\nexit 3\n", 0o755);
+    exe.replace(BROKEN_BUILD, 0o755);
     let (code, stdout, stderr) = sup.reload();
     assert_eq!(code, 1, "{stdout} {stderr}");
     assert!(
@@ -544,43 +413,24 @@ fn a_broken_new_binary_fails_the_reload_and_the_old_keeps_serving() {
         stderr.trim()
     );
     assert_eq!(sup.main_pid(), main);
-    assert_eq!(get(addr.parse().unwrap(), "/").0, 200);
+    assert_eq!(get(addr, "/").status, 200);
     sup.wait_settled(sup.host(main));
-    deploy(&exe, &real, 0o755);
+    exe.restore();
     assert_ne!(sup.reload_ok(), main, "the next reload works");
 }
 
 #[test]
 fn sigint_stops_everything_with_the_programs_exit_status() {
-    if !pid1_or_skip("sigint_stops_everything_with_the_programs_exit_status") {
+    if !pid1_or_skip() {
         return;
     }
-    // An old instance still draining a connection when SIGINT arrives:
-    // the supervisor waits for it (at most the stop timeout), then exits
-    // with the main process's status.
-    let (dir, exe, _) = copy_of("plain_server");
-    let port = free_port();
-    let listen = format!("http=127.0.0.1:{port}");
-    let args = [
-        "--stop-timeout",
-        "2",
-        "-l",
-        &listen,
-        "--",
-        exe.to_str().unwrap(),
-    ];
-    let mut sup = Supervised::start(true, &args, dir);
-    sup.wait_ready();
-    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    // An old instance still draining a connection when SIGINT arrives: the supervisor waits
+    // for it (at most the stop timeout), then exits with the main process's status.
+    let options = ["--stop-timeout", "2"];
+    let (mut sup, addr, _exe) = supervise(true, program!("plain_server"), &options, &[]);
     // A keep-alive connection to the first instance, which it will drain.
-    let mut held = std::net::TcpStream::connect(addr).unwrap();
-    {
-        use std::io::{Read, Write};
-        write!(held, "GET / HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
-        let mut buf = [0u8; 256];
-        let n = held.read(&mut buf).unwrap();
-        assert!(buf[..n].starts_with(b"HTTP/1.1 200"));
-    }
+    let mut held = Conn::open(addr);
+    assert_eq!(held.get("/").status, 200);
     let old = sup.host(sup.main_pid());
     let new = sup.host(sup.reload_ok());
     assert!(alive(old), "the old instance drains the held connection");
@@ -590,20 +440,18 @@ fn sigint_stops_everything_with_the_programs_exit_status() {
     sup.log.wait_line(
         0,
         &["old instance", "did not exit within the stop timeout"],
-        T,
+        TIMEOUT,
     );
     drop(held);
 
-    // The program's own status comes back: an exit code, and a signal as
-    // 128 + its number.
+    // The program's own status comes back: an exit code, and a signal as 128 + its number.
     let cases: [(&str, i32); 2] = [
         ("trap 'exit 7' INT; echo armed >&2; sleep 30 & wait", 7),
         ("echo armed >&2; exec sleep 30", 130),
     ];
     for (script, want) in cases {
-        let dir = tempfile::tempdir().unwrap();
-        let mut sup = Supervised::start(true, &["--ready", "0", "--", "sh", "-c", script], dir);
-        sup.log.wait_line(0, &["armed"], T);
+        let mut sup = Supervised::start(true, &["--ready", "0", "--", "sh", "-c", script]);
+        sup.log.wait_line(0, &["armed"], TIMEOUT);
         sup.wait_ready();
         sup.signal(Signal::SIGINT);
         assert_eq!(sup.wait_exit(), want, "{script}");
@@ -613,15 +461,14 @@ fn sigint_stops_everything_with_the_programs_exit_status() {
 
 #[test]
 fn orphans_are_reaped_as_pid_1() {
-    if !pid1_or_skip("orphans_are_reaped_as_pid_1") {
+    if !pid1_or_skip() {
         return;
     }
-    let dir = tempfile::tempdir().unwrap();
     let script = "(sleep 1 &); echo armed >&2; exec sleep 30";
-    let mut sup = Supervised::start(true, &["--ready", "0", "--", "sh", "-c", script], dir);
-    sup.log.wait_line(0, &["armed"], T);
+    let mut sup = Supervised::start(true, &["--ready", "0", "--", "sh", "-c", script]);
+    sup.log.wait_line(0, &["armed"], TIMEOUT);
     // The orphaned `sleep 1` is the supervisor's child now...
-    wait_for("the orphan to be reparented to PID 1", T, || {
+    wait_for("the orphan to be reparented to PID 1", TIMEOUT, || {
         (children(sup.pid).len() == 2).then_some(())
     });
     // ...and once it exits, it is reaped: no zombie.
@@ -634,31 +481,16 @@ fn orphans_are_reaped_as_pid_1() {
 #[test]
 fn in_a_terminal_the_program_stays_the_supervisors_child_across_upgrades() {
     // No namespace and no root: handover run in a developer's shell.
-    let (dir, exe, _) = copy_of("hello");
-    let port = free_port();
-    let listen = format!("http=127.0.0.1:{port}");
-    let addr = format!("127.0.0.1:{port}");
-    let args = [
-        "--reload",
-        "handoff",
-        "-l",
-        &listen,
-        "--",
-        exe.to_str().unwrap(),
-        "--addr",
-        &addr,
-    ];
-    let mut sup = Supervised::start(false, &args, dir);
-    sup.wait_ready();
+    let (mut sup, addr, _exe) = handoff_hello(false);
     let first = sup.main_pid();
     let mut main = first;
     for _ in 0..3 {
         sup.signal(Signal::SIGHUP);
-        main = wait_for("a new main process", T, || {
+        main = wait_for("a new main process", TIMEOUT, || {
             Some(sup.main_pid()).filter(|p| *p != main)
         });
         assert!(children(sup.pid).contains(&main));
-        assert_eq!(get(addr.parse().unwrap(), "/").0, 200);
+        assert_eq!(get(addr, "/").status, 200);
     }
     sup.wait_settled(main);
     assert!(!alive(first));
@@ -681,46 +513,42 @@ fn in_a_terminal_the_program_stays_the_supervisors_child_across_upgrades() {
 
 #[test]
 fn ctrl_c_in_a_terminal_reaches_the_program_once() {
-    // `script` gives the supervisor a terminal; ^C written to it makes the
-    // terminal send SIGINT to the foreground process group: the supervisor
-    // and the program. The supervisor must not send it a second time.
+    // `script` gives the supervisor a terminal; ^C written to it makes the terminal send
+    // SIGINT to the foreground process group: the supervisor and the program. The supervisor
+    // must not send it a second time.
     if Command::new("script").arg("--version").output().is_err() {
-        skip(
-            "ctrl_c_in_a_terminal_reaches_the_program_once",
-            "no `script` command (util-linux / bsdutils)",
-        );
+        skip("no `script` command (util-linux / bsdutils)");
         return;
     }
-    let dir = tempfile::tempdir().unwrap();
-    let runtime = dir.path().join("runtime");
-    std::fs::create_dir(&runtime).unwrap();
-    // After the first SIGINT it waits one more second, in which a second
-    // one would be counted too; the trap kills the sleep it interrupts.
+    let (_dir, runtime) = runtime_dir();
+    // After the first SIGINT it waits one more second, in which a second one would be counted
+    // too; the trap kills the sleep it interrupts.
     let program =
         "trap 'echo got-int; kill \\$! 2>/dev/null' INT; sleep 30 & echo armed; wait; sleep 1 & wait; exit 5";
     let inner = format!(
         "exec {} run --no-control --ready 0 -- sh -c \"{program}\"",
-        handover()
+        handover().display()
     );
-    let mut child = Command::new("script")
-        .args(["-qfec", &inner, "/dev/null"])
+    let mut cmd = command("script");
+    cmd.args(["-qfec", &inner, "/dev/null"])
         .env("XDG_RUNTIME_DIR", &runtime)
-        .env("RUST_LOG", "info")
-        .env_remove("NOTIFY_SOCKET")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null());
+    let mut child = cmd.spawn().unwrap();
     let log = Log::capture(child.stdout.take().unwrap());
     let mut stdin = child.stdin.take().unwrap();
-    log.wait_line(0, &["armed"], T);
-    log.wait_line(0, &["the program is ready"], T);
+    log.wait_line(0, &["armed"], TIMEOUT);
+    log.wait_line(0, &["the program is ready"], TIMEOUT);
     use std::io::Write;
     stdin.write_all(b"\x03").unwrap();
     stdin.flush().unwrap();
-    log.wait_line(0, &["the terminal sent the signal to the program too"], T);
-    let status = wait_for("script to exit", T, || child.try_wait().unwrap());
+    log.wait_line(
+        0,
+        &["the terminal sent the signal to the program too"],
+        TIMEOUT,
+    );
+    let status = wait_for("script to exit", TIMEOUT, || child.try_wait().unwrap());
     let text = log.text();
     assert_eq!(
         text.matches("got-int").count(),
@@ -733,32 +561,13 @@ fn ctrl_c_in_a_terminal_reaches_the_program_once() {
 
 #[test]
 fn a_program_that_cannot_notify_is_ready_after_a_delay() {
-    // `--ready SECS`: no READY=1 ever; a new instance counts as ready once
-    // it has run that long. No root needed.
-    let (dir, exe, _) = copy_of("plain_server");
-    let port = free_port();
-    let listen = format!("http=127.0.0.1:{port}");
-    let args = [
-        "--ready",
-        "0.3",
-        "-l",
-        &listen,
-        "--",
-        exe.to_str().unwrap(),
-        "--no-notify",
-    ];
-    let mut sup = Supervised::start(false, &args, dir);
-    sup.wait_ready();
-    let addr = format!("127.0.0.1:{port}").parse().unwrap();
-    let load = load::Load::start(
-        addr,
-        load::LoadConfig {
-            keepalive_clients: 0,
-            per_request_clients: 4,
-            ..Default::default()
-        },
-    );
-    traffic_flows(&load, 20);
+    // `--ready SECS`: no READY=1 ever; a new instance counts as ready once it has run that
+    // long. No root needed.
+    let options = ["--ready", "0.3"];
+    let (mut sup, addr, _exe) =
+        supervise(false, program!("plain_server"), &options, &["--no-notify"]);
+    let load = Load::start(addr, LoadConfig::clients(0, 4));
+    load.assert_flows(20);
     let mut main = sup.main_pid();
     for _ in 0..3 {
         let started = std::time::Instant::now();
@@ -769,7 +578,7 @@ fn a_program_that_cannot_notify_is_ready_after_a_delay() {
         );
         assert_ne!(new, main);
         main = new;
-        traffic_flows(&load, 20);
+        load.assert_flows(20);
     }
     let report = load.stop();
     report.assert_no_errors();

@@ -1,17 +1,15 @@
-//! A test helper for `tests/interop.rs`, not an example to copy: a program
-//! that reads its sockets the way a systemd-activated program does, with the
-//! `listenfd` and `sd-notify` crates, writes what they found to the file
-//! named by `LISTENFD_PROBE_OUT`, and exits with status 3.
+//! A program for the interop test (`tests/interop.rs`): it reads its sockets the way a
+//! systemd-activated program does, with the `listenfd` and `sd-notify` crates, writes what they
+//! found to the file named by `LISTENFD_PROBE_OUT`, and exits with status 3.
 //!
-//! The test puts it where a handover server's binary was and sends SIGHUP:
-//! the server starts it as its new version, so it shows that the handoff
-//! environment is the systemd one. It exits without serving, so the old
-//! process keeps serving.
+//! The test puts it where a handover server's binary was and sends SIGHUP: the server starts
+//! it as its new version, so it shows that the handoff environment is the systemd one. It exits
+//! without serving, so the old process keeps serving.
 //!
 //! ```text
-//! cp target/debug/examples/hello /tmp/hello
+//! cp target/debug/hello /tmp/hello
 //! LISTENFD_PROBE_OUT=/tmp/probe.txt /tmp/hello --pid-file /tmp/hello.pid &
-//! cp target/debug/examples/listenfd_probe /tmp/hello.new && mv /tmp/hello.new /tmp/hello
+//! cp target/debug/listenfd_probe /tmp/hello.new && mv /tmp/hello.new /tmp/hello
 //! kill -HUP "$(cat /tmp/hello.pid)"   # hello logs "upgrade failed ... exit status 3"
 //! cat /tmp/probe.txt                  # sd_notify=3:http, listenfd=0:tcp:127.0.0.1:8081:...
 //! ```

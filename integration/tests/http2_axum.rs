@@ -9,11 +9,6 @@
 //! retry is allowed for exactly that case (and `REFUSED_STREAM`), counted
 //! apart. Every other failure fails the test.
 
-#[path = "support/load.rs"]
-mod load;
-#[path = "support/server.rs"]
-mod server;
-
 use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -25,12 +20,12 @@ use http_body_util::{BodyExt, Empty};
 use hyper_util::client::legacy::connect::HttpInfo;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
-use nix::sys::signal::{kill, Signal};
-use nix::unistd::Pid;
+use support::http::{get, Conn};
+use support::load::{Load, LoadConfig};
+use support::process::terminate;
+use support::server::Server;
+use support::{program, wait_for, TIMEOUT};
 
-use server::{become_subreaper, fresh_example, get, reap, wait_for, Server};
-
-const T: Duration = Duration::from_secs(30);
 const UPGRADES: usize = 20;
 const WELCOME: &str = "Welcome to the Home Page!\n";
 
@@ -187,13 +182,27 @@ async fn request(client: &H2Client, uri: &hyper::Uri, who: usize, stats: &H2Stat
 /// Waits until `count` has grown by `n` from now: traffic flows.
 fn flows(what: &str, count: impl Fn() -> u64, n: u64) {
     let since = count();
-    wait_for(what, T, || (count() >= since + n).then_some(()));
+    wait_for(what, TIMEOUT, || (count() >= since + n).then_some(()));
+}
+
+/// Upgrades `server` `UPGRADES` times, reaping each old generation (exit 0) and calling
+/// `between(upgrade, new pid)` after each.
+fn upgrade_each_time(server: &mut Server, mut between: impl FnMut(usize, u32)) {
+    for i in 1..=UPGRADES {
+        let (_, new) = server.upgrade_and_reap();
+        between(i, new);
+    }
+}
+
+/// Stops the last generation (SIGTERM, exit 0); its PID file goes with it.
+fn stop_last(server: &Server) {
+    assert_eq!(terminate(server.pid().unwrap()), 0);
+    assert!(server.pid().is_none(), "the PID file is removed on a stop");
 }
 
 #[test]
 fn h2c_streams_survive_twenty_upgrades_of_hello() {
-    become_subreaper();
-    let server = Server::start(&fresh_example("hello"), &["--addr", "127.0.0.1:0"], &[]);
+    let mut server = Server::start(program!("hello"), &[], &[]);
     let addr = server.addr();
     let uri: hyper::Uri = format!("http://{addr}/").parse().unwrap();
     let stats = Arc::new(H2Stats::new());
@@ -248,12 +257,9 @@ fn h2c_streams_survive_twenty_upgrades_of_hello() {
     let stopper = Stop(stop);
     let ok = || stats.ok.load(Ordering::SeqCst);
     flows("HTTP/2 requests to flow", ok, 200);
-    for i in 1..=UPGRADES {
-        let (old, _new) = server.upgrade(T);
-        let code = reap(old, T);
-        assert_eq!(code, 0, "upgrade {i}: old process {old} exited with {code}");
-        flows("HTTP/2 requests to flow after the upgrade", ok, 100);
-    }
+    upgrade_each_time(&mut server, |_, _| {
+        flows("HTTP/2 requests to flow after the upgrade", ok, 100)
+    });
     drop(stopper);
     // Each task ends after its current request (bounded by REQUEST_TIMEOUT).
     driver.join().unwrap();
@@ -287,71 +293,44 @@ fn h2c_streams_survive_twenty_upgrades_of_hello() {
         "connections per client: {connections:?}"
     );
 
-    let last = server.pid().unwrap();
-    kill(Pid::from_raw(last as i32), Signal::SIGTERM).unwrap();
-    assert_eq!(reap(last, T), 0);
+    stop_last(&server);
 }
 
-/// `GET /peer` answers the client's own address: axum's `ConnectInfo`,
-/// from the make-service the example passes to `handover::http::serve`.
+/// `GET /peer` answers the client's own address: axum's `ConnectInfo`, from the make-service
+/// the example passes to `handover::http::serve`.
 fn answers_the_peer(addr: SocketAddr) {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect_timeout(&addr, T).unwrap();
-    s.set_read_timeout(Some(T)).unwrap();
-    let me = s.local_addr().unwrap();
-    s.write_all(b"GET /peer HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n")
-        .unwrap();
-    let mut resp = String::new();
-    s.read_to_string(&mut resp).unwrap();
-    assert!(resp.starts_with("HTTP/1.1 200 "), "{resp}");
-    assert!(resp.ends_with(&format!("\r\n\r\n{me}\n")), "{resp}");
+    let mut conn = Conn::open(addr);
+    let me = conn.local_addr();
+    let r = conn.get("/peer");
+    assert_eq!((r.status, r.text()), (200, format!("{me}\n")), "{r:?}");
 }
 
-/// The axum example passes its `Router` (as the make-service that gives
-/// `ConnectInfo`) straight to `handover::http::serve`.
+/// The axum example passes its `Router` (as the make-service that gives `ConnectInfo`)
+/// straight to `handover::http::serve`.
 #[test]
 fn axum_example_upgraded_twenty_times_under_load_loses_nothing() {
-    become_subreaper();
-    let server = Server::start(&fresh_example("axum"), &["--addr", "127.0.0.1:0"], &[]);
+    let mut server = Server::start(program!("axum"), &[], &[]);
     let addr = server.addr();
     let first = server.pid().unwrap();
-    assert_eq!(get(addr, "/"), (200, WELCOME.to_owned()));
-    assert_eq!(get(addr, "/pid"), (200, format!("{first}\n")));
+    let answer = |path: &str| {
+        let r = get(addr, path);
+        (r.status, r.text())
+    };
+    assert_eq!(answer("/"), (200, WELCOME.to_owned()));
+    assert_eq!(answer("/pid"), (200, format!("{first}\n")));
     answers_the_peer(addr);
 
-    let load = load::Load::start(
-        addr,
-        load::LoadConfig {
-            keepalive_clients: 4,
-            per_request_clients: 4,
-            ..load::LoadConfig::default()
-        },
-    );
-    flows("requests to flow", || load.ok(), 50);
-    for i in 1..=UPGRADES {
-        let (old, new) = server.upgrade(T);
-        let code = reap(old, T);
-        assert_eq!(code, 0, "upgrade {i}: old process {old} exited with {code}");
+    let load = Load::start(addr, LoadConfig::clients(4, 4));
+    load.assert_flows(50);
+    upgrade_each_time(&mut server, |i, new| {
         // The old process is gone: whoever answers now is the new one.
-        assert_eq!(get(addr, "/pid"), (200, format!("{new}\n")), "upgrade {i}");
+        assert_eq!(answer("/pid"), (200, format!("{new}\n")), "upgrade {i}");
         answers_the_peer(addr);
-        flows("requests to flow after the upgrade", || load.ok(), 50);
-    }
+        load.assert_flows(50);
+    });
     let report = load.stop();
-    eprintln!("{report}");
-    report.assert_no_errors();
-    assert!(
-        report.ok > 1000,
-        "too little load to prove anything: {report}"
-    );
-    assert_eq!(
-        report.body(WELCOME).map(|b| b.count),
-        Some(report.ok),
-        "{report}"
-    );
+    report.assert_lost_nothing(1000);
+    report.assert_every_body(WELCOME);
 
-    let last = server.pid().unwrap();
-    kill(Pid::from_raw(last as i32), Signal::SIGTERM).unwrap();
-    assert_eq!(reap(last, T), 0);
-    assert!(server.pid().is_none(), "the PID file is removed on a stop");
+    stop_last(&server);
 }

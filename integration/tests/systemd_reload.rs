@@ -22,32 +22,22 @@
 //! `CI=true`). Every wait is bounded and waits on a state or an event; every
 //! process is signalled by pid.
 
-#[path = "support/load.rs"]
-mod load;
-#[path = "support/server.rs"]
-mod server;
-#[path = "support/systemd.rs"]
-mod systemd;
-#[path = "support/units.rs"]
-mod units;
-
 use std::collections::HashMap;
 use std::fs;
 use std::net::SocketAddr;
-use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
-use std::process::Output;
 use std::time::{Duration, Instant};
 
-use nix::sys::signal::{kill, Signal};
-use nix::unistd::Pid;
+use nix::sys::signal::Signal;
 
-use server::{example, free_port};
-use systemd::{on_each_manager, pid_alive, JournalEntry, Manager, UserManager};
-use units::{get_key, hello_units, RELOAD_CMD};
+use support::http::{free_port, greeting};
+use support::load::{ErrorKind, Load, LoadConfig};
+use support::process::{alive, environ, listening_inode, signal, socket_inodes, Generations};
+use support::server::{deploy, Deployed, BROKEN_BUILD};
+use support::systemd::{message, UserManager};
+use support::units::{self, get_key};
+use support::{on_each_manager, program, TIMEOUT};
 
-/// Bound on every wait.
-const T: Duration = Duration::from_secs(30);
 const GREETING: &str = "Welcome to the Home Page!";
 /// The reload command's lines in the journal.
 const RELOAD_ID: &str = "SYSLOG_IDENTIFIER=handover-reload";
@@ -55,102 +45,22 @@ const RELOAD_ID: &str = "SYSLOG_IDENTIFIER=handover-reload";
 // ---------------------------------------------------------------------------------------------
 // helpers
 
-/// `GET /` on a fresh connection; the body of a 200 answer.
-fn greeting(addr: SocketAddr) -> String {
-    let (status, body) = server::get(addr, "/");
-    assert_eq!(status, 200, "GET / answered {status}: {body:?}");
-    body.trim_end().to_owned()
-}
-
-/// Waits until the load has completed `n` more requests: traffic flows now.
-fn traffic_flows(load: &load::Load, n: u64) {
-    let want = load.ok() + n;
-    assert!(
-        load.wait_for_ok(want, T),
-        "requests stopped flowing ({} ok, {} errors)",
-        load.ok(),
-        load.errors()
-    );
-}
-
-fn stdout(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
-
-fn message(e: &JournalEntry) -> &str {
-    e.get("MESSAGE").map(String::as_str).unwrap_or("")
-}
-
-/// The inode of the socket listening on 127.0.0.1:`port` (`/proc/net/tcp`,
-/// state `0A`), if any.
-fn listening_inode(port: u16) -> Option<u64> {
-    let table = fs::read_to_string("/proc/net/tcp").unwrap();
-    let local = format!("0100007F:{port:04X}");
-    table.lines().skip(1).find_map(|l| {
-        let f: Vec<&str> = l.split_whitespace().collect();
-        (f.len() > 9 && f[1] == local && f[3] == "0A")
-            .then(|| f[9].parse().ok())
-            .flatten()
-    })
-}
-
-/// The socket inodes among `pid`'s open fds.
-fn socket_inodes(pid: u32) -> Vec<u64> {
-    let Ok(dir) = fs::read_dir(format!("/proc/{pid}/fd")) else {
-        return Vec::new();
-    };
-    dir.flatten()
-        .filter_map(|e| fs::read_link(e.path()).ok())
-        .filter_map(|t| {
-            t.to_str()?
-                .strip_prefix("socket:[")?
-                .strip_suffix(']')?
-                .parse()
-                .ok()
-        })
-        .collect()
-}
-
-/// `/proc/<pid>/environ` as a map.
-fn environ(pid: u32) -> HashMap<String, String> {
-    let raw = fs::read(format!("/proc/{pid}/environ"))
-        .unwrap_or_else(|e| panic!("/proc/{pid}/environ: {e}"));
-    raw.split(|b| *b == 0)
-        .filter(|e| !e.is_empty())
-        .filter_map(|e| {
-            let s = String::from_utf8_lossy(e);
-            let (k, v) = s.split_once('=')?;
-            Some((k.to_owned(), v.to_owned()))
-        })
-        .collect()
-}
-
-/// Replaces `path` the way a deploy tool does: write aside, then rename.
-fn replace_file(path: &Path, contents: &[u8], mode: u32) {
-    let aside = path.with_extension("new");
-    fs::write(&aside, contents).unwrap();
-    fs::set_permissions(&aside, fs::Permissions::from_mode(mode)).unwrap();
-    fs::rename(&aside, path).unwrap();
-}
-
 /// Installs the shipped `units/hello.socket` (on 127.0.0.1:`port`) and
 /// `units/hello.service` as they are (running `exe` with `args`; its
 /// `ExecReload=handover-reload` pointed at the built command, arguments
 /// kept), plus `extra` as a drop-in when not empty.
 fn install_truthful(m: &UserManager, exe: &Path, args: &str, port: u16, extra: &str) -> SocketAddr {
-    let (socket, service) =
-        hello_units("hello.service", &format!("{} {args}", exe.display()), port);
+    let exec = format!("{} {args}", exe.display());
+    let built = program!("test-handover-reload");
+    let (socket, service) = units::hello_units(m, "hello.service", &exec, port, built);
     let timeout: u64 = get_key(&service, "TimeoutStartSec")
         .and_then(|v| v.trim().parse().ok())
         .expect("hello.service sets TimeoutStartSec= in seconds");
     assert_eq!(get_key(&service, "RuntimeDirectory"), Some("hello"));
     let reload = get_key(&service, "ExecReload").expect("hello.service sets ExecReload=");
     let (program, reload_args) = reload.split_once(' ').unwrap_or((reload, ""));
-    assert_eq!(program, RELOAD_CMD, "ExecReload={reload}");
+    let installed = units::install_reload_command(m, built);
+    assert_eq!(Path::new(program), installed, "ExecReload={reload}");
     // The command's own timeout must stay below the manager's.
     let reload_timeout: u64 = reload_args
         .split_whitespace()
@@ -162,15 +72,7 @@ fn install_truthful(m: &UserManager, exe: &Path, args: &str, port: u16, extra: &
         reload_timeout < timeout,
         "handover-reload --timeout {reload_timeout} must be below TimeoutStartSec={timeout}"
     );
-    m.install_unit("hello.socket", &socket);
-    m.install_unit("hello.service", &service);
-    if !extra.is_empty() {
-        m.install_unit(
-            "hello.service.d/00-test.conf",
-            &format!("[Service]\n{extra}"),
-        );
-    }
-    m.daemon_reload();
+    units::install_hello(m, &socket, &service, extra);
     SocketAddr::from(([127, 0, 0, 1], port))
 }
 
@@ -190,8 +92,7 @@ fn install_hello(m: &UserManager, exe: &Path, extra: &str) -> SocketAddr {
 /// Starts the socket and the service (no activation by a request: `start`
 /// waits for `READY=1`); returns the main pid.
 fn start_truthful(m: &UserManager) -> u32 {
-    m.systemctl_ok(&["start", "hello.socket"]);
-    m.systemctl_ok(&["start", "hello.service"]);
+    m.systemctl_ok(&["start", "hello.socket", "hello.service"]);
     assert_eq!(m.show("hello.service", "ActiveState"), "active");
     let pid = m.main_pid("hello.service");
     assert_ne!(pid, 0);
@@ -205,24 +106,7 @@ fn start_truthful(m: &UserManager) -> u32 {
 /// serving the control socket. Returns the new pid and how long the command
 /// took.
 fn truthful_reload(m: &UserManager, old: u32) -> (u32, Duration) {
-    let t = Instant::now();
-    let out = m.systemctl(&["reload", "hello.service"]);
-    let took = t.elapsed();
-    assert!(
-        out.status.success(),
-        "systemctl reload failed ({}): {}{}\n{}",
-        out.status,
-        stdout(&out),
-        stderr(&out),
-        unit_log(m)
-    );
-    // No waiting: the very next look must see the new process.
-    let new = m.main_pid("hello.service");
-    assert!(
-        new != 0 && new != old,
-        "systemctl reload returned, MainPID still {new} (was {old})"
-    );
-    assert!(pid_alive(new), "the new main process {new} is not alive");
+    let (new, took) = units::reload_hello(m, old);
     assert_eq!(m.show("hello.service", "ActiveState"), "active");
     assert_eq!(m.show("hello.service", "SubState"), "running");
     assert_eq!(m.show("hello.service", "ReloadResult"), "success");
@@ -239,27 +123,9 @@ fn truthful_reload(m: &UserManager, old: u32) -> (u32, Duration) {
     (new, took)
 }
 
-/// The unit's journal, one line per entry, for panic messages.
-fn unit_log(m: &UserManager) -> String {
-    m.unit_journal("hello.service")
-        .iter()
-        .map(|e| {
-            format!(
-                "{} [{}] {}",
-                e.get("__MONOTONIC_TIMESTAMP")
-                    .map(String::as_str)
-                    .unwrap_or(""),
-                e.get("_PID").map(String::as_str).unwrap_or(""),
-                message(e)
-            )
-        })
-        .collect::<Vec<_>>()
-        .join("\n")
-}
-
 /// Waits until `pid` is gone (reaped by the manager).
 fn wait_gone(m: &UserManager, pid: u32) {
-    m.wait_until(&format!("process {pid} to exit"), T, || !pid_alive(pid));
+    m.wait_until(&format!("process {pid} to exit"), TIMEOUT, || !alive(pid));
 }
 
 on_each_manager!(
@@ -272,82 +138,68 @@ on_each_manager!(
 // ---------------------------------------------------------------------------------------------
 // a truthful reload
 
-fn truthful_reload_waits_for_the_new_main_pid_and_reports_failure(manager: Manager) {
-    let Some(m) = UserManager::boot_or_skip(manager, "truthful") else {
-        return;
-    };
+fn truthful_reload_waits_for_the_new_main_pid_and_reports_failure(m: &UserManager) {
     let t0 = Instant::now();
     // A copy of hello where the services see it too, so the test can deploy a broken build
     // over it.
-    let bin = m.scratch_dir().join("hello");
-    fs::copy(example("hello"), &bin).unwrap();
-    let addr = install_hello(&m, &bin, "");
-    let first = start_truthful(&m);
+    let bin = Deployed::copy_into(program!("hello"), &m.scratch_dir());
+    let addr = install_hello(m, bin.path(), "");
+    let first = start_truthful(m);
     assert_eq!(greeting(addr), GREETING);
 
-    let load = load::Load::start(
-        addr,
-        load::LoadConfig {
-            keepalive_clients: 4,
-            per_request_clients: 4,
-            ..Default::default()
-        },
-    );
-    traffic_flows(&load, 50);
-    let mut pids = vec![first];
+    let load = Load::start(addr, LoadConfig::clients(4, 4));
+    load.assert_flows(50);
+    let mut generations = Generations::new(first);
     let mut took = Vec::new();
     let mut unattributed = 0;
-    for i in 1..=5 {
-        let old = *pids.last().unwrap();
-        let (new, d) = truthful_reload(&m, old);
-        assert!(!pids.contains(&new), "reload {i}: pid {new} seen before");
-        pids.push(new);
+    for _ in 1..=5 {
+        let (new, d) = truthful_reload(m, generations.last());
+        generations.push(new);
         took.push(d);
         // The command's own report, in the journal. Matched by its
         // identifier: journald may fail to attribute a line of a process
         // that has already exited to its unit (no `_SYSTEMD_CGROUP`).
         let want = format!("upgraded: main PID {new}");
-        let e = m.wait_for_journal(&[RELOAD_ID], T, |e| message(e) == want);
+        let e = m.wait_for_journal(&[RELOAD_ID], TIMEOUT, |e| message(e) == want);
         if !e.contains_key("_SYSTEMD_CGROUP") {
             unattributed += 1;
         }
-        traffic_flows(&load, 20);
+        load.assert_flows(20);
     }
     eprintln!(
-        "5 truthful reloads, systemctl reload took {took:.2?}; pids {pids:?}; \
+        "5 truthful reloads, systemctl reload took {took:.2?}; {generations:?}; \
          {unattributed} of the command's lines had no _SYSTEMD_CGROUP"
     );
 
     // A broken build: the reload fails, and says so.
-    let serving = *pids.last().unwrap();
-    wait_gone(&m, pids[pids.len() - 2]);
-    replace_file(&bin, b"#!/bin/sh\nexit 3\n", 0o755);
-    let t = Instant::now();
-    let out = m.systemctl(&["reload", "hello.service"]);
+    let serving = generations.last();
+    wait_gone(m, *generations.olds().last().unwrap());
+    bin.replace(BROKEN_BUILD, 0o755);
+    let (out, took) = units::systemctl_reload(m);
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
     eprintln!(
-        "broken build: systemctl reload {} after {:.2?}; stdout {:?} stderr {:?}",
+        "broken build: systemctl reload {} after {took:.2?}; stdout {stdout:?} stderr {stderr:?}",
         out.status,
-        t.elapsed(),
-        stdout(&out),
-        stderr(&out)
     );
     assert!(
         !out.status.success(),
         "the reload of a broken build succeeded"
     );
     assert!(
-        stderr(&out).contains("hello.service failed"),
-        "systemctl says: {}",
-        stderr(&out)
+        stderr.contains("hello.service failed"),
+        "systemctl says: {stderr}"
     );
     assert_eq!(m.main_pid("hello.service"), serving, "MainPID unchanged");
-    assert!(pid_alive(serving));
+    assert!(alive(serving));
     assert_eq!(m.show("hello.service", "ActiveState"), "active");
     assert_eq!(m.show("hello.service", "SubState"), "running");
     assert_eq!(m.show("hello.service", "ReloadResult"), "exit-code");
     assert_eq!(m.show("hello.service", "NRestarts"), "0");
     assert_eq!(greeting(addr), GREETING, "still serving");
-    let e = m.wait_for_journal(&[RELOAD_ID], T, |e| {
+    let e = m.wait_for_journal(&[RELOAD_ID], TIMEOUT, |e| {
         message(e).starts_with("handover-reload: upgrade failed")
     });
     eprintln!(
@@ -363,14 +215,14 @@ fn truthful_reload_waits_for_the_new_main_pid_and_reports_failure(manager: Manag
             && message(&e).contains("exited before it was ready"),
         "{e:?}"
     );
-    traffic_flows(&load, 20);
+    load.assert_flows(20);
 
     // Fixed build: the next reload succeeds.
-    replace_file(&bin, &fs::read(example("hello")).unwrap(), 0o755);
-    let (new, _) = truthful_reload(&m, serving);
+    bin.restore();
+    let (new, _) = truthful_reload(m, serving);
     assert_eq!(m.show("hello.service", "ReloadResult"), "success");
-    wait_gone(&m, serving);
-    traffic_flows(&load, 20);
+    wait_gone(m, serving);
+    load.assert_flows(20);
     let report = load.stop();
     eprintln!("6 reloads + 1 failed in {:.2?}; {report}", t0.elapsed());
     report.assert_no_errors();
@@ -383,31 +235,28 @@ fn truthful_reload_waits_for_the_new_main_pid_and_reports_failure(manager: Manag
 /// The `.socket` unit decides the address: when it differs from the
 /// program's own `--addr`, the first process serves the socket unit's socket
 /// (with a warning), and so must every later generation, on the same socket.
-fn a_socket_unit_address_other_than_addr_is_kept_across_reloads(manager: Manager) {
-    let Some(m) = UserManager::boot_or_skip(manager, "sockaddr") else {
-        return;
-    };
+fn a_socket_unit_address_other_than_addr_is_kept_across_reloads(m: &UserManager) {
     let (port, other) = (free_port(), free_port());
     let addr = install_truthful(
-        &m,
-        &example("hello"),
+        m,
+        program!("hello"),
         &format!("--addr 127.0.0.1:{other} --upgrade-timeout 10 --drain-timeout 5"),
         port,
         "",
     );
-    let first = start_truthful(&m);
+    let first = start_truthful(m);
     assert_eq!(greeting(addr), GREETING);
     let inode = listening_inode(port).expect("the socket unit listens");
     assert!(socket_inodes(first).contains(&inode));
-    let (new, _) = truthful_reload(&m, first);
-    wait_gone(&m, first);
+    let (new, _) = truthful_reload(m, first);
+    wait_gone(m, first);
     let bound = listening_inode(other);
     assert!(
         socket_inodes(new).contains(&inode) && bound.is_none(),
         "after the reload, pid {new} does not serve the socket unit's socket {inode} on port \
          {port} (it bound --addr port {other} anew: {bound:?}); connections to {addr} now queue \
          with nobody accepting them\n{}",
-        unit_log(&m)
+        units::hello_state(m)
     );
     assert_eq!(greeting(addr), GREETING);
 }
@@ -421,7 +270,7 @@ fn a_socket_unit_address_other_than_addr_is_kept_across_reloads(manager: Manager
 /// `want`. Returns the new pid.
 fn reload_to_greeting(
     m: &UserManager,
-    load: &load::Load,
+    load: &Load,
     load_t0: Instant,
     addr: SocketAddr,
     old: u32,
@@ -433,40 +282,30 @@ fn reload_to_greeting(
     for i in 0..20 {
         assert_eq!(greeting(addr), want, "fresh request {i} after {old} exited");
     }
-    traffic_flows(load, 50);
+    load.assert_flows(50);
     (new, gone_at)
 }
 
-fn environment_changes_apply_on_reload(manager: Manager) {
-    let Some(m) = UserManager::boot_or_skip(manager, "reloadenv") else {
-        return;
-    };
+fn environment_changes_apply_on_reload(m: &UserManager) {
     let t0 = Instant::now();
     let env_file = m.runtime_dir().join("hello.env");
     fs::write(&env_file, "UNRELATED=1\n").unwrap();
     let addr = install_hello(
-        &m,
-        &example("hello"),
+        m,
+        program!("hello"),
         &format!(
             "Environment=HELLO_GREETING=one\nEnvironmentFile={}\n",
             env_file.display()
         ),
     );
-    let first = start_truthful(&m);
+    let first = start_truthful(m);
     assert_eq!(greeting(addr), "one");
     let env0 = environ(first);
 
     // `started` of the load lies between these two instants.
     let before_load = Instant::now();
-    let load = load::Load::start(
-        addr,
-        load::LoadConfig {
-            keepalive_clients: 4,
-            per_request_clients: 4,
-            ..Default::default()
-        },
-    );
-    traffic_flows(&load, 50);
+    let load = Load::start(addr, LoadConfig::clients(4, 4));
+    load.assert_flows(50);
 
     // 1. A drop-in + daemon-reload.
     m.install_unit(
@@ -474,12 +313,12 @@ fn environment_changes_apply_on_reload(manager: Manager) {
         "[Service]\nEnvironment=HELLO_GREETING=two\n",
     );
     m.daemon_reload();
-    let (second, one_gone) = reload_to_greeting(&m, &load, before_load, addr, first, "two");
+    let (second, one_gone) = reload_to_greeting(m, &load, before_load, addr, first, "two");
 
     // 2. EnvironmentFile= edited, no daemon-reload: systemd reads the file
     //    again for every command it runs, ExecReload= included.
-    replace_file(&env_file, b"HELLO_GREETING=three\n", 0o644);
-    let (third, two_gone) = reload_to_greeting(&m, &load, before_load, addr, second, "three");
+    deploy(&env_file, b"HELLO_GREETING=three\n", 0o644);
+    let (third, two_gone) = reload_to_greeting(m, &load, before_load, addr, second, "three");
     let report = load.stop();
     eprintln!("environment reloads in {:.2?}; {report}", t0.elapsed());
     report.assert_no_errors();
@@ -545,10 +384,7 @@ fn environment_changes_apply_on_reload(manager: Manager) {
 // ---------------------------------------------------------------------------------------------
 // the fd store keeps a self-bound socket across a crash restart
 
-fn fd_store_keeps_the_socket_across_a_crash_restart(manager: Manager) {
-    let Some(m) = UserManager::boot_or_skip(manager, "fdstore") else {
-        return;
-    };
+fn fd_store_keeps_the_socket_across_a_crash_restart(m: &UserManager) {
     let t0 = Instant::now();
     let port = free_port();
     let addr = SocketAddr::from(([127, 0, 0, 1], port));
@@ -560,7 +396,7 @@ fn fd_store_keeps_the_socket_across_a_crash_restart(manager: Manager) {
              FileDescriptorStoreMax=4\n\
              Restart=on-failure\nRestartSec=100ms\n\
              Environment=RUST_LOG=info,handover=debug\n",
-            example("hello").display()
+            program!("hello").display()
         ),
     );
     m.daemon_reload();
@@ -573,33 +409,26 @@ fn fd_store_keeps_the_socket_across_a_crash_restart(manager: Manager) {
         socket_inodes(first).contains(&inode),
         "pid {first} does not hold the listening socket {inode}"
     );
-    m.wait_until("the listener in the fd store", T, || {
+    m.wait_until("the listener in the fd store", TIMEOUT, || {
         m.show("hello.service", "NFileDescriptorStore") == "1"
     });
-    let pushed = m.wait_for_journal(&[&format!("_PID={first}")], T, |e| {
+    let pushed = m.wait_for_journal(&[&format!("_PID={first}")], TIMEOUT, |e| {
         message(e).contains("fd store")
     });
     eprintln!("journal: {:?}", message(&pushed));
 
-    let load = load::Load::start(
-        addr,
-        load::LoadConfig {
-            keepalive_clients: 0,
-            per_request_clients: 4,
-            ..Default::default()
-        },
-    );
-    traffic_flows(&load, 50);
+    let load = Load::start(addr, LoadConfig::clients(0, 4));
+    load.assert_flows(50);
     let killed_at = Instant::now();
-    kill(Pid::from_raw(first as i32), Signal::SIGKILL).unwrap();
+    signal(first, Signal::SIGKILL);
     let mut second = 0;
-    m.wait_until("the restarted service to be active", T, || {
+    m.wait_until("the restarted service to be active", TIMEOUT, || {
         second = m.main_pid("hello.service");
         second != 0 && second != first && m.show("hello.service", "ActiveState") == "active"
     });
     let restart = killed_at.elapsed();
     assert_eq!(m.show("hello.service", "NRestarts"), "1");
-    assert!(!pid_alive(first));
+    assert!(!alive(first));
     assert_eq!(
         listening_inode(port),
         Some(inode),
@@ -614,18 +443,18 @@ fn fd_store_keeps_the_socket_across_a_crash_restart(manager: Manager) {
     assert_eq!(env.get("LISTEN_FDNAMES").map(String::as_str), Some("http"));
     assert_eq!(env.get("LISTEN_PID"), Some(&second.to_string()));
     let manager = m.manager_pid().to_string();
-    let e = m.wait_for_journal(&[&format!("_PID={manager}")], T, |e| {
+    let e = m.wait_for_journal(&[&format!("_PID={manager}")], TIMEOUT, |e| {
         message(e).contains("restart counter is at 1")
     });
     eprintln!("manager: {:?}", message(&e));
-    traffic_flows(&load, 100);
+    load.assert_flows(100);
     let report = load.stop();
     eprintln!(
         "fd store: crash restart in {restart:.2?} (total {:.2?}); {report}",
         t0.elapsed()
     );
-    let refused = report.errors.get(&load::ErrorKind::Refused).copied();
-    let connect = report.errors.get(&load::ErrorKind::Connect).copied();
+    let refused = report.errors.get(&ErrorKind::Refused).copied();
+    let connect = report.errors.get(&ErrorKind::Connect).copied();
     assert_eq!(
         refused, None,
         "connections refused during the restart:\n{report}"

@@ -1,6 +1,6 @@
 //! The systemd integration against the real thing, on the host's systemd (252 here) and on
 //! systemd 257 from a Debian trixie root on a pure cgroup v2 hierarchy (see
-//! `tests/support/systemd.rs`): a private `systemd --user` manager running the shipped
+//! `support::systemd`): a private `systemd --user` manager running the shipped
 //! `units/hello.socket` with `units/hello.service` (and, on 257,
 //! `units/hello-notify-reload.service`), the reload alternatives the docs describe,
 //! `systemd-socket-activate`, a `Type=notify-reload` style exchange against a notify socket the
@@ -10,43 +10,60 @@
 //! `<name>::v257`. They need root; they skip otherwise (and fail under `CI=true`). Every wait
 //! is bounded and waits on a state or an event; every process started is killed by pid.
 
-#[path = "support/load.rs"]
-mod load;
-#[path = "support/server.rs"]
-mod server;
-#[path = "support/systemd.rs"]
-mod systemd;
-#[path = "support/units.rs"]
-mod units;
-
-use std::collections::HashMap;
 use std::fs;
-use std::io::{IoSliceMut, Read, Write};
-use std::net::{SocketAddr, TcpStream};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::os::unix::fs::PermissionsExt;
-use std::os::unix::net::UnixDatagram;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use nix::sys::signal::{kill, Signal};
-use nix::sys::socket::{
-    recvmsg, setsockopt, sockopt, ControlMessageOwned, MsgFlags, UnixCredentials,
+use nix::sys::signal::Signal;
+
+use support::http::{free_port, greeting, try_get};
+use support::load::{Load, LoadConfig};
+use support::notify::{assignments, NotifySocket};
+use support::process::{
+    alive, environ, monotonic_usec, ppid, reap, reaped, signal, terminate, Generations,
 };
-use nix::unistd::Pid;
+use support::server::{command, Deployed, Server, BROKEN_BUILD};
+use support::systemd::{field, message, UserManager};
+use support::units::{self, get_key, repo_unit, set_key, with_reload_command, without_keys};
+use support::{announce, have, on_each_manager, program, TIMEOUT};
 
-use server::{become_subreaper, free_port, fresh_example, reap, wait_for, Log, Server};
-use systemd::{announce, on_each_manager, pid_alive, JournalEntry, Manager, UserManager};
-use units::{get_key, hello_units, repo_unit, set_key, with_built_reload_command};
-
-/// Bound on every wait.
-const T: Duration = Duration::from_secs(30);
 const GREETING: &str = "Welcome to the Home Page!";
 
-on_each_manager!(
+/// For each function `body(m: &UserManager, service: &str)` named, a module of the same name with
+/// three tests: `host` and `v257` run it with `units/hello.service` on each manager,
+/// `notify_reload_v257` with `units/hello-notify-reload.service` (`Type=notify-reload`: systemd
+/// 253 and later) on 257.
+macro_rules! on_each_hello_unit {
+    ($($body:ident),+ $(,)?) => {$(
+        mod $body {
+            use support::systemd::{Manager, UserManager};
+
+            fn run(kind: Manager, service: &str) {
+                UserManager::run(kind, stringify!($body), |m| super::$body(m, service))
+            }
+            #[test]
+            fn host() {
+                run(Manager::Host, "hello.service")
+            }
+            #[test]
+            fn v257() {
+                run(Manager::V257, "hello.service")
+            }
+            #[test]
+            fn notify_reload_v257() {
+                run(Manager::V257, "hello-notify-reload.service")
+            }
+        }
+    )+};
+}
+
+on_each_hello_unit!(
     twenty_reloads_under_load_lose_nothing,
     a_new_binary_that_fails_leaves_the_old_one_serving,
+);
+
+on_each_manager!(
     stop_after_a_handoff_drains_and_socket_activation_restarts,
     reload_keeps_serving_the_socket_units_address,
     the_journal_shows_each_process_with_its_own_pid,
@@ -60,75 +77,9 @@ on_each_manager!(
 // ---------------------------------------------------------------------------------------------
 // helpers
 
-fn load_config() -> load::LoadConfig {
-    load::LoadConfig {
-        keepalive_clients: 4,
-        per_request_clients: 4,
-        ..load::LoadConfig::default()
-    }
-}
-
-/// Waits until the load has completed `n` more requests: traffic flows now.
-/// If it does not, stops the load and panics with its report and `context`.
-fn traffic_flows(load: &mut Option<load::Load>, n: u64, context: impl FnOnce() -> String) {
-    let l = load.as_ref().expect("the load runs");
-    let want = l.ok() + n;
-    if !l.wait_for_ok(want, T) {
-        let report = load.take().unwrap().stop();
-        panic!(
-            "requests stopped flowing within {T:?}:\n{report}\n{}",
-            context()
-        );
-    }
-}
-
-/// What a manager knows, for panic messages.
-fn state_of(m: &UserManager) -> String {
-    let show = m.systemctl(&[
-        "status",
-        "--no-pager",
-        "-n",
-        "0",
-        "hello.socket",
-        "hello.service",
-    ]);
-    let journal = m.journal(&["-n", "60", "-o", "short-monotonic"]);
-    format!(
-        "systemd {}:\n{}\njournal tail:\n{journal}",
-        m.version(),
-        String::from_utf8_lossy(&show.stdout)
-    )
-}
-
-/// `GET /` with `Connection: close`; returns the body of a 200 answer.
-fn get(addr: SocketAddr) -> String {
-    get_within(addr, T).unwrap_or_else(|e| panic!("{e}"))
-}
-
-/// `GET /` with `Connection: close`, each socket operation bounded by
-/// `timeout`; the body of a 200 answer, or what went wrong.
-fn get_within(addr: SocketAddr, timeout: Duration) -> Result<String, String> {
-    let mut s =
-        TcpStream::connect_timeout(&addr, timeout).map_err(|e| format!("connect {addr}: {e}"))?;
-    s.set_read_timeout(Some(timeout)).unwrap();
-    s.set_write_timeout(Some(timeout)).unwrap();
-    s.write_all(b"GET / HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
-        .map_err(|e| format!("send to {addr}: {e}"))?;
-    let mut reply = String::new();
-    s.read_to_string(&mut reply)
-        .map_err(|e| format!("read the answer from {addr}: {e}"))?;
-    if !reply.starts_with("HTTP/1.1 200 ") {
-        return Err(format!("answer from {addr}: {reply:?}"));
-    }
-    Ok(reply
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_owned())
-        .unwrap_or_default())
-}
-
 /// Installs the shipped `units/hello.socket` on `127.0.0.1:<port>` and `units/<service>` as
 /// `hello.service`, running `exe`, both otherwise unchanged (so `NotifyAccess=main`,
-/// `RuntimeDirectory=hello`, `ExecReload=handover-reload` pointed at the built command,
+/// `RuntimeDirectory=hello`, `ExecReload=handover-reload` the built command,
 /// `KillMode=control-group`); `extra` (unit lines) goes into a drop-in when not empty.
 ///
 /// As in the shipped pair (`ListenStream=127.0.0.1:8081`, hello's default `--addr`), the
@@ -148,18 +99,11 @@ fn install_hello(
     } else {
         exe.display().to_string()
     };
-    let (socket, unit) = hello_units(service, &exec, port);
+    let reload = program!("test-handover-reload");
+    let (socket, unit) = units::hello_units(m, service, &exec, port, reload);
     assert_eq!(get_key(&unit, "NotifyAccess"), Some("main"));
     assert_eq!(get_key(&unit, "RuntimeDirectory"), Some("hello"));
-    m.install_unit("hello.socket", &socket);
-    m.install_unit("hello.service", &unit);
-    if !extra.is_empty() {
-        m.install_unit(
-            "hello.service.d/00-test.conf",
-            &format!("[Service]\n{extra}\n"),
-        );
-    }
-    m.daemon_reload();
+    units::install_hello(m, &socket, &unit, extra);
     addr
 }
 
@@ -168,8 +112,8 @@ fn install_hello(
 fn start_hello(m: &UserManager, addr: SocketAddr) -> u32 {
     m.systemctl_ok(&["start", "hello.socket"]);
     assert_eq!(m.show("hello.socket", "ActiveState"), "active");
-    assert_eq!(get(addr).trim_end(), GREETING);
-    m.wait_until("hello.service to be active", T, || {
+    assert_eq!(greeting(addr), GREETING);
+    m.wait_until("hello.service to be active", TIMEOUT, || {
         m.show("hello.service", "ActiveState") == "active"
     });
     let pid = m.main_pid("hello.service");
@@ -182,77 +126,15 @@ fn start_hello(m: &UserManager, addr: SocketAddr) -> u32 {
     pid
 }
 
-/// `systemctl reload hello.service`: its output and how long it took.
-fn systemctl_reload(m: &UserManager) -> (Output, Duration) {
-    let t = Instant::now();
-    let out = m.systemctl(&["reload", "hello.service"]);
-    (out, t.elapsed())
-}
-
-/// `systemctl reload hello.service` with a shipped unit (its `handover-reload`): it exits 0,
-/// and `MainPID` already names the new process, alive, when it returns. Then waits until the
-/// old one is gone (reaped by the manager). Returns the new main pid and how long the command
-/// took.
+/// [`units::reload_hello`], then waits until the old process is gone (reaped by the manager).
 fn reload(m: &UserManager, old: u32) -> (u32, Duration) {
-    let (out, took) = systemctl_reload(m);
-    assert!(
-        out.status.success(),
-        "systemctl reload failed ({}): {}{}\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr),
-        state_of(m)
-    );
-    // No waiting: the very next look must see the new process.
-    let new = m.main_pid("hello.service");
-    assert!(
-        new != 0 && new != old,
-        "systemctl reload exited 0 with MainPID still {new} (was {old})"
-    );
-    assert!(pid_alive(new), "the new main process {new} is not alive");
+    let (new, took) = units::reload_hello(m, old);
     m.wait_until(
         &format!("the old main process {old} to be reaped"),
-        T,
+        TIMEOUT,
         || reaped(old),
     );
     (new, took)
-}
-
-/// Whether `pid` is gone for good: exited and reaped (not a zombie).
-fn reaped(pid: u32) -> bool {
-    !Path::new(&format!("/proc/{pid}")).exists()
-}
-
-/// The parent pid of `pid`, from `/proc/<pid>/status`.
-fn ppid(pid: u32) -> u32 {
-    let status = fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_else(|e| panic!("/proc/{pid}/status: {e}"));
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("PPid:"))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no PPid in /proc/{pid}/status"))
-}
-
-/// `/proc/<pid>/environ` as a map.
-fn environ(pid: u32) -> HashMap<String, String> {
-    let raw = fs::read(format!("/proc/{pid}/environ"))
-        .unwrap_or_else(|e| panic!("/proc/{pid}/environ: {e}"));
-    raw.split(|b| *b == 0)
-        .filter_map(|e| {
-            let s = String::from_utf8_lossy(e);
-            let (k, v) = s.split_once('=')?;
-            Some((k.to_owned(), v.to_owned()))
-        })
-        .collect()
-}
-
-fn message(e: &JournalEntry) -> &str {
-    e.get("MESSAGE").map(String::as_str).unwrap_or("")
-}
-
-fn field<'a>(e: &'a JournalEntry, name: &str) -> &'a str {
-    e.get(name).map(String::as_str).unwrap_or("")
 }
 
 /// Fails if the manager ever called a main process an alien.
@@ -266,21 +148,9 @@ fn assert_no_alien_warning(m: &UserManager) {
 
 /// A copy of the built hello in the manager's scratch directory (visible to its services), so a
 /// test can deploy a broken build over it.
-fn hello_copy(m: &UserManager) -> PathBuf {
-    let bin = m.scratch_dir().join("hello");
-    fs::copy(fresh_example("hello"), &bin).unwrap();
-    bin
+fn hello_copy(m: &UserManager) -> Deployed {
+    Deployed::copy_into(program!("hello"), &m.scratch_dir())
 }
-
-/// Replaces `path` the way a deploy tool does: write aside, then rename.
-fn deploy(path: &Path, contents: &[u8]) {
-    let aside = path.with_extension("new");
-    fs::write(&aside, contents).unwrap();
-    fs::set_permissions(&aside, fs::Permissions::from_mode(0o755)).unwrap();
-    fs::rename(&aside, path).unwrap();
-}
-
-const BROKEN_BUILD: &[u8] = b"#!/bin/sh\necho 'broken build' >&2\nexit 3\n";
 
 /// The `generation N` in hello's `StatusText` (the number of upgrades so far).
 fn generation(m: &UserManager) -> u32 {
@@ -292,47 +162,24 @@ fn generation(m: &UserManager) -> u32 {
         .unwrap_or_else(|| panic!("no generation in StatusText {status:?}"))
 }
 
-fn monotonic_usec() -> u64 {
-    let ts = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).unwrap();
-    ts.tv_sec() as u64 * 1_000_000 + ts.tv_nsec() as u64 / 1_000
-}
-
 // ---------------------------------------------------------------------------------------------
 // the real manager
-
-fn twenty_reloads_under_load_lose_nothing(manager: Manager) {
-    let Some(m) = UserManager::boot_or_skip(manager, "reload20") else {
-        return;
-    };
-    twenty_reloads_under_load(&m, "hello.service");
-}
-
-/// `Type=notify-reload` against the real thing: systemd 253 and later only.
-#[test]
-fn notify_reload_unit_twenty_reloads_under_load_on_257() {
-    let Some(m) = UserManager::boot_or_skip(Manager::V257, "nreload20") else {
-        return;
-    };
-    twenty_reloads_under_load(&m, "hello-notify-reload.service");
-}
 
 /// 20 `systemctl reload`s of `units/<service>` under load: each exits 0 with `MainPID`
 /// already moved to a new process, the manager's child; exactly one upgrade per reload; no
 /// request fails.
-fn twenty_reloads_under_load(m: &UserManager, service: &str) {
+fn twenty_reloads_under_load_lose_nothing(m: &UserManager, service: &str) {
     let t0 = Instant::now();
-    let addr = install_hello(m, service, &fresh_example("hello"), free_port(), true, "");
+    let addr = install_hello(m, service, program!("hello"), free_port(), true, "");
     let first = start_hello(m, addr);
 
-    let mut load = Some(load::Load::start(addr, load_config()));
-    traffic_flows(&mut load, 50, || state_of(m));
-    let mut pids = vec![first];
+    let load = Load::start(addr, LoadConfig::clients(4, 4));
+    load.assert_flows_or(50, || units::hello_state(m));
+    let mut generations = Generations::new(first);
     let mut took = Vec::new();
     for i in 1..=20 {
-        let old = *pids.last().unwrap();
-        let (new, d) = reload(m, old);
-        assert!(!pids.contains(&new), "reload {i}: pid {new} seen before");
-        pids.push(new);
+        let (new, d) = reload(m, generations.last());
+        generations.push(new);
         took.push(d);
         assert_eq!(
             m.show("hello.service", "ActiveState"),
@@ -347,9 +194,9 @@ fn twenty_reloads_under_load(m: &UserManager, service: &str) {
             m.manager_pid(),
             "reload {i}: the new main process {new} is the manager's child"
         );
-        traffic_flows(&mut load, 20, || state_of(m));
+        load.assert_flows_or(20, || units::hello_state(m));
     }
-    let report = load.take().unwrap().stop();
+    let report = load.stop();
     let avg = took.iter().sum::<Duration>() / took.len() as u32;
     let max = took.iter().max().unwrap();
     announce(&format!(
@@ -361,15 +208,9 @@ fn twenty_reloads_under_load(m: &UserManager, service: &str) {
         report.errors_total(),
         t0.elapsed()
     ));
-    eprintln!("{report}");
-    report.assert_no_errors();
-    assert!(
-        report.ok > 500,
-        "too little load to prove anything: {report}"
-    );
+    report.assert_lost_nothing(500);
 
-    let last = *pids.last().unwrap();
-    assert_eq!(m.main_pid("hello.service"), last);
+    assert_eq!(m.main_pid("hello.service"), generations.last());
     // One upgrade per reload, not two: the reload signal did not start another.
     assert_eq!(
         generation(m),
@@ -380,31 +221,16 @@ fn twenty_reloads_under_load(m: &UserManager, service: &str) {
     assert_no_alien_warning(m);
 }
 
-fn a_new_binary_that_fails_leaves_the_old_one_serving(manager: Manager) {
-    let Some(m) = UserManager::boot_or_skip(manager, "failbin") else {
-        return;
-    };
-    failing_new_binary(&m, "hello.service");
-}
-
-#[test]
-fn notify_reload_unit_reports_a_failed_upgrade_on_257() {
-    let Some(m) = UserManager::boot_or_skip(Manager::V257, "nrfailbin") else {
-        return;
-    };
-    failing_new_binary(&m, "hello-notify-reload.service");
-}
-
 /// With `units/<service>` alone, a broken new binary makes `systemctl reload` fail; the old
 /// process stays main and serving and says why; a good one then reloads with exit code 0.
-fn failing_new_binary(m: &UserManager, service: &str) {
+fn a_new_binary_that_fails_leaves_the_old_one_serving(m: &UserManager, service: &str) {
     let bin = hello_copy(m);
-    let addr = install_hello(m, service, &bin, free_port(), true, "");
+    let addr = install_hello(m, service, bin.path(), free_port(), true, "");
     let pid = start_hello(m, addr);
 
     // Deploy a broken binary the way a deploy tool does: write aside, rename.
-    deploy(&bin, BROKEN_BUILD);
-    let (out, took) = systemctl_reload(m);
+    bin.replace(BROKEN_BUILD, 0o755);
+    let (out, took) = units::systemctl_reload(m);
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
     announce(&format!(
         "  systemd {} ({}): units/{service}, broken new binary: systemctl reload exits {} after {took:.2?} ({:?}); ReloadResult={}",
@@ -417,18 +243,18 @@ fn failing_new_binary(m: &UserManager, service: &str) {
     assert!(
         !out.status.success(),
         "the reload of a broken build exited 0\n{}",
-        state_of(m)
+        units::hello_state(m)
     );
     assert_eq!(m.show("hello.service", "ReloadResult"), "exit-code");
     assert_eq!(m.main_pid("hello.service"), pid, "MainPID unchanged");
-    assert!(pid_alive(pid));
+    assert!(alive(pid));
     assert_eq!(m.show("hello.service", "ActiveState"), "active");
     assert_eq!(m.show("hello.service", "SubState"), "running");
-    assert_eq!(get(addr).trim_end(), GREETING, "still serving");
+    assert_eq!(greeting(addr), GREETING, "still serving");
     assert_eq!(m.show("hello.service", "NRestarts"), "0");
 
     // The old process says why, in the journal, with its own _PID.
-    let e = m.wait_for_journal(&[&format!("_PID={pid}")], T, |e| {
+    let e = m.wait_for_journal(&[&format!("_PID={pid}")], TIMEOUT, |e| {
         field(e, "OUTCOME") == "failed"
     });
     eprintln!(
@@ -447,13 +273,13 @@ fn failing_new_binary(m: &UserManager, service: &str) {
     );
     assert_eq!(field(&e, "GENERATION"), "1", "{e:?}");
     // The manager reaped the failed process: no zombie is left.
-    let started = m.wait_for_journal(&[&format!("_PID={pid}")], T, |e| {
+    let started = m.wait_for_journal(&[&format!("_PID={pid}")], TIMEOUT, |e| {
         message(e).starts_with("new process started")
     });
     let failed: u32 = field(&started, "NEW_PID").parse().unwrap();
     m.wait_until(
         &format!("the failed process {failed} to be reaped"),
-        T,
+        TIMEOUT,
         || reaped(failed),
     );
     // ... and in STATUS=, after READY=1 brought the unit back from `reloading`.
@@ -461,15 +287,15 @@ fn failing_new_binary(m: &UserManager, service: &str) {
     eprintln!("StatusText: {status}");
     assert!(status.contains("failed"), "{status}");
     // The reload command's own account.
-    let e = m.wait_for_journal(&["SYSLOG_IDENTIFIER=handover-reload"], T, |e| {
+    let e = m.wait_for_journal(&["SYSLOG_IDENTIFIER=handover-reload"], TIMEOUT, |e| {
         message(e).starts_with("handover-reload: upgrade failed")
     });
     assert!(message(&e).contains("exited before it was ready"), "{e:?}");
 
     // Restore the binary: the next reload succeeds.
-    deploy(&bin, &fs::read(fresh_example("hello")).unwrap());
+    bin.restore();
     let (new, _) = reload(m, pid);
-    assert_eq!(get(addr).trim_end(), GREETING);
+    assert_eq!(greeting(addr), GREETING);
     assert_eq!(m.show("hello.service", "ActiveState"), "active");
     assert_eq!(m.show("hello.service", "ReloadResult"), "success");
     let status = m.show("hello.service", "StatusText");
@@ -481,24 +307,14 @@ fn failing_new_binary(m: &UserManager, service: &str) {
     assert_no_alien_warning(m);
 }
 
-fn stop_after_a_handoff_drains_and_socket_activation_restarts(manager: Manager) {
-    let Some(m) = UserManager::boot_or_skip(manager, "stop") else {
-        return;
-    };
-    let addr = install_hello(
-        &m,
-        "hello.service",
-        &fresh_example("hello"),
-        free_port(),
-        true,
-        "",
-    );
-    let first = start_hello(&m, addr);
-    let mut load = Some(load::Load::start(addr, load_config()));
-    traffic_flows(&mut load, 50, || state_of(&m));
+fn stop_after_a_handoff_drains_and_socket_activation_restarts(m: &UserManager) {
+    let addr = install_hello(m, "hello.service", program!("hello"), free_port(), true, "");
+    let first = start_hello(m, addr);
+    let load = Load::start(addr, LoadConfig::clients(4, 4));
+    load.assert_flows_or(50, || units::hello_state(m));
     // The process to stop is the one the handoff made: the manager must treat it as its own.
-    let (main, _) = reload(&m, first);
-    traffic_flows(&mut load, 50, || state_of(&m));
+    let (main, _) = reload(m, first);
+    load.assert_flows_or(50, || units::hello_state(m));
 
     // hello.socket keeps listening: connections queue in its backlog while
     // the service drains and exits, and they start the service again.
@@ -509,12 +325,16 @@ fn stop_after_a_handoff_drains_and_socket_activation_restarts(manager: Manager) 
     assert!(reaped(main), "the stop job ended before pid {main} did");
 
     let mut second = 0;
-    m.wait_until("socket activation to start hello.service again", T, || {
-        second = m.main_pid("hello.service");
-        second != 0 && second != main && m.show("hello.service", "ActiveState") == "active"
-    });
-    traffic_flows(&mut load, 50, || state_of(&m));
-    let report = load.take().unwrap().stop();
+    m.wait_until(
+        "socket activation to start hello.service again",
+        TIMEOUT,
+        || {
+            second = m.main_pid("hello.service");
+            second != 0 && second != main && m.show("hello.service", "ActiveState") == "active"
+        },
+    );
+    load.assert_flows_or(50, || units::hello_state(m));
+    let report = load.stop();
     eprintln!("stop took {stop_took:.2?}; restarted as {second}; {report}");
     // It did become inactive in between (CLOCK_MONOTONIC, like ours).
     let usec = |p: &str| -> u64 { m.show("hello.service", p).parse().unwrap() };
@@ -551,7 +371,7 @@ fn stop_after_a_handoff_drains_and_socket_activation_restarts(manager: Manager) 
         );
     }
     // The handed-over process drained, by its own account.
-    let e = m.wait_for_journal(&[&format!("_PID={main}")], T, |e| {
+    let e = m.wait_for_journal(&[&format!("_PID={main}")], TIMEOUT, |e| {
         message(e).starts_with("drained")
     });
     eprintln!(
@@ -565,7 +385,7 @@ fn stop_after_a_handoff_drains_and_socket_activation_restarts(manager: Manager) 
     );
     report.assert_no_errors();
     assert_eq!(m.show("hello.socket", "NRefused"), "0");
-    assert_no_alien_warning(&m);
+    assert_no_alien_warning(m);
 }
 
 /// The shipped `hello.service` runs hello without `--addr`: the socket
@@ -573,24 +393,21 @@ fn stop_after_a_handoff_drains_and_socket_activation_restarts(manager: Manager) 
 /// port must still be able to reload: the new process keeps serving the
 /// socket unit's socket (it came from the manager), it does not take the
 /// difference from its configured default for a configuration change.
-fn reload_keeps_serving_the_socket_units_address(manager: Manager) {
-    let Some(m) = UserManager::boot_or_skip(manager, "sockaddr") else {
-        return;
-    };
+fn reload_keeps_serving_the_socket_units_address(m: &UserManager) {
     let addr = install_hello(
-        &m,
+        m,
         "hello.service",
-        &fresh_example("hello"),
+        program!("hello"),
         free_port(),
         false,
         "",
     );
-    let old = start_hello(&m, addr);
-    let (new, _) = reload(&m, old);
+    let old = start_hello(m, addr);
+    let (new, _) = reload(m, old);
     let log = m.journal(&["-o", "cat", &format!("_PID={new}")]);
     for _ in 0..3 {
-        match get_within(addr, Duration::from_secs(5)) {
-            Ok(body) => assert_eq!(body.trim_end(), GREETING),
+        match try_get(addr, "/", Duration::from_secs(5)) {
+            Ok(r) => assert_eq!((r.status, r.text().trim_end()), (200, GREETING)),
             Err(e) => panic!(
                 "the socket unit's port is no longer served ({e}); new process {new}:\n{log}"
             ),
@@ -599,24 +416,14 @@ fn reload_keeps_serving_the_socket_units_address(manager: Manager) {
     assert!(!log.contains("binding anew"), "new process {new}:\n{log}");
 }
 
-fn the_journal_shows_each_process_with_its_own_pid(manager: Manager) {
-    let Some(m) = UserManager::boot_or_skip(manager, "journal") else {
-        return;
-    };
-    let addr = install_hello(
-        &m,
-        "hello.service",
-        &fresh_example("hello"),
-        free_port(),
-        true,
-        "",
-    );
-    let old = start_hello(&m, addr);
-    let (new, _) = reload(&m, old);
+fn the_journal_shows_each_process_with_its_own_pid(m: &UserManager) {
+    let addr = install_hello(m, "hello.service", program!("hello"), free_port(), true, "");
+    let old = start_hello(m, addr);
+    let (new, _) = reload(m, old);
 
     let unit_cg = m.unit_cgroup("hello.service");
     let ready = |pid: u32, generation: &str| {
-        let e = m.wait_for_journal(&[&format!("_PID={pid}")], T, |e| {
+        let e = m.wait_for_journal(&[&format!("_PID={pid}")], TIMEOUT, |e| {
             message(e) == "ready" && field(e, "GENERATION") == generation
         });
         assert_eq!(field(&e, "_TRANSPORT"), "journal", "native entry: {e:?}");
@@ -629,7 +436,7 @@ fn the_journal_shows_each_process_with_its_own_pid(manager: Manager) {
     ready(old, "0");
     ready(new, "1");
 
-    let done = m.wait_for_journal(&[&format!("_PID={old}")], T, |e| {
+    let done = m.wait_for_journal(&[&format!("_PID={old}")], TIMEOUT, |e| {
         message(e).starts_with("upgrade complete")
     });
     eprintln!("upgrade entry: {done:?}");
@@ -678,32 +485,22 @@ fn the_journal_shows_each_process_with_its_own_pid(manager: Manager) {
             m.version()
         );
     }
-    assert_no_alien_warning(&m);
+    assert_no_alien_warning(m);
 }
 
 /// The axum example installs a subscriber of its own with `handover::logging::layer()` added:
 /// its own events and the crate's arrive in the journal as native entries with the true
 /// `_PID`, before and after a reload.
-fn an_apps_own_subscriber_with_the_crate_layer_writes_to_the_journal(manager: Manager) {
-    let Some(m) = UserManager::boot_or_skip(manager, "ownsub") else {
-        return;
-    };
-    let addr = install_hello(
-        &m,
-        "hello.service",
-        &fresh_example("axum"),
-        free_port(),
-        true,
-        "",
-    );
-    let old = start_hello(&m, addr);
-    let (new, _) = reload(&m, old);
+fn an_apps_own_subscriber_with_the_crate_layer_writes_to_the_journal(m: &UserManager) {
+    let addr = install_hello(m, "hello.service", program!("axum"), free_port(), true, "");
+    let old = start_hello(m, addr);
+    let (new, _) = reload(m, old);
     for (pid, generation) in [(old, "0"), (new, "1")] {
         for (what, wanted) in [
             ("the app's own event", "listening"),
             ("the crate's", "ready"),
         ] {
-            let e = m.wait_for_journal(&[&format!("_PID={pid}")], T, |e| {
+            let e = m.wait_for_journal(&[&format!("_PID={pid}")], TIMEOUT, |e| {
                 message(e) == wanted && field(e, "GENERATION") == generation
             });
             assert_eq!(field(&e, "_TRANSPORT"), "journal", "{what}: {e:?}");
@@ -717,20 +514,17 @@ fn an_apps_own_subscriber_with_the_crate_layer_writes_to_the_journal(manager: Ma
 /// `WatchdogSec=` on the shipped unit: after each handoff the new main process feeds the
 /// watchdog (systemd takes `WATCHDOG=1` from the main process only), so the service lives on
 /// through a whole watchdog period after the old process is gone, with no restart.
-fn watchdog_pings_follow_the_new_main_process(manager: Manager) {
-    let Some(m) = UserManager::boot_or_skip(manager, "watchdog") else {
-        return;
-    };
+fn watchdog_pings_follow_the_new_main_process(m: &UserManager) {
     const WATCHDOG_USEC: u64 = 1_000_000;
     let addr = install_hello(
-        &m,
+        m,
         "hello.service",
-        &fresh_example("hello"),
+        program!("hello"),
         free_port(),
         true,
         "WatchdogSec=1s",
     );
-    let first = start_hello(&m, addr);
+    let first = start_hello(m, addr);
     assert_eq!(m.show("hello.service", "WatchdogUSec"), "1s");
     let pinged = |m: &UserManager| -> u64 {
         m.show("hello.service", "WatchdogTimestampMonotonic")
@@ -739,7 +533,7 @@ fn watchdog_pings_follow_the_new_main_process(manager: Manager) {
     };
     let mut main = first;
     for i in 1..=3 {
-        let (new, _) = reload(&m, main);
+        let (new, _) = reload(m, main);
         let gone = monotonic_usec();
         let env = environ(new);
         assert_eq!(
@@ -751,8 +545,8 @@ fn watchdog_pings_follow_the_new_main_process(manager: Manager) {
         // Fed for a whole period after the old process was gone: only the new one can have.
         m.wait_until(
             &format!("reload {i}: a watchdog ping a whole period after pid {main} exited"),
-            T,
-            || pinged(&m) > gone + WATCHDOG_USEC,
+            TIMEOUT,
+            || pinged(m) > gone + WATCHDOG_USEC,
         );
         assert_eq!(m.main_pid("hello.service"), new, "reload {i}");
         assert_eq!(m.show("hello.service", "ActiveState"), "active");
@@ -761,19 +555,17 @@ fn watchdog_pings_follow_the_new_main_process(manager: Manager) {
     }
     let about = m.journal(&["-o", "cat", "USER_UNIT=hello.service"]);
     assert!(!about.contains("atchdog timeout"), "{about}");
-    assert_eq!(get(addr).trim_end(), GREETING);
+    assert_eq!(greeting(addr), GREETING);
 }
 
 /// The `ExecReload=` alternatives the docs describe, each with a broken and then a good new
 /// binary: what `systemctl reload` tells the operator.
-fn what_each_reload_alternative_tells_the_operator(manager: Manager) {
-    let Some(m) = UserManager::boot_or_skip(manager, "alternatives") else {
-        return;
-    };
-    let bin = hello_copy(&m);
+fn what_each_reload_alternative_tells_the_operator(m: &UserManager) {
+    let bin = hello_copy(m);
     let port = free_port();
-    let exec = format!("{} --addr 127.0.0.1:{port}", bin.display());
-    let (socket, shipped) = hello_units("hello.service", &exec, port);
+    let exec = format!("{} --addr 127.0.0.1:{port}", bin.path().display());
+    let reload = program!("test-handover-reload");
+    let (socket, shipped) = units::hello_units(m, "hello.service", &exec, port, reload);
     let addr = SocketAddr::from(([127, 0, 0, 1], port));
     m.install_unit("hello.socket", &socket);
 
@@ -786,7 +578,8 @@ fn what_each_reload_alternative_tells_the_operator(manager: Manager) {
         false,
     )];
     if m.major() >= 253 {
-        let (_, notify_reload) = hello_units("hello-notify-reload.service", &exec, port);
+        let (_, notify_reload) =
+            units::hello_units(m, "hello-notify-reload.service", &exec, port, reload);
         variants.push((
             without_keys(&notify_reload, &["ExecReload", "ReloadSignal"]),
             "Type=notify-reload alone (systemd sends SIGHUP)",
@@ -800,18 +593,18 @@ fn what_each_reload_alternative_tells_the_operator(manager: Manager) {
         m.systemctl_ok(&["start", "hello.socket"]);
         m.systemctl_ok(&["restart", "hello.service"]);
         let pid = m.main_pid("hello.service");
-        assert_eq!(get(addr).trim_end(), GREETING);
+        assert_eq!(greeting(addr), GREETING);
 
-        deploy(&bin, BROKEN_BUILD);
-        let (out, _) = systemctl_reload(&m);
+        bin.replace(BROKEN_BUILD, 0o755);
+        let (out, _) = units::systemctl_reload(m);
         // The upgrade's end, whatever the reload said.
-        m.wait_until("the failed upgrade to be reported", T, || {
+        m.wait_until("the failed upgrade to be reported", TIMEOUT, || {
             m.show("hello.service", "StatusText").contains("failed")
                 && m.show("hello.service", "SubState") == "running"
         });
         let broken_rc = out.status.code();
         assert_eq!(m.main_pid("hello.service"), pid, "{what}");
-        assert_eq!(get(addr).trim_end(), GREETING, "{what}: still serving");
+        assert_eq!(greeting(addr), GREETING, "{what}: still serving");
         assert_eq!(
             !out.status.success(),
             reports_failure,
@@ -819,11 +612,13 @@ fn what_each_reload_alternative_tells_the_operator(manager: Manager) {
             broken_rc
         );
 
-        deploy(&bin, &fs::read(fresh_example("hello")).unwrap());
-        let (out, took) = systemctl_reload(&m);
+        bin.restore();
+        let (out, took) = units::systemctl_reload(m);
         let at_return = m.main_pid("hello.service");
         assert!(out.status.success(), "{what}: {out:?}");
-        m.wait_until("MainPID to move", T, || m.main_pid("hello.service") != pid);
+        m.wait_until("MainPID to move", TIMEOUT, || {
+            m.main_pid("hello.service") != pid
+        });
         if waits {
             assert_ne!(
                 at_return, pid,
@@ -843,7 +638,8 @@ fn what_each_reload_alternative_tells_the_operator(manager: Manager) {
     // And why the shipped notify-reload unit sets ReloadSignal=SIGCONT: with SIGHUP, systemd's
     // signal and handover-reload each ask for an upgrade.
     if m.major() >= 253 {
-        let (_, notify_reload) = hello_units("hello-notify-reload.service", &exec, port);
+        let (_, notify_reload) =
+            units::hello_units(m, "hello-notify-reload.service", &exec, port, reload);
         assert_eq!(get_key(&notify_reload, "ReloadSignal"), Some("SIGCONT"));
         m.install_unit(
             "hello.service",
@@ -853,15 +649,15 @@ fn what_each_reload_alternative_tells_the_operator(manager: Manager) {
         m.systemctl_ok(&["restart", "hello.service"]);
         let mut outcomes = Vec::new();
         for _ in 0..3 {
-            let before = generation(&m);
-            let (out, _) = systemctl_reload(&m);
-            m.wait_until("the unit to settle", T, || {
+            let before = generation(m);
+            let (out, _) = units::systemctl_reload(m);
+            m.wait_until("the unit to settle", TIMEOUT, || {
                 m.show("hello.service", "SubState") == "running"
                     && !m
                         .show("hello.service", "StatusText")
                         .starts_with("upgrading")
             });
-            let upgrades = generation(&m) - before;
+            let upgrades = generation(m) - before;
             outcomes.push((out.status.code(), upgrades));
             assert!(
                 !out.status.success() || upgrades == 2,
@@ -880,11 +676,8 @@ fn what_each_reload_alternative_tells_the_operator(manager: Manager) {
 /// `units/handover-dropin.conf` on a plain service that runs a handover program (`ExecStart=`
 /// only), with the shipped socket unit: the reload waits for the new main process, and fails
 /// when the new binary is broken, as with `units/hello.service`.
-fn the_dropin_turns_a_plain_service_into_a_handover_one(manager: Manager) {
-    let Some(m) = UserManager::boot_or_skip(manager, "dropin") else {
-        return;
-    };
-    let bin = hello_copy(&m);
+fn the_dropin_turns_a_plain_service_into_a_handover_one(m: &UserManager) {
+    let bin = hello_copy(m);
     let port = free_port();
     let addr = SocketAddr::from(([127, 0, 0, 1], port));
     m.install_unit(
@@ -899,42 +692,28 @@ fn the_dropin_turns_a_plain_service_into_a_handover_one(manager: Manager) {
         "hello.service",
         &format!(
             "[Unit]\nRequires=hello.socket\nAfter=hello.socket\n\n[Service]\nExecStart={} --addr {addr}\n",
-            bin.display()
+            bin.path().display()
         ),
     );
-    let dropin = with_built_reload_command(&repo_unit("handover-dropin.conf"));
+    let reload_command = units::install_reload_command(m, program!("test-handover-reload"));
+    let dropin = with_reload_command(&repo_unit("handover-dropin.conf"), &reload_command);
     m.install_unit("hello.service.d/handover.conf", &dropin);
     m.daemon_reload();
     assert_eq!(m.show("hello.service", "Type"), "notify");
-    let first = start_hello(&m, addr);
-    let (second, _) = reload(&m, first);
+    let first = start_hello(m, addr);
+    let (second, _) = reload(m, first);
 
-    deploy(&bin, BROKEN_BUILD);
-    let (out, _) = systemctl_reload(&m);
+    bin.replace(BROKEN_BUILD, 0o755);
+    let (out, _) = units::systemctl_reload(m);
     assert!(!out.status.success(), "a broken build reloaded with exit 0");
     assert_eq!(m.show("hello.service", "ReloadResult"), "exit-code");
     assert_eq!(m.main_pid("hello.service"), second);
-    assert_eq!(get(addr).trim_end(), GREETING);
+    assert_eq!(greeting(addr), GREETING);
 
-    deploy(&bin, &fs::read(fresh_example("hello")).unwrap());
-    reload(&m, second);
-    assert_eq!(get(addr).trim_end(), GREETING);
-    assert_no_alien_warning(&m);
-}
-
-/// `unit` without its (uncommented) `key=` lines for each of `keys`.
-fn without_keys(unit: &str, keys: &[&str]) -> String {
-    let mut out: String = unit
-        .lines()
-        .filter(|l| {
-            !keys
-                .iter()
-                .any(|k| l.trim_start().starts_with(&format!("{k}=")))
-        })
-        .collect::<Vec<_>>()
-        .join("\n");
-    out.push('\n');
-    out
+    bin.restore();
+    reload(m, second);
+    assert_eq!(greeting(addr), GREETING);
+    assert_no_alien_warning(m);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -943,76 +722,40 @@ fn without_keys(unit: &str, keys: &[&str]) -> String {
 #[test]
 fn socket_activate_then_sighup_under_load() {
     const ACTIVATE: &str = "/usr/bin/systemd-socket-activate";
-    if !Path::new(ACTIVATE).exists() {
-        eprintln!("SKIP socket_activate_then_sighup_under_load: no {ACTIVATE}");
+    if !have(ACTIVATE, "systemd") {
         return;
     }
     // Each old generation's successor is orphaned when it exits: reap them.
-    become_subreaper();
-    let port = free_port();
-    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
     let dir = tempfile::tempdir().unwrap();
     let pid_file = dir.path().join("hello.pid");
-    let mut child = Command::new(ACTIVATE)
-        .args(["-l", &addr.to_string(), "-E", "RUST_LOG=info"])
-        .arg(fresh_example("hello"))
+    let mut cmd = command(ACTIVATE);
+    cmd.args(["-l", &addr.to_string(), "-E", "RUST_LOG=info"])
+        .arg(program!("hello"))
         .args(["--addr", &addr.to_string()])
         .arg("--pid-file")
-        .arg(&pid_file)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let log = Log::capture(child.stderr.take().unwrap());
-    let mut server = Server {
-        child,
-        log,
-        pid_file,
-        dir,
-    };
-    server
-        .log
-        .wait_line(0, &["Listening on", &addr.to_string()], T);
+        .arg(&pid_file);
+    let mut server = Server::spawn(cmd, Some(&pid_file));
+    let listening = ["Listening on", &addr.to_string()];
+    server.log.wait_line(0, &listening, TIMEOUT);
     assert!(
         server.pid().is_none(),
         "nothing runs before the first connection"
     );
     // It execs hello in place on the first connection, which waits meanwhile.
-    assert_eq!(get(addr).trim_end(), GREETING);
-    let first = wait_for("the PID file", T, || server.pid());
-    assert_eq!(
-        first,
-        server.child.id(),
-        "hello runs in place of systemd-socket-activate"
-    );
+    assert_eq!(greeting(addr), GREETING);
+    let first = server.wait_started();
 
-    let mut load = Some(load::Load::start(addr, load_config()));
-    traffic_flows(&mut load, 50, || server.log.text());
-    let mut pids = vec![first];
-    for i in 1..=2 {
-        let (old, new) = server.upgrade(T);
-        assert!(!pids.contains(&new));
-        pids.push(new);
-        let code = if old == first {
-            wait_for("the first process to exit", T, || {
-                server.child.try_wait().unwrap()
-            })
-            .code()
-            .unwrap_or(-1)
-        } else {
-            reap(old, T)
-        };
-        assert_eq!(code, 0, "upgrade {i}: old process {old} exited with {code}");
-        traffic_flows(&mut load, 50, || server.log.text());
+    let load = Load::start(addr, LoadConfig::clients(4, 4));
+    load.assert_flows_or(50, || server.log.text());
+    let mut generations = Generations::new(first);
+    for _ in 1..=2 {
+        generations.push(server.upgrade_and_reap().1);
+        load.assert_flows_or(50, || server.log.text());
     }
-    let report = load.take().unwrap().stop();
-    eprintln!("systemd-socket-activate, 2 SIGHUP upgrades: {report}");
-    report.assert_no_errors();
-
-    let last = *pids.last().unwrap();
-    kill(Pid::from_raw(last as i32), Signal::SIGTERM).unwrap();
-    assert_eq!(reap(last, T), 0);
+    eprintln!("systemd-socket-activate, 2 SIGHUP upgrades:");
+    load.stop().assert_lost_nothing(1);
+    assert_eq!(terminate(generations.last()), 0);
     assert!(
         server.pid().is_none(),
         "the PID file is removed on a real stop"
@@ -1021,93 +764,6 @@ fn socket_activate_then_sighup_under_load() {
 
 // ---------------------------------------------------------------------------------------------
 // the notify protocol against a socket the test owns
-
-/// One datagram received on the notify socket.
-struct Datagram {
-    text: String,
-    sender: u32,
-    fds: Vec<OwnedFd>,
-}
-
-/// A notify socket bound in a temp dir, with `SO_PASSCRED` so each message
-/// carries its sender's pid.
-struct NotifySocket {
-    sock: UnixDatagram,
-    path: PathBuf,
-    _dir: tempfile::TempDir,
-}
-
-impl NotifySocket {
-    fn bind() -> NotifySocket {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("notify");
-        let sock = UnixDatagram::bind(&path).unwrap();
-        setsockopt(&sock, sockopt::PassCred, &true).unwrap();
-        sock.set_read_timeout(Some(T)).unwrap();
-        NotifySocket {
-            sock,
-            path,
-            _dir: dir,
-        }
-    }
-
-    /// The next datagram (at most `T`), or `None` if none is pending and
-    /// `wait` is false.
-    fn try_recv(&self, wait: bool) -> Option<Datagram> {
-        let mut buf = vec![0u8; 4096];
-        let mut iov = [IoSliceMut::new(&mut buf)];
-        let mut cmsg = nix::cmsg_space!(UnixCredentials, [RawFd; 4]);
-        // CLOEXEC: a barrier fd inherited by a process another test spawns
-        // would hold the barrier until that process exits.
-        let mut flags = MsgFlags::MSG_CMSG_CLOEXEC;
-        if !wait {
-            flags |= MsgFlags::MSG_DONTWAIT;
-        }
-        let msg = match recvmsg::<()>(self.sock.as_raw_fd(), &mut iov, Some(&mut cmsg), flags) {
-            Ok(m) => m,
-            Err(nix::errno::Errno::EAGAIN) if !wait => return None,
-            Err(e) => panic!("no notify message within {T:?}: {e}"),
-        };
-        let mut sender = 0;
-        let mut fds = Vec::new();
-        for c in msg.cmsgs().unwrap() {
-            match c {
-                ControlMessageOwned::ScmCredentials(cred) => sender = cred.pid() as u32,
-                // SAFETY: the kernel just installed these fds in this process
-                // for this message; nothing else owns them.
-                ControlMessageOwned::ScmRights(raw) => fds.extend(
-                    raw.into_iter()
-                        .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }),
-                ),
-                _ => {}
-            }
-        }
-        let len = msg.bytes;
-        assert!(
-            !msg.flags.contains(MsgFlags::MSG_CTRUNC),
-            "control data truncated"
-        );
-        Some(Datagram {
-            text: String::from_utf8_lossy(&buf[..len]).into_owned(),
-            sender,
-            fds,
-        })
-    }
-
-    fn recv(&self) -> Datagram {
-        self.try_recv(true).unwrap()
-    }
-}
-
-/// The assignments of a notify message, in order.
-fn assignments(text: &str) -> Vec<(&str, &str)> {
-    text.lines()
-        .map(|l| {
-            l.split_once('=')
-                .unwrap_or_else(|| panic!("not KEY=VALUE: {l:?} in {text:?}"))
-        })
-        .collect()
-}
 
 /// The same message as `sd-notify` 0.5 would send it (one state per line).
 fn as_sd_notify(states: &[sd_notify::NotifyState<'_>]) -> String {
@@ -1121,12 +777,10 @@ fn as_sd_notify(states: &[sd_notify::NotifyState<'_>]) -> String {
 #[test]
 fn notify_reload_sequence_on_a_socket_of_our_own() {
     let notify = NotifySocket::bind();
-    let path = notify.path.to_str().unwrap().to_owned();
-    let mut server = Server::start(
-        &fresh_example("hello"),
-        &["--addr", "127.0.0.1:0"],
-        &[("NOTIFY_SOCKET", &path)],
-    );
+    // The test answers each barrier itself, once it has looked at the state before.
+    notify.hold_barriers();
+    let envs = [("NOTIFY_SOCKET", notify.path())];
+    let mut server = Server::start(program!("hello"), &[], &envs);
     let addr = server.addr();
     let first = server.child.id();
 
@@ -1147,7 +801,7 @@ fn notify_reload_sequence_on_a_socket_of_our_own() {
         // What systemd >= 253 does for Type=notify-reload: note the time,
         // send the reload signal.
         let before = monotonic_usec();
-        kill(Pid::from_raw(old as i32), Signal::SIGHUP).unwrap();
+        signal(old, Signal::SIGHUP);
 
         // 1. RELOADING=1 with a MONOTONIC_USEC not older than the signal.
         let d = notify.recv();
@@ -1202,18 +856,19 @@ fn notify_reload_sequence_on_a_socket_of_our_own() {
         let d = notify.recv();
         assert_eq!(d.sender, old);
         assert_eq!(d.text, "BARRIER=1");
-        assert_eq!(d.fds.len(), 1, "BARRIER=1 carries exactly one fd");
+        assert_eq!(d.nfds, 1, "BARRIER=1 carries exactly one fd");
         // Until we close it, the new process is not main: it says nothing and
         // writes no PID file; the old one still serves (so does the new one's
         // accept loop: either answers).
         assert!(
-            notify.try_recv(false).is_none(),
+            notify.try_recv().is_none(),
             "a message before the barrier was released"
         );
         assert_eq!(server.pid(), Some(old));
-        assert!(pid_alive(old) && pid_alive(new));
-        assert_eq!(get(addr).trim_end(), GREETING);
-        drop(d.fds); // releases the barrier
+        assert!(alive(old) && alive(new));
+        assert_eq!(greeting(addr), GREETING);
+        notify.release_barriers();
+        notify.hold_barriers();
 
         // 4. The new process's own STATUS=, now that it is main.
         let d = notify.recv();
@@ -1222,31 +877,19 @@ fn notify_reload_sequence_on_a_socket_of_our_own() {
             d.text,
             as_sd_notify(&[sd_notify::NotifyState::Status(&status)])
         );
-        wait_for("the PID file to name the new process", T, || {
-            (server.pid() == Some(new)).then_some(())
+        server.wait_pid("the PID file to name the new process", |pid| {
+            (pid == Some(new)).then_some(())
         });
 
         // The old process drains and exits 0; it never sends STOPPING=1.
-        let code = if old == first {
-            wait_for("the first process to exit", T, || {
-                server.child.try_wait().unwrap()
-            })
-            .code()
-            .unwrap_or(-1)
-        } else {
-            reap(old, T)
-        };
-        assert_eq!(code, 0, "old process {old}");
-        assert!(
-            notify.try_recv(false).is_none(),
-            "the old process sent more"
-        );
-        assert_eq!(get(addr).trim_end(), GREETING);
+        assert_eq!(server.reap(old), 0, "old process {old}");
+        assert!(notify.try_recv().is_none(), "the old process sent more");
+        assert_eq!(greeting(addr), GREETING);
         old = new;
     }
 
     // A real stop: STOPPING=1 from the process that is main, exit 0.
-    kill(Pid::from_raw(old as i32), Signal::SIGTERM).unwrap();
+    signal(old, Signal::SIGTERM);
     let d = notify.recv();
     assert_eq!(d.sender, old);
     assert_eq!(
@@ -1256,25 +899,25 @@ fn notify_reload_sequence_on_a_socket_of_our_own() {
             sd_notify::NotifyState::Status("stopping")
         ])
     );
-    assert_eq!(reap(old, T), 0);
+    assert_eq!(reap(old, TIMEOUT), 0);
     assert!(server.pid().is_none());
 }
 
 // ---------------------------------------------------------------------------------------------
 // systemd-analyze verify
 
-/// The built binary or example called `name`, if cargo built it.
-fn built(name: &str) -> Option<PathBuf> {
-    let exe = std::env::current_exe().unwrap();
-    let dir = exe.parent()?.parent()?;
-    [dir.join(name), dir.join("examples").join(name)]
-        .into_iter()
-        .find(|p| p.is_file())
+/// The built program that the shipped units call `/usr/local/bin/<name>`.
+fn built(name: &str) -> Option<&'static Path> {
+    match name {
+        "hello" => Some(program!("hello")),
+        "handover-reload" => Some(program!("test-handover-reload")),
+        "handover" => Some(program!("test-handover")),
+        _ => None,
+    }
 }
 
-/// Points the program of every `Exec*=` line that names a program of this
-/// crate (`/usr/local/bin/<name>`, `<name>` being a binary or example cargo
-/// built) at the built one, keeping prefixes (`-@:+!`) and arguments.
+/// Points the program of every `Exec*=` line that names a program of this crate
+/// (`/usr/local/bin/<name>`) at the built one, keeping prefixes (`-@:+!`) and arguments.
 fn point_exec_lines(text: &str) -> String {
     let mut out: String = text
         .lines()
@@ -1296,7 +939,7 @@ fn point_exec_lines(text: &str) -> String {
                 return l.to_owned(); // a system program such as /bin/kill
             };
             let built = built(name).unwrap_or_else(|| {
-                panic!("{key}= runs {program}, but no binary or example {name:?} is built")
+                panic!("{key}= runs {program}, which is not a program of this crate")
             });
             format!("{key}={flags}{} {args}", built.display())
                 .trim_end()
@@ -1332,11 +975,8 @@ const UNIT_SUFFIXES: &[&str] = &[
 /// systemd. The only stderr lines tolerated are systemd 252's "Failed to parse
 /// service type, ignoring: notify-reload" and "Unknown key 'ReloadSignal'"
 /// (253 knows both).
-fn units_verify(manager: Manager) {
-    let Some(m) = UserManager::boot_or_skip(manager, "verify") else {
-        return;
-    };
-    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("units");
+fn units_verify(m: &UserManager) {
+    let src = units::repo_dir();
     // Where the manager's tools see it too.
     let tmp = tempfile::tempdir_in(m.scratch_dir()).unwrap();
     let units = tmp.path().join("units");
@@ -1359,7 +999,7 @@ fn units_verify(manager: Manager) {
             let dir = units.join(format!("dropin-{stem}.service.d"));
             fs::create_dir_all(&dir).unwrap();
             fs::copy(f, dir.join(&name)).unwrap();
-            let exec = server::example("hello");
+            let exec = program!("hello");
             fs::write(&unit, format!("[Service]\nExecStart={}\n", exec.display())).unwrap();
             targets.push((name, unit));
         } else {

@@ -1,21 +1,19 @@
-//! Self-test of the private systemd user manager harness (`tests/support/systemd.rs`), on the
-//! host's systemd and on systemd 257 from the trixie root, with a Python stand-in for a
+//! Self-test of the private systemd user manager harness (`support::systemd`), on the host's
+//! systemd and on systemd 257 from the trixie root, with a Python stand-in for a
 //! socket-activated `Type=notify` service. Needs root and systemd installed; skips otherwise
 //! (fails under `CI=true`).
-
-#[path = "support/systemd.rs"]
-mod systemd;
 
 use std::fs;
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::path::PathBuf;
+use std::time::Instant;
 
-use systemd::{on_each_manager, parse_journal_export, pid_alive, Manager, UserManager};
+use support::process::alive;
+use support::systemd::{message, JournalEntry, Manager, UserManager};
+use support::{have, on_each_manager_kind, TIMEOUT};
 
 const PYTHON: &str = "/usr/bin/python3";
-const WAIT: Duration = Duration::from_secs(10);
 
 /// Reads its listener from fd 3 (`LISTEN_PID` must be its own pid), logs a line to stdout,
 /// sends `READY=1` and answers every connection with `pong <pid> <greeting>`.
@@ -40,14 +38,7 @@ while True:
 
 /// Whether the stand-in can run: the host needs Python; the trixie root has it.
 fn have_python(manager: Manager) -> bool {
-    if manager == Manager::V257 || Path::new(PYTHON).exists() {
-        return true;
-    }
-    eprintln!(
-        "SKIP {}: {PYTHON} not found",
-        std::thread::current().name().unwrap_or("?")
-    );
-    false
+    manager == Manager::V257 || have(PYTHON, "the stand-in service is a Python script")
 }
 
 /// Installs `standin.socket` (a Unix socket in the runtime dir) and `standin.service`.
@@ -67,7 +58,7 @@ fn install_standin(m: &UserManager) {
 /// Connects to the stand-in's socket (activating it); returns its pid and greeting.
 fn ping(m: &UserManager) -> (u32, String) {
     let mut s = UnixStream::connect(m.runtime_dir().join("standin.sock")).unwrap();
-    s.set_read_timeout(Some(WAIT)).unwrap();
+    s.set_read_timeout(Some(TIMEOUT)).unwrap();
     s.write_all(b"ping\n").unwrap();
     let mut line = String::new();
     BufReader::new(s).read_line(&mut line).unwrap();
@@ -79,8 +70,8 @@ fn ping(m: &UserManager) -> (u32, String) {
     )
 }
 
-fn message_starts(e: &systemd::JournalEntry, prefix: &str) -> bool {
-    e.get("MESSAGE").is_some_and(|m| m.starts_with(prefix))
+fn message_starts(e: &JournalEntry, prefix: &str) -> bool {
+    message(e).starts_with(prefix)
 }
 
 /// What must be gone once a manager was dropped.
@@ -106,7 +97,7 @@ impl Traces {
             assert!(!d.exists(), "{} survived teardown", d.display());
         }
         for &p in &self.pids {
-            assert!(!pid_alive(p), "pid {p} survived teardown");
+            assert!(!alive(p), "pid {p} survived teardown");
         }
         assert!(
             !self.runtime.exists(),
@@ -116,7 +107,7 @@ impl Traces {
     }
 }
 
-on_each_manager!(
+on_each_manager_kind!(
     boots_runs_a_notify_service_and_tears_down,
     two_managers_run_side_by_side,
     teardown_runs_when_the_test_panics,
@@ -139,7 +130,7 @@ fn boots_runs_a_notify_service_and_tears_down(manager: Manager) {
         return;
     };
     eprintln!("boot of systemd {}: {:?}", m.version(), t0.elapsed());
-    assert!(pid_alive(m.manager_pid()) && pid_alive(m.journald_pid()));
+    assert!(alive(m.manager_pid()) && alive(m.journald_pid()));
     assert!(matches!(
         m.show("", "SystemState").as_str(),
         "running" | "degraded"
@@ -162,7 +153,7 @@ fn boots_runs_a_notify_service_and_tears_down(manager: Manager) {
 
     let (pid, greeting) = ping(&m); // socket activation
     assert_eq!(greeting, "dropin", "the drop-in is applied");
-    m.wait_until("standin.service to be active", WAIT, || {
+    m.wait_until("standin.service to be active", TIMEOUT, || {
         m.show("standin.service", "ActiveState") == "active"
     });
     assert_eq!(m.main_pid("standin.service"), pid);
@@ -188,7 +179,7 @@ fn boots_runs_a_notify_service_and_tears_down(manager: Manager) {
     }
 
     // Its stdout line is in the private journal with its own _PID.
-    let e = m.wait_for_journal(&[&format!("_PID={pid}")], WAIT, |e| {
+    let e = m.wait_for_journal(&[&format!("_PID={pid}")], TIMEOUT, |e| {
         message_starts(e, "stand-in ready")
     });
     assert_eq!(e.get("_SYSTEMD_CGROUP"), Some(&unit_cg));
@@ -239,7 +230,7 @@ fn boots_runs_a_notify_service_and_tears_down(manager: Manager) {
     let t = Instant::now();
     m.systemctl_ok(&["stop", "standin.service", "standin.socket"]);
     assert_eq!(m.show("standin.service", "ActiveState"), "inactive");
-    m.wait_until("the stand-in to exit", WAIT, || !pid_alive(pid));
+    m.wait_until("the stand-in to exit", TIMEOUT, || !alive(pid));
     eprintln!("stop: {:?}", t.elapsed());
 
     let traces = Traces::of(&m, &[pid]);
@@ -288,11 +279,11 @@ fn two_managers_run_side_by_side(manager: Manager) {
     }
     let pids: Vec<u32> = all.iter().map(|m| ping(m).0).collect();
     for (m, &pid) in all.iter().zip(&pids) {
-        m.wait_until("standin.service to be active", WAIT, || {
+        m.wait_until("standin.service to be active", TIMEOUT, || {
             m.show("standin.service", "ActiveState") == "active"
         });
         assert_eq!(m.main_pid("standin.service"), pid);
-        m.wait_for_journal(&[&format!("_PID={pid}")], WAIT, |e| {
+        m.wait_for_journal(&[&format!("_PID={pid}")], TIMEOUT, |e| {
             message_starts(e, "stand-in ready")
         });
     }
@@ -343,21 +334,4 @@ fn teardown_runs_when_the_test_panics(manager: Manager) {
     }; // skipped
     assert!(result.is_err());
     traces.assert_gone();
-}
-
-#[test]
-fn export_format_parser() {
-    let mut data = b"__CURSOR=c1\nMESSAGE=hello\n_PID=42\n".to_vec();
-    data.extend_from_slice(b"BIN\n");
-    data.extend_from_slice(&7u64.to_le_bytes());
-    data.extend_from_slice(b"a\nb=c\0d\n");
-    data.extend_from_slice(b"AFTER=x\n\n__CURSOR=c2\nMESSAGE=multi=equals\n\n");
-    let e = parse_journal_export(&data);
-    assert_eq!(e.len(), 2);
-    assert_eq!(e[0]["MESSAGE"], "hello");
-    assert_eq!(e[0]["_PID"], "42");
-    assert_eq!(e[0]["BIN"], "a\nb=c\0d");
-    assert_eq!(e[0]["AFTER"], "x");
-    assert_eq!(e[1]["MESSAGE"], "multi=equals");
-    assert!(parse_journal_export(b"").is_empty());
 }

@@ -1,0 +1,179 @@
+//! The hello example run by hand (no systemd): PID file, `kill -HUP`,
+//! continuous load, real processes.
+
+use nix::sys::signal::Signal;
+
+use support::http::Conn;
+use support::load::{Load, LoadConfig};
+use support::process::{alive, fd_kinds, reap, signal, terminate, zombie_children, Generations};
+use support::server::{Deployed, Server, BROKEN_BUILD, NEVER_READY};
+use support::{program, wait_for, TIMEOUT};
+
+#[test]
+fn twenty_sighup_upgrades_under_load_lose_nothing() {
+    let mut server = Server::start(program!("hello"), &[], &[]);
+    let addr = server.addr();
+    let first = server.pid().unwrap();
+    // Its fds once it has said "ready": the PID file comes a moment before the last spare fd
+    // is open again.
+    let ready = format!("ready generation=0 pid={first}");
+    server.log.wait_line(0, &[&ready], TIMEOUT);
+    let baseline = fd_kinds(first);
+
+    let load = Load::start(addr, LoadConfig::clients(4, 4));
+    load.assert_flows(50);
+    let mut generations = Generations::new(first);
+    for _ in 1..=20 {
+        generations.push(server.upgrade_and_reap().1);
+        load.assert_flows(20);
+    }
+    let report = load.stop();
+    report.assert_lost_nothing(1000);
+
+    let last = generations.last();
+    for old in generations.olds() {
+        assert!(!alive(*old), "old process {old} survived");
+    }
+    assert!(zombie_children(last).is_empty(), "zombies under {last}");
+    // Same fds as the first process once the clients are gone.
+    wait_for(
+        "the fds to settle to the first process's set",
+        TIMEOUT,
+        || (fd_kinds(last) == baseline).then_some(()),
+    );
+
+    assert_eq!(terminate(last), 0);
+    assert!(
+        server.pid().is_none(),
+        "the PID file is removed on a real stop"
+    );
+}
+
+/// hello run from a copy (so the test can replace the binary on disk), with the given upgrade
+/// timeout in seconds.
+fn hello_from_a_copy(upgrade_timeout: &str) -> (Deployed, Server) {
+    let exe = Deployed::copy(program!("hello"));
+    let args = ["--upgrade-timeout", upgrade_timeout];
+    let server = Server::start(exe.path(), &args, &[]);
+    (exe, server)
+}
+
+#[test]
+fn failed_upgrades_keep_the_old_process_serving() {
+    let (exe, server) = hello_from_a_copy("1");
+    let addr = server.addr();
+    let pid = server.pid().unwrap();
+    let load = Load::start(addr, LoadConfig::clients(4, 4));
+    load.assert_flows(50);
+
+    let real = exe.original();
+    let cases: [(&str, &[u8], u32, &[&str]); 3] = [
+        (
+            "exits with an error",
+            BROKEN_BUILD,
+            0o755,
+            &["upgrade failed", "exit status 3"],
+        ),
+        (
+            "never becomes ready",
+            NEVER_READY,
+            0o755,
+            &["upgrade failed", "not ready within 1s"],
+        ),
+        (
+            "is not executable",
+            &real,
+            0o644,
+            &["upgrade failed", "cannot execute", "Permission denied"],
+        ),
+    ];
+    for (what, contents, mode, needles) in cases {
+        exe.replace(contents, mode);
+        let from = server.log.len();
+        signal(pid, Signal::SIGHUP);
+        let (_, line) = server.log.wait_line(from, needles, TIMEOUT);
+        assert!(line.contains(&format!("old_pid={pid}")), "{what}: {line}");
+        assert_eq!(
+            server.pid(),
+            Some(pid),
+            "{what}: the PID file still names the old process"
+        );
+        assert!(
+            zombie_children(pid).is_empty(),
+            "{what}: the failed child was not reaped"
+        );
+        if let Some(at) = line.find("new process ") {
+            let child: u32 = line[at + 12..]
+                .split_whitespace()
+                .next()
+                .unwrap()
+                .parse()
+                .unwrap();
+            assert!(!alive(child), "{what}: child {child} survived");
+        }
+        load.assert_flows(20);
+    }
+
+    // The fixed binary goes through, and nothing was lost on the way.
+    exe.restore();
+    let (old, _new) = server.upgrade();
+    assert_eq!(old, pid);
+    assert_eq!(reap(old, TIMEOUT), 0);
+    load.assert_flows(20);
+    let report = load.stop();
+    report.assert_lost_nothing(1);
+}
+
+#[test]
+fn an_upgrade_during_an_upgrade_is_coalesced() {
+    let (exe, server) = hello_from_a_copy("2");
+    let pid = server.pid().unwrap();
+    exe.replace(NEVER_READY, 0o755);
+    let from = server.log.len();
+    signal(pid, Signal::SIGHUP);
+    let log = &server.log;
+    log.wait_line(from, &["waiting for it to be ready"], TIMEOUT);
+    signal(pid, Signal::SIGHUP);
+    log.wait_line(from, &["already running; coalesced"], TIMEOUT);
+    log.wait_line(from, &["upgrade failed", "not ready within 2s"], TIMEOUT);
+    let started = server.log.text().matches("new process started").count();
+    assert_eq!(
+        started, 1,
+        "one SIGHUP during an upgrade must not start a second one"
+    );
+}
+
+/// A new process can upgrade again as soon as it is ready, while an older generation still
+/// drains a slow request (tableflip refuses this: tableflip issue 52); each generation drains
+/// on its own clock.
+#[test]
+fn a_new_process_upgrades_again_while_its_parent_still_drains() {
+    let server = Server::start(program!("hello"), &[], &[]);
+    let addr = server.addr();
+    let first = server.pid().unwrap();
+    // A keep-alive connection served by the first process (the only one so far), then half of
+    // its next request: work in flight there.
+    let mut slow = Conn::open(addr);
+    assert_eq!(slow.get("/").text(), "Welcome to the Home Page!\n");
+    slow.send(b"GET / HTTP/1.1\r\nHost: test\r\n");
+
+    let (_, second) = server.upgrade();
+    let (old, third) = server.upgrade();
+    assert_eq!(old, second);
+    // The second generation is the first one's child, which reaps it.
+    wait_for("the second generation to exit", TIMEOUT, || {
+        (!alive(second)).then_some(())
+    });
+    assert!(
+        alive(first),
+        "the first generation still drains its slow request"
+    );
+
+    // The slow request completes on the first process, which then exits.
+    slow.send(b"\r\n");
+    let response = slow.read();
+    assert_eq!(response.status, 200, "{response:?}");
+    assert!(response.close, "{response:?}");
+    assert_eq!(reap(first, TIMEOUT), 0);
+    assert_eq!(server.pid(), Some(third));
+}
