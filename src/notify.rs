@@ -5,7 +5,7 @@
 //! `STATUS=` text raw (a newline would inject other fields), so the crate
 //! speaks the protocol itself here, on `nix`. The messages carry the same
 //! assignments as `sd-notify`'s, in the same order (`sd-notify` also ends
-//! the last one with a newline); `tests/interop.rs` checks that.
+//! the last one with a newline); `integration/tests/interop.rs` checks that.
 //!
 //! What the crate sends, and when:
 //!

@@ -548,7 +548,7 @@ mod tests {
     }
 
     // Fds 3.. in a test process belong to the harness, so the fd checks are
-    // exercised end to end in tests/faults.rs, where a real process gets a
+    // exercised end to end in integration/tests/faults.rs, where a real process gets a
     // non-socket at fd 3. Here: the channel must sit right after the fds.
     #[test]
     fn channel_must_follow_the_listeners() {
@@ -592,7 +592,7 @@ mod tests {
     }
 
     /// What a parent writes is what a child reads back (the fd checks
-    /// aside, which need real fds: see tests/faults.rs).
+    /// aside, which need real fds: see integration/tests/faults.rs).
     #[test]
     fn the_handoff_variables_round_trip() {
         let handoff = Handoff {
