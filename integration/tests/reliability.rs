@@ -159,17 +159,17 @@ impl Drop for Tmpfs {
 const FAILED: &str = "upgrade failed; still serving";
 
 // ---------------------------------------------------------------------------------------------
-// no thread can be created
+// no process can be created
 
-/// No thread can be created (a pids cgroup at its limit) when SIGHUP
+/// No process can be created (a pids cgroup at its limit) when SIGHUP
 /// comes: the upgrade fails with that reason, ends its `RELOADING=1` with
 /// `READY=1` and a `STATUS=` saying why (to a stand-in manager), and once
-/// the limit is lifted the very next SIGHUP upgrades. Before: tokio's
+/// the limit is lifted the very next SIGHUP upgrades. Once: tokio's
 /// `spawn_blocking` panicked ("OS can't spawn worker thread"), the phase
 /// stayed "upgrading" and every later SIGHUP was coalesced into nothing,
 /// for ever; under systemd `systemctl reload` hung.
 #[test]
-fn an_upgrade_that_cannot_create_a_thread_fails_with_a_reason_and_the_next_one_works() {
+fn an_upgrade_that_cannot_create_a_process_fails_with_a_reason_and_the_next_one_works() {
     if !root() {
         return;
     }
@@ -187,13 +187,15 @@ fn an_upgrade_that_cannot_create_a_thread_fails_with_a_reason_and_the_next_one_w
     signal(old, Signal::SIGHUP);
     let (_, line) = server.log.wait_line(from, &[FAILED], TIMEOUT);
     assert!(
-        line.contains("cannot create a thread")
-            && line.contains("Resource temporarily unavailable"),
+        line.contains("cannot start") && line.contains("Resource temporarily unavailable"),
         "{line}"
     );
     manager.wait_message(sent, &["RELOADING=1"]);
     let ready = manager.wait_message(sent, &["READY=1\nSTATUS=upgrade to generation 1 failed"]);
-    assert!(ready.contains("cannot create a thread"), "{ready}");
+    assert!(
+        ready.contains("cannot start") && ready.contains("Resource temporarily unavailable"),
+        "{ready}"
+    );
     assert_eq!(get(addr, "/").status, 200, "the old process serves");
     assert_eq!(server.pid(), Some(old));
 

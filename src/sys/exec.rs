@@ -1,7 +1,7 @@
 //! The child's side of a clone, up to `execve`: async-signal-safe only. No
 //! allocation, no locks, no logging, nothing that could panic (a panic
 //! allocates and takes locks), because the parent may be multi-threaded and
-//! the child is a copy of it with one thread.
+//! the child shares its memory (`CLONE_VM`) with one thread of its own.
 
 use std::os::fd::RawFd;
 use std::os::raw::c_char;
@@ -11,8 +11,8 @@ use crate::protocol::channel::{EXEC_FAILED, SPAWN_FAILED};
 
 /// The child's side of [`spawn`](fn@super::spawn): writes `LISTEN_PID=<pid>`
 /// into the slot prepared for it, moves `raw_fds[i]` to `3 + i` without
-/// close-on-exec, restores the default SIGPIPE disposition, clears the
-/// signal mask (to `empty`) and executes the image. On failure it writes
+/// close-on-exec, resets every signal handler and SIGPIPE to the default,
+/// clears the signal mask (to `empty`) and executes the image. On failure it writes
 /// `spawn <errno>` or `exec <errno>` to `report` and exits 127.
 ///
 /// # Safety
@@ -59,6 +59,7 @@ pub(super) unsafe fn child_exec(
         }
     }
 
+    reset_handlers();
     // Rust's runtime ignores SIGPIPE; the new program expects the default,
     // as std::process::Command arranges. Then unblock everything.
     // SAFETY: signal() with a valid signal number and SIG_DFL is
@@ -80,6 +81,28 @@ pub(super) unsafe fn child_exec(
         )
     };
     fail(report, EXEC_FAILED, errno())
+}
+
+/// Every signal with a handler gets the default action back (ignored ones
+/// stay ignored, as across `execve`). The parent's handlers must not run
+/// here: this process shares its memory until `execve`. Without
+/// `CLONE_SIGHAND` the table of handlers is this process's own copy.
+fn reset_handlers() {
+    // SAFETY: an all-zero sigaction is a valid value (SIG_DFL, no flags,
+    // an empty mask).
+    let mut old: libc::sigaction = unsafe { std::mem::zeroed() };
+    // SAFETY: as above.
+    let default: libc::sigaction = unsafe { std::mem::zeroed() };
+    for sig in 1..=libc::SIGRTMAX() {
+        // SAFETY: sigaction with valid pointers to values on this stack is
+        // async-signal-safe; for a number it cannot change (SIGKILL,
+        // SIGSTOP, the C library's own) it fails with EINVAL, harmlessly.
+        let had = unsafe { libc::sigaction(sig, std::ptr::null(), &mut old) };
+        if had == 0 && old.sa_sigaction != libc::SIG_DFL && old.sa_sigaction != libc::SIG_IGN {
+            // SAFETY: as above; SIG_DFL installs no function.
+            unsafe { libc::sigaction(sig, &default, std::ptr::null_mut()) };
+        }
+    }
 }
 
 /// The calling thread's `errno`.

@@ -3,7 +3,7 @@
 //! | file | job |
 //! |---|---|
 //! | `fd.rs` | inspecting and taking ownership of raw fds (inherited, received, just created); registering them with tokio's reactor |
-//! | `spawn.rs` | starting a new process: the image prepared before the clone, `clone3` (or `clone`) |
+//! | `spawn.rs` | starting a new process: the image prepared before the clone, `clone(CLONE_VM \| CLONE_VFORK)` on a stack of its own |
 //! | `exec.rs` | the child's side between the clone and `execve`: async-signal-safe only |
 //! | `pidfd.rs` | watching, signalling and reaping a child through its pidfd |
 //! | `signal.rs` | the signal mask around the clone; signalfd registration |

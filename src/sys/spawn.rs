@@ -1,6 +1,7 @@
 //! Starting a new process: everything `execve` needs is prepared before
-//! the clone ([`ExecImage`]), then `clone3` (or legacy `clone`) makes the
-//! child, which runs only [`exec::child_exec`](super::exec::child_exec).
+//! the clone ([`ExecImage`]), then `clone(CLONE_VM | CLONE_VFORK)` makes
+//! the child, which runs only [`exec::child_exec`](super::exec::child_exec)
+//! on a stack of its own.
 
 use std::ffi::{CString, OsStr};
 use std::io;
@@ -10,9 +11,6 @@ use std::os::unix::ffi::OsStrExt;
 
 use super::exec::child_exec;
 use super::signal::{empty_set, AllBlocked};
-
-const CLONE_PIDFD: u64 = 0x0000_1000;
-const CLONE_PARENT: u64 = 0x0000_8000;
 
 /// Everything `execve` needs, prepared before the fork so that the child
 /// allocates nothing.
@@ -100,7 +98,8 @@ pub(crate) struct Spawned {
     pub(crate) pidfd: OwnedFd,
 }
 
-/// Starts `image` as a new process with `clone3(CLONE_PIDFD)`.
+/// Starts `image` as a new process with `clone(CLONE_VM | CLONE_VFORK |
+/// CLONE_PIDFD)`.
 ///
 /// With `reparent`, `CLONE_PARENT` makes the new process a child of our
 /// own parent (the service manager), which then supervises and reaps it;
@@ -108,19 +107,16 @@ pub(crate) struct Spawned {
 /// child cannot exec, it writes `spawn <errno>\n` or `exec <errno>\n` to
 /// the last fd (by convention the handoff channel). `image` must hold at
 /// least one fd.
+///
+/// The child shares this address space until its `execve` (as
+/// `posix_spawn` does), on a stack of its own, while the calling thread
+/// waits: no page table is copied, so the time this takes does not grow
+/// with the memory of a busy process, and no memory is committed twice.
 pub(crate) fn spawn(image: &mut ExecImage, reparent: bool) -> io::Result<Spawned> {
-    spawn_with(image, reparent, false)
-}
-
-pub(super) fn spawn_with(
-    image: &mut ExecImage,
-    reparent: bool,
-    legacy: bool,
-) -> io::Result<Spawned> {
     // The channel's source fd stays open in the child until a successful
     // exec (it is close-on-exec), so failures are reported there.
     let report = image.fds.last().map(|f| f.as_raw_fd()).unwrap_or(-1);
-    clone_and_exec(image, reparent, legacy, report)
+    clone_and_exec(image, reparent, report)
 }
 
 /// Starts `image` as our own child, like [`spawn`] without reparenting
@@ -136,64 +132,79 @@ pub(crate) fn spawn_reporting(
     let min = 3 + image.fds.len() as i32;
     let high = nix::fcntl::fcntl(report, nix::fcntl::FcntlArg::F_DUPFD_CLOEXEC(min))?;
     let high = super::own(high);
-    clone_and_exec(image, false, false, high.as_raw_fd())
+    clone_and_exec(image, false, high.as_raw_fd())
+}
+
+/// The child's stack, above a guard page: `child_exec` needs a few
+/// hundred bytes of its own, `execve` and `sigaction` a few kilobytes.
+const CHILD_STACK: usize = 64 * 1024;
+
+/// What the child of the clone runs with (it shares our memory).
+struct ChildArgs<'a> {
+    image: &'a mut ExecImage,
+    raw_fds: &'a [RawFd],
+    report: RawFd,
+    empty: &'a libc::sigset_t,
+}
+
+/// The child's entry point, on its own stack.
+extern "C" fn child_entry(arg: *mut libc::c_void) -> libc::c_int {
+    // SAFETY: `arg` is the `ChildArgs` that `clone_and_exec` passed, alive
+    // on the parent's stack: the parent's thread is suspended
+    // (CLONE_VFORK) until this child has called `execve` or exited.
+    let args = unsafe { &mut *(arg as *mut ChildArgs<'_>) };
+    // SAFETY: we are the child of the clone, sharing the parent's memory
+    // on a stack of our own; `child_exec` only makes async-signal-safe
+    // system calls on memory prepared before the clone (no other thread
+    // touches the image), resets every signal handler before it unblocks
+    // signals, and never returns.
+    unsafe { child_exec(args.image, args.raw_fds, args.report, args.empty) }
 }
 
 /// The clone and exec behind [`spawn`] and [`spawn_reporting`]: failures
 /// before `execve` are written to `report`, which must be close-on-exec and
 /// at or above `3 + image.fds.len()`.
-fn clone_and_exec(
-    image: &mut ExecImage,
-    reparent: bool,
-    legacy: bool,
-    report: RawFd,
-) -> io::Result<Spawned> {
-    let mut pidfd: RawFd = -1;
-    let mut args = CloneArgs {
-        flags: CLONE_PIDFD | if reparent { CLONE_PARENT } else { 0 },
-        pidfd: &mut pidfd as *mut RawFd as u64,
-        child_tid: 0,
-        parent_tid: 0,
-        // The kernel refuses any other exit signal with CLONE_PARENT.
-        exit_signal: if reparent { 0 } else { libc::SIGCHLD as u64 },
-        stack: 0,
-        stack_size: 0,
-        tls: 0,
-    };
+fn clone_and_exec(image: &mut ExecImage, reparent: bool, report: RawFd) -> io::Result<Spawned> {
+    let stack = Stack::new(CHILD_STACK)?;
     let raw_fds: Vec<RawFd> = image.fds.iter().map(|f| f.as_raw_fd()).collect();
     let none = empty_set();
-
-    let blocked = AllBlocked::new();
-    let mut ret = if legacy {
-        -1
-    } else {
-        // SAFETY: clone3 without CLONE_VM gives the child a copy-on-write
-        // copy of this address space, like fork(). `args` is a valid
-        // clone_args of the version-0 size. Signals are blocked in this
-        // thread so that no handler runs in the child before exec.
-        unsafe {
-            libc::syscall(
-                libc::SYS_clone3,
-                &mut args as *mut CloneArgs,
-                std::mem::size_of::<CloneArgs>(),
-            )
-        }
+    let mut args = ChildArgs {
+        image,
+        raw_fds: &raw_fds,
+        report,
+        empty: &none,
     };
-    if legacy || (ret == -1 && io::Error::last_os_error().raw_os_error() == Some(libc::ENOSYS)) {
-        // clone3 filtered (seccomp) or missing: legacy clone(2) takes the
-        // same flags (CLONE_PIDFD since Linux 5.2) and stores the pidfd
-        // through its parent_tid argument.
-        ret = legacy_clone(args.flags | args.exit_signal, &mut pidfd);
-    }
-    if ret == 0 {
-        // SAFETY: we are the child of a (possibly multi-threaded) process,
-        // right after the clone; `child_exec` only makes async-signal-safe
-        // system calls on memory prepared before the clone, and never
-        // returns (so `blocked` is never dropped here).
-        unsafe { child_exec(image, &raw_fds, report, &none) }
-    }
+    let mut pidfd: libc::c_int = -1;
+    // The kernel refuses any other exit signal with CLONE_PARENT.
+    let exit_signal = if reparent { 0 } else { libc::SIGCHLD };
+    let flags = libc::CLONE_VM
+        | libc::CLONE_VFORK
+        | libc::CLONE_PIDFD
+        | if reparent { libc::CLONE_PARENT } else { 0 }
+        | exit_signal;
+
+    // Blocked in this thread, so that no handler of ours runs in the child
+    // (which would touch our memory) before it has reset them all.
+    let blocked = AllBlocked::new();
+    // SAFETY: glibc's clone starts `child_entry` on `stack.top()`, a
+    // mapping of ours that outlives the child's use of it: with
+    // CLONE_VFORK this call returns only once the child has called
+    // `execve` (its memory is its own from then on) or exited. `args` and
+    // everything it points to live on this frame for as long. With
+    // CLONE_PIDFD the kernel stores the pidfd through the parent_tid
+    // argument, which points at `pidfd`.
+    let ret = unsafe {
+        libc::clone(
+            child_entry,
+            stack.top(),
+            flags,
+            &mut args as *mut ChildArgs<'_> as *mut libc::c_void,
+            &mut pidfd as *mut libc::c_int,
+        )
+    };
     let err = io::Error::last_os_error();
     drop(blocked);
+    drop(stack);
     if ret < 0 {
         return Err(err);
     }
@@ -204,48 +215,54 @@ fn clone_and_exec(
     })
 }
 
-/// clone(2) with `flags`, no new stack: a fork with flags.
-#[cfg(any(
-    target_arch = "x86_64",
-    target_arch = "aarch64",
-    target_arch = "riscv64"
-))]
-fn legacy_clone(flags: u64, pidfd: &mut RawFd) -> libc::c_long {
-    // SAFETY: as for clone3 above (no CLONE_VM, stack 0 = the caller's,
-    // copy-on-write). On these architectures the argument order is
-    // (flags, newsp, parent_tid, child_tid, tls); with CLONE_PIDFD the
-    // kernel writes the pidfd to parent_tid, which points at `pidfd`.
-    unsafe {
-        libc::syscall(
-            libc::SYS_clone,
-            flags,
-            0usize,
-            pidfd as *mut RawFd,
-            0usize,
-            0usize,
-        )
+/// A stack for the child: an anonymous mapping whose lowest page is a
+/// guard (no access), unmapped when dropped.
+struct Stack {
+    base: *mut libc::c_void,
+    len: usize,
+}
+
+impl Stack {
+    fn new(size: usize) -> io::Result<Stack> {
+        let page = 4096;
+        let len = size + page;
+        // SAFETY: a new private anonymous mapping; no existing memory is
+        // touched.
+        let base = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_STACK,
+                -1,
+                0,
+            )
+        };
+        if base == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        let stack = Stack { base, len };
+        // SAFETY: the first page of the mapping just made, which nothing
+        // uses yet. Stacks grow down: this is below the lowest usable byte.
+        if unsafe { libc::mprotect(base, page, libc::PROT_NONE) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(stack)
+    }
+
+    /// The highest address, where a downward-growing stack starts (16-byte
+    /// aligned: the mapping is page-aligned and `len` a multiple of pages).
+    fn top(&self) -> *mut libc::c_void {
+        self.base.wrapping_byte_add(self.len)
     }
 }
 
-#[cfg(not(any(
-    target_arch = "x86_64",
-    target_arch = "aarch64",
-    target_arch = "riscv64"
-)))]
-fn legacy_clone(_flags: u64, _pidfd: &mut RawFd) -> libc::c_long {
-    -1 // errno is still ENOSYS from clone3
-}
-
-#[repr(C)]
-struct CloneArgs {
-    flags: u64,
-    pidfd: u64,
-    child_tid: u64,
-    parent_tid: u64,
-    exit_signal: u64,
-    stack: u64,
-    stack_size: u64,
-    tls: u64,
+impl Drop for Stack {
+    fn drop(&mut self) {
+        // SAFETY: the mapping made in `new`, no longer used by anyone (the
+        // child is past `execve` or gone).
+        unsafe { libc::munmap(self.base, self.len) };
+    }
 }
 
 #[cfg(test)]
@@ -283,7 +300,7 @@ mod tests {
     }
 
     #[test]
-    fn the_legacy_clone_fallback_works_too() {
+    fn listen_pid_names_the_child_and_the_parent_reads_it_back() {
         let (a, b) = std::os::unix::net::UnixStream::pair().unwrap();
         let argv: Vec<std::ffi::OsString> = ["sh", "-c", "echo \"$LISTEN_PID $$\" >&3"]
             .iter()
@@ -297,7 +314,7 @@ mod tests {
         )
         .unwrap();
         drop(b);
-        let child = spawn_with(&mut image, false, true).unwrap();
+        let child = spawn(&mut image, false).unwrap();
         drop(image);
         use std::io::Read;
         let mut out = String::new();
