@@ -91,7 +91,7 @@
 //! # Platform
 //!
 //! Linux only: the upgrade is built on Linux system calls and socket
-//! options (`clone3`, pidfds, `SO_PEERCRED`) and on systemd's protocols.
+//! options (`CLONE_PIDFD`, pidfds, `SO_PEERCRED`) and on systemd's protocols.
 
 #![deny(missing_docs)]
 #![deny(unsafe_code)]
@@ -100,7 +100,7 @@
 
 #[cfg(not(target_os = "linux"))]
 compile_error!(
-    "handover supports Linux only: it starts the new process with clone3 and pidfds and checks \
+    "handover supports Linux only: it starts the new process with clone and pidfds and checks \
      the control socket's peers with SO_PEERCRED, which other systems do not have"
 );
 
@@ -119,6 +119,7 @@ pub mod notify;
 mod pidfile;
 mod process;
 mod protocol;
+mod side;
 mod signals;
 mod spare;
 mod startup;
@@ -450,11 +451,18 @@ impl Handover {
     ///
     /// # Cancel safety
     ///
-    /// Not cancel-safe: dropped while it waits for the parent's `main`, the
-    /// process is neither ready nor able to try again (a second call does
-    /// nothing); the parent then times out and kills it.
+    /// It runs on the crate's own thread (so that a busy runtime does not
+    /// slow the handoff down); dropping the future does not cancel it: it
+    /// runs to its end all the same, and only its error is lost (a second
+    /// call does nothing). Await it to know.
     pub async fn ready(&self) -> Result<()> {
-        self.inner.ready().await
+        let p = self.inner.clone();
+        side::run(p.side.as_ref(), {
+            let p = p.clone();
+            async move { p.ready().await }
+        })
+        .await
+        .map_err(|e| Error::io("become ready", e))?
     }
 
     /// Starts the new version of this program, hands it every listener, and
@@ -483,13 +491,14 @@ impl Handover {
     ///
     /// # Cancel safety
     ///
-    /// Cancel-safe in the sense that matters: dropping the future (or a
-    /// panic) abandons the upgrade cleanly: the new process, if started, is
-    /// killed and reaped, the phase goes back to `Ready` (never stays
-    /// `Upgrading`), and a `RELOADING=1` is ended with `READY=1`. Dropped
-    /// after the handoff, the handoff stands.
+    /// The upgrade runs on the crate's own thread, as one started by SIGHUP
+    /// does; dropping the future does not cancel it: it runs to its end
+    /// (bounded by the upgrade timeout) and logs its outcome. Should it
+    /// panic, it is abandoned cleanly (the new process killed and reaped,
+    /// the phase back to `Ready`, a `RELOADING=1` ended with `READY=1`) and
+    /// the panic is resumed here.
     pub async fn upgrade(&self) -> Result<u32, UpgradeError> {
-        self.inner.upgrade(None).await
+        self.upgrade_with_env(None).await
     }
 
     /// Like [`upgrade`](Self::upgrade), but the new process runs with `env`
@@ -512,7 +521,13 @@ impl Handover {
         &self,
         env: Option<Vec<(OsString, OsString)>>,
     ) -> Result<u32, UpgradeError> {
-        self.inner.upgrade(env).await
+        let p = self.inner.clone();
+        side::run(p.side.as_ref(), {
+            let p = p.clone();
+            async move { p.upgrade(env).await }
+        })
+        .await
+        .map_err(UpgradeError::Channel)?
     }
 
     /// Sets what the next upgrade hands to the new process: `provider` runs

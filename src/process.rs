@@ -15,6 +15,7 @@ use crate::handoff::ParentLink;
 use crate::listeners::Listeners;
 use crate::notify::{Notifier, NotifyState};
 use crate::protocol::channel::FromNew;
+use crate::side::{self, Side};
 use crate::spare::Spares;
 use crate::upgrade::phase::{Lifecycle, OnHup, ReadyStep};
 use crate::upgrade::Spawn;
@@ -37,6 +38,9 @@ pub(crate) struct Process<S> {
     pub(crate) life: Lifecycle,
     /// Fds kept free for the next upgrade.
     pub(crate) spares: Spares,
+    /// The crate's own thread, where `ready()`, the signals, the control
+    /// socket and upgrades run (`None` in unit tests: the caller's runtime).
+    pub(crate) side: Option<Side>,
     state_provider: Mutex<Option<StateProvider>>,
     /// The state the parent handed over, until taken.
     handed_state: Mutex<Option<Vec<u8>>>,
@@ -62,6 +66,7 @@ pub(crate) struct Parts<S> {
     pub(crate) control: Option<std::os::unix::net::UnixListener>,
     pub(crate) parent: Option<ParentLink>,
     pub(crate) handed_state: Vec<u8>,
+    pub(crate) side: Option<Side>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -79,6 +84,7 @@ impl<S> Process<S> {
             listeners: Mutex::new(parts.listeners),
             life: Lifecycle::new(first),
             spares: Spares::default(),
+            side: parts.side,
             state_provider: Mutex::new(None),
             handed_state: Mutex::new(
                 (!parts.handed_state.is_empty()).then_some(parts.handed_state),
@@ -151,6 +157,17 @@ impl<S> Process<S> {
             return;
         };
         let line = msg.line();
+        if let Err(e) = crate::handoff::write_blocking(link.as_fd(), line.as_bytes(), TELL_PARENT) {
+            tracing::debug!(error = %e, "cannot tell the parent");
+        }
+    }
+
+    /// Tells a parent that waits for it that `ready()` is done (`serving`).
+    fn tell_parent_serving(&self) {
+        let Some(link) = lock(&self.to_parent).clone() else {
+            return;
+        };
+        let line = FromNew::Serving.line();
         if let Err(e) = crate::handoff::write_blocking(link.as_fd(), line.as_bytes(), TELL_PARENT) {
             tracing::debug!(error = %e, "cannot tell the parent");
         }
@@ -355,6 +372,8 @@ impl<S: Spawn> Process<S> {
             }
         }
         let upgrade_asked = self.life.end_ready();
+        // The parent starts its drain on this: its connections come here now.
+        self.tell_parent_serving();
         tracing::info!(generation, pid, "ready");
         if upgrade_asked {
             let p = self.clone();
@@ -373,7 +392,9 @@ impl<S: Spawn> Process<S> {
             return;
         }
         let weak = Arc::downgrade(self);
-        tokio::spawn(async move {
+        // On the application's runtime: a runtime too wedged to run this
+        // must show as missed pings.
+        side::spawn_on_app(self.side.as_ref(), async move {
             let mut tick = tokio::time::interval(timeout / 2);
             loop {
                 tick.tick().await;
@@ -395,7 +416,9 @@ impl<S: Spawn> Process<S> {
     /// process for as long as it lives.
     pub(crate) fn forward_signals(self: &Arc<Self>, installed: signals::Installed) {
         let weak = Arc::downgrade(self);
-        installed.forward(move |req, name| on_signal(&weak, req, name));
+        installed.forward(self.side.as_ref(), move |req, name| {
+            on_signal(&weak, req, name)
+        });
     }
 }
 

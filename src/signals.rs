@@ -10,6 +10,8 @@ use std::io;
 
 use tokio::signal::unix::{signal, Signal, SignalKind};
 
+use crate::side::{self, Side};
+
 /// What a signal asks for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Request {
@@ -36,10 +38,11 @@ pub(crate) fn install() -> io::Result<Installed> {
 }
 
 impl Installed {
-    /// Forwards each signal to `on` from a task, which ends when `on`
-    /// returns `false`.
+    /// Forwards each signal to `on` from a task on `side` (the caller's
+    /// runtime without one), which ends when `on` returns `false`.
     pub(crate) fn forward(
         self,
+        side: Option<&Side>,
         mut on: impl FnMut(Request, &'static str) -> bool + Send + 'static,
     ) {
         let Installed {
@@ -47,7 +50,7 @@ impl Installed {
             mut term,
             mut int,
         } = self;
-        tokio::spawn(async move {
+        side::spawn(side, async move {
             loop {
                 let (req, name) = tokio::select! {
                     Some(()) = hup.recv() => (Request::Upgrade, "SIGHUP"),

@@ -4,8 +4,9 @@
 //!
 //! 1. everything that needs none of them: the runtime, the whole
 //!    activation environment ([`env::read`], every fd checked but
-//!    none taken), `NOTIFY_SOCKET`, the PID file's directory, the signal
-//!    handlers;
+//!    none taken), `NOTIFY_SOCKET`, the PID file's directory, the crate's
+//!    own thread ([`side`](crate::side)), the signal handlers (on that
+//!    thread's runtime);
 //! 2. the fds are taken (close-on-exec from then on);
 //! 3. what needs them: the state on the handoff channel, the control
 //!    socket. If that fails, the listening sockets are given back (open,
@@ -25,6 +26,7 @@ use crate::listeners::{self, Listeners};
 use crate::notify::Notifier;
 use crate::process::{Parts, Process};
 use crate::protocol::env::{self, Found, Vars};
+use crate::side::Side;
 use crate::{pidfile, signals, sys, Builder, Handover};
 
 pub(crate) fn build(config: Builder) -> Result<Handover> {
@@ -48,8 +50,13 @@ pub(crate) fn build(config: Builder) -> Result<Handover> {
     if let Some(p) = &config.pid_file {
         pidfile::check(p).map_err(report)?;
     }
+    let side = Side::start().map_err(|e| report(Error::io("start the handover thread", e)))?;
     let signals = match config.signals {
         true => {
+            // The signal streams belong to the crate's runtime, whose
+            // driver then wakes for them even while the application's is
+            // busy.
+            let _on_side = side.handle().enter();
             Some(signals::install().map_err(|e| report(Error::io("install signal handlers", e)))?)
         }
         false => None,
@@ -111,6 +118,7 @@ pub(crate) fn build(config: Builder) -> Result<Handover> {
         control,
         parent,
         handed_state,
+        side: Some(side),
     }));
     if let Some(installed) = signals {
         process.forward_signals(installed);

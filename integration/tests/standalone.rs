@@ -177,3 +177,33 @@ fn a_new_process_upgrades_again_while_its_parent_still_drains() {
     assert_eq!(reap(first, TIMEOUT), 0);
     assert_eq!(server.pid(), Some(third));
 }
+
+/// The crate's own work runs on a thread of its own: with the application's only runtime thread
+/// blocked in a handler, SIGHUP still starts the upgrade, the new process takes over and serves,
+/// and the old one finishes the blocked request once it is released, then exits 0. Before, the
+/// signal waited for that runtime, and so did every step of the handoff.
+#[test]
+fn an_upgrade_completes_while_the_applications_runtime_is_blocked() {
+    let dir = tempfile::tempdir().unwrap();
+    let release = dir.path().join("release");
+    let release_arg = release.to_str().unwrap();
+    let mut server = Server::start(program!("stall"), &["--release", release_arg], &[]);
+    let addr = server.addr();
+    let from = server.log.len();
+    let blocked = std::thread::spawn(move || support::http::get(addr, "/stall"));
+    server.log.wait_line(from, &["stalling"], TIMEOUT);
+
+    let (old, new) = server.upgrade();
+    assert!(!blocked.is_finished(), "the old runtime is still blocked");
+    assert_eq!(
+        support::http::get(addr, "/").text().trim_end(),
+        format!("pid {new}"),
+        "the new process serves"
+    );
+
+    std::fs::write(&release, b"").unwrap();
+    let answer = blocked.join().unwrap();
+    assert_eq!((answer.status, answer.text().trim_end()), (200, "released"));
+    assert_eq!(server.reap(old), 0);
+    assert_eq!(terminate(new), 0);
+}

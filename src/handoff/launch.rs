@@ -1,5 +1,5 @@
-//! The parent's side of a handoff: the new process prepared, started on a
-//! thread of its own, and followed through its pidfd and the channel.
+//! The parent's side of a handoff: the new process prepared, started, and
+//! followed through its pidfd and the channel.
 
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
@@ -17,9 +17,8 @@ use crate::protocol::env::{self, Handoff};
 use crate::sys;
 use crate::upgrade::{Event, NewProcess, Plan};
 
-/// Everything needed to start the new process, prepared on the caller's
-/// thread (cheap); [`Launch::run`] then clones on a thread of its own, so
-/// the copy of the page tables does not stall a runtime thread that serves.
+/// Everything needed to start the new process, prepared while the plan
+/// borrows the listeners; [`Launch::run`] then clones.
 pub(super) struct Launch {
     image: sys::ExecImage,
     ours_end: std::os::unix::net::UnixStream,
@@ -62,20 +61,16 @@ pub(super) fn prepare(
     })
 }
 
-/// The stack of the thread that clones: it only makes a few system calls
-/// (the new process runs on a copy of it until `execve`).
-const SPAWN_STACK: usize = 64 * 1024;
-
 impl Launch {
     /// Starts the new process. `spare` (an fd kept free for this moment,
     /// see [`crate::spare`]) is closed right before the clone, so that the
     /// pidfd finds a free slot even at the fd limit.
     ///
-    /// The clone runs on a thread made for it with
-    /// `std::thread::Builder`, which fails with an error where tokio's
-    /// `spawn_blocking` would panic (no thread can be created: a pids limit,
-    /// no memory): the upgrade then fails with that reason and the next one
-    /// can start.
+    /// The clone blocks the calling thread while the kernel copies the page
+    /// tables: upgrades run on the crate's own thread ([`crate::side`]),
+    /// where that stalls no serving. Nothing is awaited between the clone
+    /// and the [`Child`] that kills the process if the upgrade is
+    /// abandoned, so no process can be left behind unsupervised.
     pub(super) async fn run(self, spare: Option<OwnedFd>) -> Result<Child, UpgradeError> {
         let Launch {
             mut image,
@@ -88,30 +83,9 @@ impl Launch {
             exe: exe.display().to_string(),
             cause: source,
         };
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        std::thread::Builder::new()
-            .name("handover-spawn".into())
-            .stack_size(SPAWN_STACK)
-            .spawn(move || {
-                drop(spare);
-                let spawned = sys::spawn(&mut image, reparent);
-                drop(image);
-                if let Err(Ok(orphan)) = tx.send(spawned) {
-                    // The upgrade was abandoned meanwhile: nobody would
-                    // ever kill or reap this process.
-                    sys::kill_and_wait(&orphan, !reparent, KILL_WAIT);
-                }
-            })
-            .map_err(|e| {
-                spawn_err(io::Error::new(
-                    e.kind(),
-                    format!("cannot create a thread to start it: {e}"),
-                ))
-            })?;
-        let spawned = rx
-            .await
-            .map_err(|_| spawn_err(io::Error::other("the thread starting it died")))?
-            .map_err(spawn_err)?;
+        drop(spare);
+        let spawned = sys::spawn(&mut image, reparent).map_err(spawn_err)?;
+        drop(image);
         // Our copies of the child's fds are gone with the image; the
         // channel's end goes now, so that the child's exit shows as EOF.
         drop(theirs);
@@ -137,6 +111,7 @@ impl Launch {
             exe,
             pidfd,
             channel: BufReader::new(channel),
+            pending: Vec::new(),
             channel_eof: false,
             ours: !reparent,
             armed: true,
@@ -157,6 +132,9 @@ pub(crate) struct Child {
     exe: PathBuf,
     pidfd: AsyncFd<OwnedFd>,
     channel: BufReader<UnixStream>,
+    /// What `next_event` read of a line not yet complete: kept here, so
+    /// that a cancelled `next_event` loses nothing.
+    pending: Vec<u8>,
     /// The channel reached end of file: the child said all it will.
     channel_eof: bool,
     /// Our own child (standalone), which we must reap; otherwise the
@@ -279,37 +257,50 @@ impl NewProcess for Child {
         self.armed = false;
     }
 
-    /// Reaps it, if it is ours, once it has exited.
+    /// Reaps it, if it is ours, once it has exited. Cancel-safe: a line
+    /// read in part is kept for the next call.
     async fn next_event(&mut self) -> Event {
         loop {
+            if let Some(line) = self.complete_line() {
+                if !line.trim().is_empty() {
+                    return Event::Said(FromNew::parse(&line));
+                }
+                continue;
+            }
             if self.channel_eof {
                 let _ = self.pidfd.readable().await;
                 return Event::Exited(self.reap_status());
             }
-            let mut line = String::new();
             let said = tokio::select! {
-                r = self.channel.read_line(&mut line) => r,
+                r = self.channel.read_until(b'\n', &mut self.pending) => r,
                 _ = self.pidfd.readable() => {
                     // It exited: read what it wrote before, to the end
                     // (bounded, in case something it started holds its end).
-                    tokio::time::timeout(EXIT_READ, self.channel.read_line(&mut line))
+                    tokio::time::timeout(EXIT_READ, self.channel.read_until(b'\n', &mut self.pending))
                         .await
                         .unwrap_or(Ok(0))
                 }
             };
-            match said {
-                Ok(n) if n > 0 => {
-                    if !line.trim().is_empty() {
-                        return Event::Said(FromNew::parse(line.trim_end()));
-                    }
-                }
-                _ => self.channel_eof = true,
+            if !matches!(said, Ok(n) if n > 0) {
+                self.channel_eof = true;
             }
         }
     }
 }
 
 impl Child {
+    /// The next line read in full (or cut by the end of the channel),
+    /// without its newline.
+    fn complete_line(&mut self) -> Option<String> {
+        let complete = self.pending.last() == Some(&b'\n');
+        let cut = self.channel_eof && !self.pending.is_empty();
+        if !(complete || cut) {
+            return None;
+        }
+        let line = std::mem::take(&mut self.pending);
+        Some(String::from_utf8_lossy(&line).trim_end().to_owned())
+    }
+
     fn reap_status(&self) -> String {
         if !self.ours {
             return "reaped by the service manager".into();

@@ -79,7 +79,7 @@ pub(crate) fn is_executable(p: &Path) -> bool {
     std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
 }
 
-/// The real [`Spawn`]: runs [`Executable`] again with `clone3`; with
+/// The real [`Spawn`]: runs [`Executable`] again with `clone`; with
 /// `reparent` (under a service manager), as the manager's own child.
 #[derive(Debug)]
 pub(crate) struct Reexec {

@@ -11,6 +11,7 @@
 //! | new, before `execve` | `spawn <errno>` | moving an fd into place failed |
 //! | new, before `execve` | `exec <errno>` | `execve` failed |
 //! | old | `main` | the manager knows the new process as main PID: take over |
+//! | new, once main | `serving` | `ready()` is done (PID file, `READY=1`/`STATUS=`, control socket): the old process starts its drain now |
 //! | new, once main | `upgraded <pid>` | it handed the service on to `<pid>` |
 //! | new, once main | `stopping` | it was asked to stop |
 //!
@@ -40,6 +41,7 @@ const FAIL: &str = "fail ";
 const MAIN: &str = "main";
 const UPGRADED: &str = "upgraded ";
 const STOPPING: &str = "stopping";
+const SERVING: &str = "serving";
 
 /// A line from the new process to the old one.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -52,6 +54,8 @@ pub(crate) enum FromNew {
     SpawnFailed(i32),
     /// `exec <errno>`
     ExecFailed(i32),
+    /// `serving`
+    Serving,
     /// `upgraded <pid>`
     Upgraded(u32),
     /// `stopping`
@@ -68,6 +72,8 @@ impl FromNew {
             FromNew::Ready
         } else if line == STOPPING {
             FromNew::Stopping
+        } else if line == SERVING {
+            FromNew::Serving
         } else if let Some(reason) = line.strip_prefix(FAIL) {
             FromNew::Fail(reason.to_owned())
         } else if let Some(e) = line.strip_prefix(EXEC) {
@@ -91,6 +97,7 @@ impl FromNew {
             FromNew::ExecFailed(e) => format!("{EXEC}{e}\n"),
             FromNew::Upgraded(pid) => format!("{UPGRADED}{pid}\n"),
             FromNew::Stopping => format!("{STOPPING}\n"),
+            FromNew::Serving => format!("{SERVING}\n"),
             FromNew::Unknown(line) => format!("{}\n", super::one_line(line)),
         }
     }

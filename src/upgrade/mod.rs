@@ -10,8 +10,15 @@
 //! | 5 | [`NewProcess::wait_ready`], within the upgrade timeout; a stop cancels it | the new process killed (and reaped): `Timeout`, `ChildFailed`, `ChildExited`, `Stopped` |
 //! | 6 | under a manager: `MAINPID=<new>` + `READY=1`, then `BARRIER=1` | `Announce`: the new process killed |
 //! | 7 | [`NewProcess::confirm_main`]: `main` | `Channel`: killed, and `MAINPID=<this>` again |
-//! | 8 | the drain starts: final under a manager (the listeners go), revocable run by hand (they stay, not accepting) | — |
-//! | 9 | `upgraded <new>` to this process's own parent, if it still drains; the new process followed until it exits | run by hand: the service taken back if it dies before it let go |
+//! | 8 | wait for its `serving` (its PID file written, the manager told), at most [`SERVING_WAIT`]; a stop ends the wait | the drain starts anyway |
+//! | 9 | the drain starts: final under a manager (the listeners go), revocable run by hand (they stay, not accepting) | — |
+//! | 10 | `upgraded <new>` to this process's own parent, if it still drains; the new process followed until it exits | run by hand: the service taken back if it dies before it let go |
+//!
+//! Step 8 is there for heavy load: the drain closes every idle keep-alive
+//! connection of this process, and their clients reconnect to the new
+//! one at once. Started before the new process has finished `ready()`, that
+//! flood competes with it for the CPU and delays its last steps by tens of
+//! milliseconds at a few thousand connections.
 //!
 //! Every way out of steps 2 to 7, a panic or a dropped future included,
 //! ends in `Ready` with a `RELOADING=1` ended by `READY=1` and a `STATUS=`
@@ -21,7 +28,7 @@
 //! listeners and the channel, to take the service back.
 //!
 //! The processes themselves are behind two traits, [`Spawn`] and
-//! [`NewProcess`]: `handoff` implements them with `clone3`, pidfds and the
+//! [`NewProcess`]: `handoff` implements them with `clone`, pidfds and the
 //! handoff channel; the unit tests here with a scripted fake.
 
 pub(crate) mod phase;
@@ -44,6 +51,9 @@ use crate::protocol::channel::FromNew;
 
 /// How long the old process waits for the manager to confirm `MAINPID=`.
 const BARRIER_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long the old process waits for the new one's `serving` before it
+/// starts its drain anyway.
+pub(crate) const SERVING_WAIT: Duration = Duration::from_secs(1);
 /// How long a new process's death may precede the stop that caused it.
 const STOP_GRACE: Duration = Duration::from_millis(200);
 
@@ -108,6 +118,36 @@ pub(crate) trait NewProcess: Send + 'static {
     /// After the handoff: the next thing it says, or its exit once it has
     /// said everything.
     fn next_event(&mut self) -> impl Future<Output = Event> + Send;
+}
+
+/// How long the steps of a handoff took, for the log line that ends it
+/// (`spawn_us`, `ready_us`, `announce_us`, `confirm_us`, `serving_us`).
+#[derive(Debug, Default)]
+struct Steps {
+    /// From the upgrade's start until the new process runs (step 4).
+    spawn: Duration,
+    /// Until it said `ready` (step 5; its state sent first).
+    ready: Duration,
+    /// `MAINPID=` and the barrier (step 6; zero without a manager).
+    announce: Duration,
+    /// `main` (step 7).
+    confirm: Duration,
+    /// Until it said `serving` (step 8).
+    serving: Duration,
+}
+
+impl Steps {
+    /// Ends a step: its time is `at.elapsed()`; `at` restarts.
+    fn lap(at: &mut Instant) -> Duration {
+        let now = Instant::now();
+        let took = now.saturating_duration_since(*at);
+        *at = now;
+        took
+    }
+}
+
+fn micros(d: Duration) -> u64 {
+    u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
 }
 
 /// What a new process did after the handoff.
@@ -192,7 +232,8 @@ impl<S: Spawn> Process<S> {
                 tracing::warn!(error = %e, "cannot send RELOADING=1");
             }
         }
-        let result = self.hand_over(generation, env.as_deref()).await;
+        let mut steps = Steps::default();
+        let result = self.hand_over(generation, env.as_deref(), &mut steps).await;
         let stopped = || self.life.drain().watcher().reason() == Some(DrainReason::Stopped);
         if let Err(
             UpgradeError::ChildExited { .. }
@@ -214,6 +255,11 @@ impl<S: Spawn> Process<S> {
                     old_pid,
                     new_pid,
                     elapsed_ms,
+                    spawn_us = micros(steps.spawn),
+                    ready_us = micros(steps.ready),
+                    announce_us = micros(steps.announce),
+                    confirm_us = micros(steps.confirm),
+                    serving_us = micros(steps.serving),
                     outcome = "ok",
                     "upgrade complete; draining"
                 );
@@ -242,7 +288,9 @@ impl<S: Spawn> Process<S> {
         self: &Arc<Self>,
         generation: u32,
         env: Option<&[(OsString, OsString)]>,
+        steps: &mut Steps,
     ) -> Result<u32, UpgradeError> {
+        let mut at = Instant::now();
         let state = self.state_for_next();
         let limit = self.config.state_limit;
         if state.len() > limit {
@@ -271,6 +319,7 @@ impl<S: Spawn> Process<S> {
             self.spawn.start(plan, for_pidfd)?
         };
         let mut child = start.await?;
+        steps.spawn = Steps::lap(&mut at);
         let new_pid = child.pid();
         tracing::info!(
             generation,
@@ -292,6 +341,7 @@ impl<S: Spawn> Process<S> {
                 return Err(UpgradeError::Stopped);
             }
         }
+        steps.ready = Steps::lap(&mut at);
         if let Some(n) = &self.notify {
             let status = format!("serving, generation {generation}, pid {new_pid}");
             let announce = [
@@ -311,6 +361,7 @@ impl<S: Spawn> Process<S> {
                 tracing::warn!(error = %e, "the manager did not confirm MAINPID=; handing over anyway");
             }
         }
+        steps.announce = Steps::lap(&mut at);
         if let Err(cause) = child.confirm_main().await {
             // It died right after saying ready: take the service back.
             if let Some(n) = &self.notify {
@@ -319,7 +370,21 @@ impl<S: Spawn> Process<S> {
             child.kill().await;
             return Err(UpgradeError::Channel(cause));
         }
+        steps.confirm = Steps::lap(&mut at);
         child.handed_over();
+        let first = tokio::select! {
+            said = tokio::time::timeout(SERVING_WAIT, child.next_event()) => match said {
+                Ok(Event::Said(FromNew::Serving)) => None,
+                Ok(other) => Some(other),
+                Err(_) => {
+                    tracing::warn!(new_pid, wait = ?SERVING_WAIT, "the new process did not say it serves in time; draining anyway");
+                    None
+                }
+            },
+            // A stop: the drain starts as one.
+            _ = drain.draining() => None,
+        };
+        steps.serving = Steps::lap(&mut at);
         // Under a manager, it supervises the new process now: if that dies,
         // the manager decides (Restart=), not us. Run by hand nobody else
         // would restart the service: keep the listeners (not accepting) to
@@ -330,7 +395,7 @@ impl<S: Spawn> Process<S> {
             self.listeners().clear();
         }
         self.tell_parent(FromNew::Upgraded(new_pid));
-        self.follow(child);
+        self.follow(child, first);
         Ok(new_pid)
     }
 
@@ -338,20 +403,29 @@ impl<S: Spawn> Process<S> {
     /// it, if it is ours). If it dies while this process drains, without
     /// having handed the service on or been stopped, this process takes the
     /// service back (run by hand only).
-    fn follow(self: &Arc<Self>, mut child: S::Process) {
+    /// `first` is an event read already.
+    fn follow(self: &Arc<Self>, mut child: S::Process, first: Option<Event>) {
         let weak = Arc::downgrade(self);
         tokio::spawn(async move {
             let pid = child.pid();
             let mut let_go = None;
+            let mut first = first;
             let status = loop {
-                match child.next_event().await {
-                    Event::Said(what) => {
+                let event = match first.take() {
+                    Some(event) => event,
+                    None => child.next_event().await,
+                };
+                match event {
+                    Event::Said(what @ (FromNew::Upgraded(_) | FromNew::Stopping)) => {
                         // It handed over or stops: no taking back from now.
                         if let Some(p) = weak.upgrade() {
                             p.life.settle();
                         }
                         tracing::debug!(new_pid = pid, said = ?what, "the new process let go of the service");
                         let_go = Some(what);
+                    }
+                    Event::Said(other) => {
+                        tracing::debug!(new_pid = pid, said = ?other, "the new process said something that does not let go");
                     }
                     Event::Exited(status) => break status,
                 }

@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use tokio::sync::{mpsc, watch};
 
-use super::{Event, NewProcess, Plan, Spawn};
+use super::{Event, NewProcess, Plan, Spawn, SERVING_WAIT};
 use crate::drain::DrainReason;
 use crate::error::UpgradeError;
 use crate::listeners::Listeners;
@@ -30,8 +30,11 @@ const T: Duration = Duration::from_secs(10);
 /// What the next new process does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Script {
-    /// Says `ready`, then takes `main`.
+    /// Says `ready`, takes `main`, then says `serving`.
     Ready,
+    /// Says `ready`, takes `main`, and says `serving` only when the test
+    /// makes it ([`says`]).
+    ServesLater,
     /// Says `fail <reason>` instead of `ready`.
     Fails(&'static str),
     /// Says nothing, ever.
@@ -102,6 +105,11 @@ impl Spawn for Fake {
             .pop_front()
             .expect("a script for each start");
         let (tx, rx) = mpsc::unbounded_channel();
+        if script == Script::Ready {
+            // As the real one: `serving` once it had `main` (it waits in the
+            // channel until then).
+            let _ = tx.send(Event::Said(FromNew::Serving));
+        }
         let started = Started {
             pid: self.next_pid.fetch_add(1, Ordering::Relaxed),
             generation: plan.generation,
@@ -132,7 +140,7 @@ impl NewProcess for FakeProcess {
         *self.started.state.lock().unwrap() = state.to_vec();
         let pid = self.started.pid;
         match self.script {
-            Script::Ready | Script::DiesBeforeMain => Ok(()),
+            Script::Ready | Script::ServesLater | Script::DiesBeforeMain => Ok(()),
             Script::Fails(reason) => {
                 // As the real one: killed before the error comes back.
                 self.kill().await;
@@ -200,6 +208,7 @@ async fn ready_process(fake: Fake, notify: Option<Notifier>) -> Arc<Process<Fake
         control: None,
         parent: None,
         handed_state: Vec::new(),
+        side: None,
     }));
     process.ready().await.unwrap();
     assert_eq!(process.life.phase(), Phase::Ready);
@@ -498,4 +507,62 @@ async fn under_a_manager_a_failure_ends_the_reload() {
     assert!(next(&rx).starts_with("READY=1\nSTATUS=upgrade to generation 1 failed"));
     assert!(started(&p, 1).killed.load(Ordering::SeqCst));
     assert_eq!(p.life.phase(), Phase::Ready);
+}
+
+/// Waits until the `i`th new process was told it is main.
+async fn until_main(p: &Process<Fake>, i: usize) {
+    let main = started(p, i).main;
+    tokio::time::timeout(T, async {
+        while !main.load(Ordering::SeqCst) {
+            tokio::task::yield_now().await;
+        }
+    })
+    .await
+    .expect("the new process is told it is main");
+}
+
+/// This process keeps accepting until the new one has finished `ready()`
+/// (`serving`): only then does the drain send it every connection.
+#[tokio::test]
+async fn the_drain_starts_when_the_new_process_serves() {
+    let p = ready_process(Fake::new(&[Script::ServesLater]), None).await;
+    let upgrade = tokio::spawn({
+        let p = p.clone();
+        async move { p.upgrade(None).await }
+    });
+    until_started(&p, 1).await;
+    until_main(&p, 0).await;
+    assert!(!p.life.drain().watcher().is_draining());
+    assert_eq!(p.life.phase(), Phase::Upgrading);
+    says(&p, 0, FromNew::Serving);
+    let pid = tokio::time::timeout(T, upgrade)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(pid, started(&p, 0).pid);
+    assert_eq!(
+        p.life.drain().watcher().reason(),
+        Some(DrainReason::Upgraded)
+    );
+    // `serving` does not let go of the service: a death now is taken back.
+    exits(&p, 0);
+    tokio::time::timeout(T, p.life.drain().taken_back())
+        .await
+        .expect("taken back");
+    assert_eq!(p.life.phase(), Phase::Ready);
+}
+
+/// A new process that never says `serving` (an older version, or one
+/// stuck after `main`) delays the drain by [`SERVING_WAIT`] only.
+#[tokio::test(start_paused = true)]
+async fn without_serving_the_drain_starts_after_the_wait() {
+    let p = ready_process(Fake::new(&[Script::ServesLater]), None).await;
+    let begun = tokio::time::Instant::now();
+    p.upgrade(None).await.unwrap();
+    assert!(begun.elapsed() >= SERVING_WAIT, "{:?}", begun.elapsed());
+    assert_eq!(
+        p.life.drain().watcher().reason(),
+        Some(DrainReason::Upgraded)
+    );
 }
