@@ -433,7 +433,6 @@ impl Listeners {
     }
 }
 
-const BACKLOG: i32 = 1024;
 
 /// Binds a new socket for `addr`. With `mode`, a Unix socket's file is
 /// created with that mode: Linux gives the file `bind` creates the mode of
@@ -471,10 +470,7 @@ fn bind(
         }
     };
     if kind.sock_type() == SockType::Stream {
-        socket::listen(
-            &fd,
-            socket::Backlog::new(BACKLOG).unwrap_or(socket::Backlog::MAXCONN),
-        )?;
+        socket::listen(&fd, socket::Backlog::MAXCONN)?;
     }
     Ok(fd)
 }
