@@ -6,7 +6,7 @@ use std::time::Duration;
 const USAGE: &str = "\
 usage: reload_bench [--conns N[,N...]] [--reloads N[,N...]] [--interval-ms MS]
                     [--mode keepalive|per-request|both] [--runtime current,multi]
-                    [--baselines plain,systemd|none] [--state-bytes N]
+                    [--baselines plain,systemd|none] [--baselines-up-to N] [--state-bytes N]
                     [--markdown FILE] [--warmup-ms MS] [--timeout-ms MS] [--starts N]
                     [--hello PATH] [--plain PATH]
 
@@ -18,6 +18,7 @@ usage: reload_bench [--conns N[,N...]] [--reloads N[,N...]] [--interval-ms MS]
   --runtime LIST     hello's tokio runtime: current, multi or current,multi (default
                      current,multi); the baselines run on the first
   --baselines LIST   comma-separated: plain, systemd; or none (default plain,systemd)
+  --baselines-up-to N  run the baselines only at up to N connections (default 2000)
   --state-bytes N    also time handoffs of hello handing over N bytes of state, without
                      load (default 67108864, 64 MiB; 0: skip)
   --markdown FILE    also write the results, the machine and the command to FILE
@@ -107,6 +108,7 @@ pub struct Args {
     pub runtimes: Vec<Runtime>,
     pub plain: bool,
     pub systemd: bool,
+    pub baselines_up_to: usize,
     pub state_bytes: usize,
     pub markdown: Option<PathBuf>,
     pub warmup: Duration,
@@ -154,6 +156,7 @@ pub fn parse_args() -> Result<Args, String> {
         runtimes: vec![Runtime::Current, Runtime::Multi],
         plain: true,
         systemd: true,
+        baselines_up_to: 2000,
         state_bytes: 64 << 20,
         markdown: None,
         warmup: Duration::from_millis(500),
@@ -184,6 +187,7 @@ pub fn parse_args() -> Result<Args, String> {
             "--timeout-ms" => a.timeout = Duration::from_millis(num(value()?)?.max(1)),
             "--starts" => a.starts = (num(value()?)? as usize).max(1),
             "--state-bytes" => a.state_bytes = num(value()?)? as usize,
+            "--baselines-up-to" => a.baselines_up_to = num(value()?)? as usize,
             "--mode" => {
                 a.modes = match value()?.as_str() {
                     "keepalive" | "keep-alive" => vec![Mode::KeepAlive],

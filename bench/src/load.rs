@@ -342,3 +342,112 @@ async fn exchange(
         Ok(Err(e)) => Err(io("wait for the close")(e)),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::io::{Read, Write};
+    use std::net::TcpListener;
+
+    use super::*;
+
+    /// Answers every request on every connection; every `close_every`-th answer of a
+    /// connection carries `Connection: close` (and the connection closes), as a draining server
+    /// does. Stops after `conns` connections.
+    fn server(conns: usize, close_every: usize) -> (SocketAddr, thread::JoinHandle<()>) {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        let t = thread::spawn(move || {
+            for s in l.incoming().take(conns) {
+                let mut s = s.unwrap();
+                thread::spawn(move || {
+                    let mut buf = [0u8; 1024];
+                    let mut n = 0;
+                    while let Ok(len) = s.read(&mut buf) {
+                        if len == 0 {
+                            return;
+                        }
+                        n += 1;
+                        let close = n % close_every == 0
+                            || buf[..len].windows(17).any(|w| w == b"Connection: close");
+                        let head = if close { "Connection: close\r\n" } else { "" };
+                        let reply = format!("HTTP/1.1 200 OK\r\n{head}Content-Length: 2\r\n\r\nok");
+                        if s.write_all(reply.as_bytes()).is_err() || close {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        (addr, t)
+    }
+
+    fn run_load(addr: SocketAddr, conns: usize, mode: Mode) -> Tally {
+        let spec = Spec {
+            addr,
+            conns,
+            mode,
+            timeout: Duration::from_secs(5),
+        };
+        let load = Load::start(spec, Duration::from_secs(10)).unwrap();
+        // A reload window, then steady state.
+        load.marks().trigger();
+        thread::sleep(Duration::from_millis(100));
+        load.marks().end();
+        thread::sleep(Duration::from_millis(100));
+        load.stop()
+    }
+
+    #[test]
+    fn keep_alive_reconnects_after_connection_close() {
+        let (addr, _server) = server(10_000, 3);
+        let t = run_load(addr, 20, Mode::KeepAlive);
+        assert!(t.ok > 100, "{} ok", t.ok);
+        assert!(t.failed.is_empty(), "{:?} {:?}", t.failed, t.samples);
+        assert_eq!(t.ramp_failed, 0);
+        // One connection per three requests.
+        assert!(
+            t.connections * 2 > t.requests / 3,
+            "{} connections",
+            t.connections
+        );
+        assert!(t.window.n() > 0 && t.steady.n() > 0);
+        assert!(!t.closes.is_empty() && !t.closes[0].is_empty());
+        assert_eq!(t.stuck, 0);
+    }
+
+    #[test]
+    fn per_request_opens_a_connection_each() {
+        let (addr, _server) = server(10_000, usize::MAX);
+        let t = run_load(addr, 10, Mode::PerRequest);
+        assert!(t.ok > 50, "{} ok", t.ok);
+        assert!(t.failed.is_empty(), "{:?} {:?}", t.failed, t.samples);
+        // The ramp's requests (one per connection) are not counted.
+        assert_eq!(t.connections, t.requests + 10);
+        assert!(t.closes.is_empty());
+    }
+
+    #[test]
+    fn refused_connects_are_counted() {
+        // A port nobody listens on: bound, then closed.
+        let addr = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        let spec = Spec {
+            addr,
+            conns: 2,
+            mode: Mode::KeepAlive,
+            timeout: Duration::from_secs(1),
+        };
+        let load = Load::start(spec, Duration::from_secs(10)).unwrap();
+        thread::sleep(Duration::from_millis(100));
+        let t = load.stop();
+        assert_eq!(t.ramp_failed, 2);
+        assert!(
+            t.failed.get(&Outcome::Refused).is_some_and(|&n| n > 2),
+            "{:?}",
+            t.failed
+        );
+        assert_eq!(t.ok, 0);
+    }
+}

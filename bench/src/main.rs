@@ -49,6 +49,7 @@
 //! | [`hist`] | latency histograms in bounded memory |
 //! | [`rows`] | a row: load, reloads, probes; a fresh start timed |
 //! | [`solo`] | the servers on their own: starts, idle memory, reloads with and without state |
+//! | [`solo_report`] | those figures as blocks |
 //! | [`memory`] | private memory, Pss and Rss from `smaps_rollup` |
 //! | [`steps`] | the servers' log lines, and where a handoff's time goes |
 //! | [`stats`] | a row's tally and reloads to figures |
@@ -66,6 +67,7 @@ mod report;
 mod rows;
 mod servers;
 mod solo;
+mod solo_report;
 mod stats;
 mod steps;
 mod systemd;
@@ -81,10 +83,11 @@ use support::http::free_port;
 
 use args::{parse_args, Args, Runtime, Variant};
 use procs::{catch_interrupts, check_interrupted, raise_nofile, Cleanup};
-use report::{definitions, machine, mm, mode_blocks, render, solo_blocks, Block};
+use report::{definitions, machine, mm, mode_blocks, render, Block};
 use rows::{hello_args, run_row, Ctx};
 use servers::{Server, Standalone};
 use solo::measure_solo;
+use solo_report::solo_blocks;
 use stats::analyse;
 use systemd::Systemd;
 use targets::targets;
@@ -255,6 +258,9 @@ fn run(args: &Args) -> Result<(Vec<Block>, usize), String> {
             let mut skipped = Vec::new();
             for &(v, runtime) in &plan {
                 check_interrupted()?;
+                if v != Variant::Sighup && conns > args.baselines_up_to {
+                    continue;
+                }
                 eprintln!(
                     "reload_bench: {conns} connections, {} / {} ({}), {reloads} reloads ...",
                     mode.label(),
@@ -326,6 +332,10 @@ fn run(args: &Args) -> Result<(Vec<Block>, usize), String> {
             "reloads per row: {}, one every {} ms",
             per_conns.join(", "),
             args.interval.as_millis()
+        ),
+        format!(
+            "baselines (plain, systemd) at up to {} connections",
+            args.baselines_up_to
         ),
         format!("open-file limit: {nofile}"),
         format!(

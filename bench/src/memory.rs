@@ -2,6 +2,11 @@
 //! pages (the binary, libc) included, which another process of the same binary shares; what a
 //! process costs on its own is its private pages (`Private_Clean + Private_Dirty` in
 //! `/proc/PID/smaps_rollup`), and its fair share of the rest is `Pss`.
+//!
+//! `Private_Clean` is mostly the binary's own code and read-only data as read from disk:
+//! private only because no other process maps that file, and shared with the next generation
+//! of the same binary during a handoff. `Private_Dirty` is what the process wrote: heap,
+//! stacks, relocated data.
 
 /// Memory of one process, kB.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -9,6 +14,7 @@ pub struct Footprint {
     pub rss_kb: u64,
     pub pss_kb: u64,
     pub private_kb: u64,
+    pub private_dirty_kb: u64,
 }
 
 /// The footprint in the text of `/proc/PID/smaps_rollup`.
@@ -22,6 +28,7 @@ pub fn parse_smaps_rollup(text: &str) -> Option<Footprint> {
         rss_kb: field("Rss")?,
         pss_kb: field("Pss")?,
         private_kb: field("Private_Clean")? + field("Private_Dirty")?,
+        private_dirty_kb: field("Private_Dirty")?,
     })
 }
 
@@ -45,7 +52,8 @@ mod tests {
             Some(Footprint {
                 rss_kb: 4128,
                 pss_kb: 3006,
-                private_kb: 2708
+                private_kb: 2708,
+                private_dirty_kb: 2312,
             })
         );
         assert_eq!(parse_smaps_rollup("Rss: 1 kB\n"), None);

@@ -8,7 +8,6 @@ use std::time::Duration;
 
 use crate::args::{Args, Mode, Runtime, Variant};
 pub use crate::render::{dur, kinds, mb, mm, ratio, render, spread, Block};
-use crate::solo::{Solo, STATE_RELOADS, UNLOADED_RELOADS};
 use crate::stats::{median_max, Row};
 use crate::steps::Steps;
 
@@ -23,13 +22,13 @@ pub fn definitions() -> Block {
         "exec → ready: a server started fresh on another port, spawn → its PID in the PID file (the same definition as the handoff); timed without load (hello and plain), and again under each load right after the reloads of each `handover SIGHUP` row. The handoff target compares the two under the same conditions.".into(),
         "drain: for a handoff, new PID in the PID file → old process gone (the old one stops accepting at about that moment, so this bounds `last request served → gone` from above; 0 when the old process was gone before the new one had written the PID file, which happens under systemd, where the new process writes it only after the old one has had `MAINPID=` confirmed); for a restart, trigger → old process gone. `drain after last` (keep-alive only, measured): the old process's last response → old process gone; a serving process never sends `Connection: close`, so the last `Connection: close` response before the exit is the old process's last request.".into(),
         "process gone: its pidfd became readable (exit, before reaping). PID file changes are seen through inotify; both are event-driven, timestamps are taken when the event is seen.".into(),
-        "memory on its own: private = `Private_Clean + Private_Dirty` of `/proc/PID/smaps_rollup` (what the process costs by itself), Pss (its share of everything it maps), Rss (VmRSS: mostly file pages shared with any other process of the same binary), of a server started fresh, 0.3 s after ready, before any load. idle RSS (rows): VmRSS of the row's server before its load. peak RSS: over all reloads, VmHWM of the old process (last read before it exited) plus VmHWM of the new one at the end of the window when both were alive at once, else the larger of the two. With state: the old process's VmHWM as it logs it in its last line (its true peak), the new one's VmHWM at the end of the window.".into(),
+        "memory on its own: private = `Private_Clean + Private_Dirty` of `/proc/PID/smaps_rollup` (what the process costs by itself; the clean part is mostly the binary's code and read-only data read from disk, private because no other process maps that file, shared with the next generation during a handoff; the dirty part is what it wrote: heap, stacks, relocated data), Pss (its share of everything it maps), Rss (VmRSS: mostly file pages shared with any other process of the same binary), of a server started fresh, 0.3 s after ready, before any load. idle RSS (rows): VmRSS of the row's server before its load. peak RSS: over all reloads, VmHWM of the old process (last read before it exited) plus VmHWM of the new one at the end of the window when both were alive at once, else the larger of the two. With state: the old process's VmHWM as it logs it in its last line (its true peak), the new one's VmHWM at the end of the window.".into(),
         "failed requests by kind: refused (connect refused), reset (connection reset or broken pipe), closed (connection closed before the whole response), timeout (connect, write or read longer than `--timeout-ms`), non-2xx, bad response (not the HTTP expected), other. After a failure a connection pauses 10 ms before its next request, so counts of refused connects depend on that pause.".into(),
         "latency: request start (connect for a new connection, else the write) → response read, successful requests only, in histograms of 1.6 % resolution (the maximum exact). Requests that overlap the extra timings taken after the reloads (fresh starts of another hello, `systemctl show` queries) are left out of the latency figures (not out of the request and failure counts).".into(),
     ])
 }
 
-fn med(v: &[Duration]) -> String {
+pub fn med(v: &[Duration]) -> String {
     median_max(v).map_or_else(|| "n/a".into(), |(m, _)| dur(m))
 }
 
@@ -45,7 +44,7 @@ fn med_us(v: &[i64]) -> String {
 }
 
 /// A row of [`steps_head`].
-fn steps_row(label: String, s: &Steps) -> Vec<String> {
+pub fn steps_row(label: String, s: &Steps) -> Vec<String> {
     vec![
         label,
         med(&s.to_started),
@@ -69,7 +68,7 @@ fn steps_table(rows: &[Row], first: Runtime) -> Block {
     )
 }
 
-fn steps_head(first: &str) -> Vec<String> {
+pub fn steps_head(first: &str) -> Vec<String> {
     [
         first,
         "trigger → `upgrade started`",
@@ -82,119 +81,6 @@ fn steps_head(first: &str) -> Vec<String> {
     ]
     .map(String::from)
     .to_vec()
-}
-
-/// The servers on their own: starts, memory, reloads without load, with state.
-pub fn solo_blocks(solo: &Solo) -> Vec<Block> {
-    let mut b = vec![Block::Heading(format!(
-        "### On their own, without load ({})",
-        solo.runtime.label()
-    ))];
-    let mem = |f: Option<crate::memory::Footprint>| match f {
-        Some(f) => [mb(f.private_kb), mb(f.pss_kb), mb(f.rss_kb)],
-        None => ["n/a".into(), "n/a".into(), "n/a".into()],
-    };
-    let start = |v: &[Duration]| {
-        let (m, x) = mm(v);
-        format!("{m} / {x}")
-    };
-    let [hp, hs, hr] = mem(solo.hello_idle);
-    let [pp, ps, pr] = mem(solo.plain_idle);
-    let private_ratio = match (solo.hello_idle, solo.plain_idle) {
-        (Some(h), Some(p)) if p.private_kb > 0 => {
-            format!(
-                "{:+.1} %",
-                (h.private_kb as f64 / p.private_kb as f64 - 1.0) * 100.0
-            )
-        }
-        _ => "n/a".into(),
-    };
-    b.push(Block::Table(
-        [
-            "server",
-            "exec → ready median / max",
-            "idle private",
-            "idle Pss",
-            "idle Rss",
-        ]
-        .map(String::from)
-        .to_vec(),
-        vec![
-            vec![
-                "hello (handover)".into(),
-                start(&solo.hello_starts),
-                hp,
-                hs,
-                hr,
-            ],
-            vec![
-                "plain (no handover)".into(),
-                start(&solo.plain_starts),
-                pp,
-                ps,
-                pr,
-            ],
-        ],
-    ));
-    let mut notes = vec![format!(
-        "exec → ready over {} starts each; hello's idle private memory is {private_ratio} of plain's",
-        solo.hello_starts.len()
-    )];
-    let handoffs = solo.unloaded.handoffs();
-    let mut rows = vec![vec![
-        format!("no state ({UNLOADED_RELOADS} reloads)"),
-        start(&handoffs),
-        med_kb(&solo.unloaded.old_hwm_kb),
-        med_kb(&solo.unloaded.new_hwm_kb()),
-    ]];
-    if let Some((bytes, u)) = &solo.state {
-        rows.push(vec![
-            format!(
-                "{} of state ({STATE_RELOADS} reloads)",
-                mb((*bytes as u64) / 1024)
-            ),
-            start(&u.handoffs()),
-            med_kb(&u.old_hwm_kb),
-            med_kb(&u.new_hwm_kb()),
-        ]);
-        notes.push(format!(
-            "state check by each new process: {} `check=\"ok\"`, {} wrong, of {} reloads",
-            u.checks_ok,
-            u.checks_bad,
-            u.reloads.len()
-        ));
-    }
-    b.push(Block::Table(
-        [
-            "hello SIGHUP without load",
-            "handoff median / max",
-            "old process peak (VmHWM) median",
-            "new process VmHWM median",
-        ]
-        .map(String::from)
-        .to_vec(),
-        rows,
-    ));
-    let mut steps = vec![steps_row("no state".into(), &solo.unloaded.steps)];
-    if let Some((bytes, u)) = &solo.state {
-        steps.push(steps_row(
-            format!("{} of state", mb((*bytes as u64) / 1024)),
-            &u.steps,
-        ));
-    }
-    b.push(Block::Table(
-        steps_head("handoff steps without load (medians)"),
-        steps,
-    ));
-    b.push(Block::List(notes));
-    b
-}
-
-fn med_kb(v: &[u64]) -> String {
-    let mut v = v.to_vec();
-    v.sort_unstable();
-    v.get(v.len().saturating_sub(1) / 2)
-        .map_or_else(|| "n/a".into(), |&kb| mb(kb))
 }
 
 /// The tables and notes of one load mode.

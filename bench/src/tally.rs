@@ -262,3 +262,80 @@ impl Tally {
         self.samples.extend(o.samples.into_iter().take(room));
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req(marks_start: (u64, u64), marks_end: (u64, u64), ok: bool) -> Request {
+        Request {
+            start_ns: 1_000,
+            end_ns: 3_000,
+            marks_start,
+            marks_end,
+            probe_fresh: true,
+            connected: false,
+            keep_closes: true,
+            result: if ok {
+                Ok(true)
+            } else {
+                Err((Outcome::Reset, "reset".into()))
+            },
+        }
+    }
+
+    #[test]
+    fn marks_move_through_windows_and_probes() {
+        let m = Marks::default();
+        assert_eq!(m.now(), (0, 0));
+        m.trigger();
+        m.trigger();
+        assert_eq!(m.now().0, 1);
+        m.ready();
+        assert_eq!(m.now().0, 2);
+        m.end();
+        assert_eq!(m.now().0, 3);
+        // A window whose new PID was never seen (a failed reload) still ends.
+        m.trigger();
+        m.end();
+        m.end();
+        assert_eq!(m.now().0, 6);
+        m.probe_begin(false);
+        assert_eq!(m.now().1, 1);
+        assert!(!m.probe_fresh.load(Ordering::SeqCst));
+        m.probe_end();
+        assert_eq!(m.now().1, 2);
+    }
+
+    #[test]
+    fn requests_land_in_their_class() {
+        let mut t = Tally::default();
+        // (marks at start, at end): steady; in window 0 before / after the new PID; started
+        // before window 1 and ended in it; spanning probe 1; a failure in window 0.
+        t.record(req((0, 0), (0, 0), true));
+        t.record(req((1, 0), (1, 0), true));
+        t.record(req((2, 0), (3, 0), true));
+        t.record(req((3, 0), (4, 0), true));
+        t.record(req((6, 0), (6, 1), true));
+        t.record(req((1, 0), (2, 0), false));
+        assert_eq!((t.requests, t.ok, t.win_requests), (6, 5, 4));
+        assert_eq!(t.failed.get(&Outcome::Reset), Some(&1));
+        assert_eq!(t.win_failed.get(&Outcome::Reset), Some(&1));
+        assert_eq!((t.steady.n(), t.window.n(), t.probe.n()), (1, 3, 1));
+        assert_eq!((t.win_before.n(), t.win_after.n()), (2, 1));
+        assert_eq!((t.win_reused.n(), t.win_connected.n()), (3, 0));
+        assert_eq!(t.closes, vec![vec![3_000, 3_000], vec![3_000]]);
+        assert_eq!(t.steady.max(), 2_000);
+        assert_eq!(t.samples.len(), 1);
+        let mut all = Tally::default();
+        all.merge(t);
+        all.merge(Tally {
+            requests: 1,
+            closes: vec![vec![], vec![], vec![9]],
+            ..Tally::default()
+        });
+        assert_eq!(all.requests, 7);
+        assert_eq!(all.closes.len(), 3);
+        assert_eq!(all.window.n(), 3);
+    }
+}
