@@ -403,7 +403,7 @@ fn main() -> ExitCode {
             std::env::args()
                 .next()
                 .unwrap_or_else(|| "reload_bench".into()),
-            rest.trim_start_matches(" --")
+            rest.strip_prefix(" --").unwrap_or(&rest)
         )
     };
     println!("{}", render(&blocks, false).trim_end());
