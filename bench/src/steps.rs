@@ -282,6 +282,83 @@ mod tests {
         }
     }
 
+    fn event(wall_us: u64, message: &str, fields: &[(&str, u64)]) -> Event {
+        Event {
+            wall_us,
+            message: message.into(),
+            fields: fields
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn steps_of_a_reload() {
+        let t = Instant::now();
+        let ms = Duration::from_millis;
+        let r = Reload {
+            trigger: t,
+            ready: t + ms(10),
+            gone: t + ms(11),
+            cmd_done: None,
+            drain_from: t + ms(10),
+            old_hwm: 0,
+            new_hwm: 0,
+            handoff: true,
+            old_pid: 7,
+            new_pid: 8,
+        };
+        let w = wall_us(t);
+        let with_fields = [
+            event(w + 300, "upgrade started", &[("old_pid", 7)]),
+            event(w + 1_000, "upgrade started", &[("old_pid", 99)]),
+            event(
+                w + 9_500,
+                "upgrade complete; draining",
+                &[
+                    ("old_pid", 7),
+                    ("new_pid", 8),
+                    ("elapsed_ms", 9),
+                    ("spawn_us", 2_000),
+                    ("ready_us", 5_000),
+                    ("announce_us", 0),
+                    ("confirm_us", 700),
+                ],
+            ),
+        ];
+        let s = steps(&[r], &with_fields);
+        assert!(
+            s.to_started.len() == 1
+                && s.to_started[0].abs_diff(Duration::from_micros(300)) <= Duration::from_micros(1)
+        );
+        assert_eq!(s.spawn, [ms(2)]);
+        assert_eq!(s.ready, [ms(5)]);
+        assert_eq!(s.announce, [Duration::ZERO]);
+        assert_eq!(s.confirm, [Duration::from_micros(700)]);
+        assert_eq!(s.upgrade, [ms(9)]);
+        // `main` written at 300 + 7,700 µs; the PID file seen at 10 ms.
+        // (± 1 µs: the clocks are read in whole µs.)
+        let near = |v: &[i64], want: i64| v.len() == 1 && (v[0] - want).abs() <= 1;
+        assert!(near(&s.to_pid_file, 2_000), "{:?}", s.to_pid_file);
+        // Without the step fields (an older library): only what the lines say.
+        let without = [
+            event(w + 300, "upgrade started", &[("old_pid", 7)]),
+            event(
+                w + 10_500,
+                "upgrade complete; draining",
+                &[("old_pid", 7), ("new_pid", 8), ("elapsed_ms", 10)],
+            ),
+        ];
+        let s = steps(&[r], &without);
+        assert!(s.spawn.is_empty() && s.confirm.is_empty());
+        assert_eq!(s.upgrade, [ms(10)]);
+        assert!(near(&s.to_pid_file, -500), "{:?}", s.to_pid_file);
+        // Another reload's lines, or none: nothing.
+        let s = steps(&[Reload { old_pid: 5, ..r }], &with_fields);
+        assert!(s.to_started.is_empty() && s.upgrade.is_empty());
+    }
+
     #[test]
     fn journal_entries() {
         let mut j = JournalEntry::new();
