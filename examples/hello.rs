@@ -33,11 +33,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use nix::sys::resource::{getrlimit, setrlimit, Resource};
-
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::{header, Request, Response, StatusCode};
+use nix::sys::resource::{getrlimit, setrlimit, Resource};
 
 const DEFAULT_GREETING: &str = "Welcome to the Home Page!";
 
