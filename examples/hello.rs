@@ -5,6 +5,7 @@
 //! ```text
 //! hello [--addr ADDR] [--pid-file PATH] [--control-socket PATH] [--fd-store]
 //!       [--upgrade-timeout SECS] [--drain-timeout SECS]
+//!       [--runtime current|multi] [--state-bytes N]
 //! ```
 //!
 //! Defaults: `--addr 127.0.0.1:8081`, no PID file, a control socket only
@@ -12,6 +13,19 @@
 //! `systemd-socket-activate` it serves the passed socket instead of `--addr`.
 //! The greeting comes from `HELLO_GREETING` when set. `GET /hits` counts the
 //! requests to it; the count survives upgrades (handed over as state).
+//!
+//! - `--runtime`: tokio's single-threaded runtime (`current`, the default:
+//!   the smallest footprint) or its multi-threaded one (`multi`, one worker
+//!   per CPU, what `#[tokio::main]` gives).
+//! - `--state-bytes N`: hands N bytes of state over besides the counter (a
+//!   buffer in a pattern the next process checks: it logs
+//!   `state received bytes=N check="ok"`, or fails before it is ready, so
+//!   that the old process keeps serving). The state limit is raised to fit.
+//!   The reload benchmark times handoffs with it.
+//!
+//! At start it raises its soft limit on open files to the hard limit (under
+//! systemd the soft limit is 1024 unless the unit sets `LimitNOFILE=`; see
+//! docs/systemd.md), and it logs its peak memory (`VmHWM`) as it exits.
 
 use std::convert::Infallible;
 use std::process::ExitCode;
@@ -22,6 +36,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::{header, Request, Response, StatusCode};
+use nix::sys::resource::{getrlimit, setrlimit, Resource};
 
 const DEFAULT_GREETING: &str = "Welcome to the Home Page!";
 
@@ -32,6 +47,8 @@ struct Args {
     fd_store: bool,
     upgrade_timeout: Option<Duration>,
     drain_timeout: Option<Duration>,
+    multi_thread: bool,
+    state_bytes: usize,
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -42,6 +59,8 @@ fn parse_args() -> Result<Args, String> {
         fd_store: false,
         upgrade_timeout: None,
         drain_timeout: None,
+        multi_thread: false,
+        state_bytes: 0,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -60,10 +79,26 @@ fn parse_args() -> Result<Args, String> {
             "--fd-store" => args.fd_store = true,
             "--upgrade-timeout" => args.upgrade_timeout = Some(secs(value()?)?),
             "--drain-timeout" => args.drain_timeout = Some(secs(value()?)?),
+            "--runtime" => {
+                args.multi_thread = match value()?.as_str() {
+                    "current" => false,
+                    "multi" => true,
+                    other => {
+                        return Err(format!("--runtime: {other:?} is neither current nor multi"))
+                    }
+                }
+            }
+            "--state-bytes" => {
+                let v = value()?;
+                args.state_bytes = v
+                    .parse()
+                    .map_err(|_| format!("--state-bytes: {v:?} is not a number of bytes"))?;
+            }
             "-h" | "--help" => {
                 println!(
                     "usage: hello [--addr ADDR] [--pid-file PATH] [--control-socket PATH] [--fd-store] \
-                     [--upgrade-timeout SECS] [--drain-timeout SECS]"
+                     [--upgrade-timeout SECS] [--drain-timeout SECS] [--runtime current|multi] \
+                     [--state-bytes N]"
                 );
                 std::process::exit(0);
             }
@@ -71,6 +106,78 @@ fn parse_args() -> Result<Args, String> {
         }
     }
     Ok(args)
+}
+
+/// `--state-bytes`: blocks of this size, each its index (8 bytes, little
+/// endian) and then a fixed pattern, so that a truncated, shifted or
+/// reordered copy fails the check.
+const BLOCK: usize = 4096;
+
+fn pattern_byte(i: usize) -> u8 {
+    (i.wrapping_mul(7) ^ 0x5a) as u8
+}
+
+/// `len` bytes in the pattern the next process checks.
+fn make_payload(len: usize) -> Vec<u8> {
+    let fill: Vec<u8> = (8..BLOCK).map(pattern_byte).collect();
+    let mut v = Vec::with_capacity(len);
+    for k in 0..len.div_ceil(BLOCK) {
+        let block_len = (len - k * BLOCK).min(BLOCK);
+        let index = (k as u64).to_le_bytes();
+        v.extend_from_slice(&index[..block_len.min(8)]);
+        v.extend_from_slice(&fill[..block_len.saturating_sub(8)]);
+    }
+    v
+}
+
+/// Whether `payload` is `len` bytes of [`make_payload`]; what is wrong if not.
+fn check_payload(payload: &[u8], len: usize) -> Result<(), String> {
+    if payload.len() != len {
+        return Err(format!("{} bytes, expected {len}", payload.len()));
+    }
+    let fill: Vec<u8> = (8..BLOCK).map(pattern_byte).collect();
+    for (k, block) in payload.chunks(BLOCK).enumerate() {
+        let index = (k as u64).to_le_bytes();
+        let (head, rest) = block.split_at(block.len().min(8));
+        if head != &index[..head.len()] || rest != &fill[..rest.len()] {
+            return Err(format!("block {k} (at byte {}) differs", k * BLOCK));
+        }
+    }
+    Ok(())
+}
+
+/// The state as handed over: the counter in decimal; with `--state-bytes`,
+/// a newline and the payload after it (its offset returned).
+fn parse_state(state: &[u8]) -> (Option<u64>, usize) {
+    let (hits, at) = match state.iter().position(|&b| b == b'\n') {
+        Some(i) => (&state[..i], i + 1),
+        None => (state, state.len()),
+    };
+    let hits = std::str::from_utf8(hits).ok().and_then(|h| h.parse().ok());
+    (hits, at)
+}
+
+/// Raises the soft limit on open files to the hard one; the soft limit
+/// before and after, when it was lower.
+fn raise_nofile_limit() -> nix::Result<Option<(u64, u64)>> {
+    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE)?;
+    if soft >= hard {
+        return Ok(None);
+    }
+    setrlimit(Resource::RLIMIT_NOFILE, hard, hard)?;
+    Ok(Some((soft, hard)))
+}
+
+/// This process's peak resident memory (`VmHWM`), kB.
+fn peak_memory_kb() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
 }
 
 async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
@@ -88,18 +195,50 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     if let Some(t) = args.drain_timeout {
         builder = builder.drain_timeout(t);
     }
+    if args.state_bytes > 0 {
+        // The payload, the counter and its newline; never below the default.
+        builder = builder.state_limit(args.state_bytes.saturating_add(64).max(16 << 20));
+    }
     let handover = builder.build()?;
     let listener = handover.listen_tcp("http", args.addr.as_str())?;
     tracing::info!(addr = %listener.local_addr()?, generation = handover.generation(), "listening");
 
-    // The /hits counter starts where the previous generation left it.
-    let start = handover
-        .take_state()
-        .and_then(|b| String::from_utf8(b).ok()?.parse().ok())
-        .unwrap_or(0);
+    // The /hits counter starts where the previous generation left it; with
+    // --state-bytes, the payload is checked and handed on as it came (kept
+    // where it arrived, not copied).
+    let (start, payload) = match handover.take_state() {
+        None => (0, (Vec::new(), 0)),
+        Some(state) => {
+            let (hits, at) = parse_state(&state);
+            (hits.unwrap_or(0), (state, at))
+        }
+    };
+    let (payload, at) = if args.state_bytes == 0 {
+        (Vec::new(), 0)
+    } else if payload.0.is_empty() {
+        (make_payload(args.state_bytes), 0)
+    } else {
+        let received = &payload.0[payload.1..];
+        match check_payload(received, args.state_bytes) {
+            Ok(()) => tracing::info!(bytes = received.len(), check = "ok", "state received"),
+            Err(e) => {
+                tracing::error!(bytes = received.len(), check = %e, "state received");
+                return Err(format!("the state handed over is wrong: {e}").into());
+            }
+        }
+        payload
+    };
     let hits = Arc::new(AtomicU64::new(start));
     let h = hits.clone();
-    handover.set_state(move || h.load(Ordering::SeqCst).to_string().into_bytes());
+    handover.set_state(move || {
+        let mut state = h.load(Ordering::SeqCst).to_string().into_bytes();
+        if payload.len() > at {
+            state.reserve_exact(payload.len() - at + 1);
+            state.push(b'\n');
+            state.extend_from_slice(&payload[at..]);
+        }
+        state
+    });
 
     let greeting: Arc<str> = std::env::var("HELLO_GREETING")
         .unwrap_or_else(|_| DEFAULT_GREETING.into())
@@ -129,6 +268,12 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
 
     handover.ready().await?;
     handover.wait().await;
+    // The true peak, for the benchmark: this is the last thing it logs.
+    tracing::info!(
+        pid = std::process::id(),
+        vm_hwm_kb = peak_memory_kb().unwrap_or(0),
+        "exiting"
+    );
     Ok(())
 }
 
@@ -143,11 +288,18 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    // One thread: the hello server idles at about 2.5 MB RSS this way.
-    let rt = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
+    match raise_nofile_limit() {
+        Ok(Some((from, to))) => tracing::info!(from, to, "raised the soft open-file limit"),
+        Ok(None) => {}
+        Err(e) => tracing::warn!(error = %e, "cannot raise the soft open-file limit"),
+    }
+    // One thread by default: the smallest footprint.
+    let mut rt = if args.multi_thread {
+        tokio::runtime::Builder::new_multi_thread()
+    } else {
+        tokio::runtime::Builder::new_current_thread()
+    };
+    let rt = match rt.enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("hello: cannot start the runtime: {e}");

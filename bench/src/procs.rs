@@ -165,3 +165,28 @@ pub fn hwm(pid: u32) -> u64 {
         .map(|(_, h)| h)
         .unwrap_or(0)
 }
+
+/// Raises this process's soft limit on open files to the hard one (the servers it starts
+/// inherit it, and raise their own anyway); what it did, and whether `need` fits.
+pub fn raise_nofile(need: u64) -> String {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    let (soft, hard) = match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok(l) => l,
+        Err(e) => return format!("cannot read RLIMIT_NOFILE: {e}"),
+    };
+    let mut s = if soft < hard {
+        match setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+            Ok(()) => format!("soft RLIMIT_NOFILE raised from {soft} to the hard limit {hard}"),
+            Err(e) => format!("soft RLIMIT_NOFILE {soft}, hard {hard}; raising it failed: {e}"),
+        }
+    } else {
+        format!("RLIMIT_NOFILE {soft} (soft = hard)")
+    };
+    let now = getrlimit(Resource::RLIMIT_NOFILE).map_or(soft, |l| l.0);
+    if now < need {
+        s.push_str(&format!(
+            "; BELOW the about {need} this run needs: connections will fail (raise the hard limit, e.g. `ulimit -Hn`, or run fewer --conns)"
+        ));
+    }
+    s
+}

@@ -1,24 +1,23 @@
-//! The servers under test, each reloaded its own way: `hello` run by hand (SIGHUP, or stop and
-//! start again), and `hello.socket` + `hello.service` under a private systemd user manager
-//! (`systemctl restart`, `systemctl reload`). A reload is observed through events: the PID file
-//! through inotify, each process's exit through its pidfd.
+//! The servers under test run by hand, each reloaded its own way: `hello` by SIGHUP, `plain`
+//! (or hello) stopped and started again. ([`crate::systemd`] has the systemd ones.) A reload is
+//! observed through events: the PID file through inotify, each process's exit through its
+//! pidfd.
 
-use std::fmt::Write as _;
 use std::io::Read;
 use std::net::SocketAddr;
 use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::thread;
+use std::process::Child;
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use support::pidfile::{wait_readable, PidFile};
 use support::process::memory_kb;
-use support::systemd::{Manager, UserManager};
 
+use crate::load::Marks;
 use crate::procs::{check_interrupted, exited, hwm, pidfd, Proc};
+use crate::steps::{self, Event};
 
 /// Bound on one reload (trigger to old process gone and new one ready).
 pub const RELOAD_TIMEOUT: Duration = Duration::from_secs(30);
@@ -70,6 +69,8 @@ pub struct Reload {
     pub new_hwm: u64,
     /// The new process ran alongside the old one (a handoff, not a restart).
     pub handoff: bool,
+    pub old_pid: u32,
+    pub new_pid: u32,
 }
 
 impl Reload {
@@ -93,30 +94,34 @@ impl Reload {
 pub trait Server {
     fn addr(&self) -> SocketAddr;
     fn current(&self) -> &Proc;
-    fn reload(&mut self) -> Result<Reload, String>;
+    /// One reload; sets `marks` as it goes (trigger, new PID seen; the caller marks the end).
+    fn reload(&mut self, marks: &Marks) -> Result<Reload, String>;
     fn stop(&mut self);
     fn diagnostics(&self) -> String;
+    /// What its processes logged (for the handoff's steps).
+    fn events(&self) -> Vec<Event>;
     /// Runs one `systemctl` query (systemd rows only), to time the client.
     fn systemctl_probe(&self) -> Option<Result<(), String>> {
         None
     }
 }
 
-struct Observed {
-    new: u32,
-    ready: Instant,
-    gone: Instant,
-    cmd_done: Option<Instant>,
+pub(crate) struct Observed {
+    pub new: u32,
+    pub ready: Instant,
+    pub gone: Instant,
+    pub cmd_done: Option<Instant>,
 }
 
 /// Waits for the old process to exit, for another PID in the PID file and,
 /// if given, for the reload command to finish (failing early if it fails);
 /// samples the old process's VmHWM meanwhile.
-fn observe(
+pub(crate) fn observe(
     pw: &PidFile,
     old: &Proc,
     mut cmd: Option<(&mut Child, &str)>,
     old_hwm: &mut u64,
+    marks: &Marks,
 ) -> Result<Observed, String> {
     let deadline = Instant::now() + RELOAD_TIMEOUT;
     let cmd_fd = match &cmd {
@@ -129,6 +134,7 @@ fn observe(
         if ready.is_none() {
             if let Some(p) = pw.read().filter(|p| *p != old.pid) {
                 ready = Some((p, now));
+                marks.ready();
             }
         }
         if gone.is_none() {
@@ -182,66 +188,77 @@ fn observe(
     }
 }
 
-/// `hello` run by hand, with a PID file: upgraded by SIGHUP, or stopped and
-/// started again (plain restart).
+/// A server run by hand, with a PID file: hello upgraded by SIGHUP, or a server (plain)
+/// stopped and started again.
 pub struct Standalone {
-    hello: PathBuf,
+    bin: PathBuf,
+    extra: Vec<String>,
     addr: SocketAddr,
     pw: PidFile,
     log: PathBuf,
     cur: Proc,
-    plain: bool,
+    restart: bool,
 }
 
-/// `hello --addr ADDR --pid-file PID_FILE`, as the tests run it, its log appended to `log`.
-pub fn spawn_hello(
-    hello: &Path,
+/// `BIN --addr ADDR --pid-file PID_FILE EXTRA...`, as the tests run it, its log appended to
+/// `log`.
+pub fn spawn_server(
+    bin: &Path,
     addr: SocketAddr,
     pid_file: &Path,
     log: &Path,
+    extra: &[String],
 ) -> Result<Child, String> {
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .open(log)
         .map_err(|e| format!("open {}: {e}", log.display()))?;
-    support::server::command(hello)
+    support::server::command(bin)
         .arg("--addr")
         .arg(addr.to_string())
         .arg("--pid-file")
         .arg(pid_file)
+        .args(extra)
         .stderr(log)
         .spawn()
-        .map_err(|e| format!("spawn {}: {e}", hello.display()))
+        .map_err(|e| format!("spawn {}: {e}", bin.display()))
 }
 
 impl Standalone {
-    /// Starts hello on `addr` with its PID file and log in `dir` named after `tag`; `plain`:
-    /// reloaded by a stop and a start instead of SIGHUP.
+    /// Starts `bin` on `addr` with its PID file and log in `dir` named after `tag`;
+    /// `restart`: reloaded by a stop and a start instead of SIGHUP.
     pub fn start(
-        hello: &Path,
+        bin: &Path,
+        extra: &[String],
         addr: SocketAddr,
         dir: &Path,
         tag: &str,
-        plain: bool,
+        restart: bool,
     ) -> Result<Standalone, String> {
         let pid_file = dir.join(format!("{tag}.pid"));
         let log = dir.join(format!("{tag}.log"));
         let pw = watch(&pid_file)?;
-        let child = spawn_hello(hello, addr, &pid_file, &log)?;
+        let child = spawn_server(bin, addr, &pid_file, &log, extra)?;
         let cur = Proc::track(child.id(), true)?;
         let (pid, _) = wait_other(&pw, None, Instant::now() + Duration::from_secs(20))?;
         if pid != cur.pid {
             return Err(format!("the PID file says {pid}, started {}", cur.pid));
         }
         Ok(Standalone {
-            hello: hello.to_owned(),
+            bin: bin.to_owned(),
+            extra: extra.to_vec(),
             addr,
             pw,
             log,
             cur,
-            plain,
+            restart,
         })
+    }
+
+    /// Its log file.
+    pub fn log(&self) -> &Path {
+        &self.log
     }
 }
 
@@ -254,16 +271,17 @@ impl Server for Standalone {
         &self.cur
     }
 
-    fn reload(&mut self) -> Result<Reload, String> {
+    fn reload(&mut self, marks: &Marks) -> Result<Reload, String> {
         let old = self.cur.clone();
         let mut old_hwm = hwm(old.pid);
+        marks.trigger();
         let trigger = Instant::now();
-        if !self.plain {
+        if !self.restart {
             kill(Pid::from_raw(old.pid as i32), Signal::SIGHUP)
                 .map_err(|e| format!("SIGHUP {}: {e}", old.pid))?;
             let Observed {
                 new, ready, gone, ..
-            } = observe(&self.pw, &old, None, &mut old_hwm)?;
+            } = observe(&self.pw, &old, None, &mut old_hwm, marks)?;
             old.reap();
             self.cur = Proc::track(new, true)?;
             return Ok(Reload {
@@ -275,6 +293,8 @@ impl Server for Standalone {
                 old_hwm,
                 new_hwm: hwm(new),
                 handoff: true,
+                old_pid: old.pid,
+                new_pid: new,
             });
         }
         kill(Pid::from_raw(old.pid as i32), Signal::SIGTERM)
@@ -295,7 +315,7 @@ impl Server for Standalone {
         }
         let gone = Instant::now();
         old.reap();
-        let child = spawn_hello(&self.hello, self.addr, self.pw.path(), &self.log)?;
+        let child = spawn_server(&self.bin, self.addr, self.pw.path(), &self.log, &self.extra)?;
         self.cur = Proc::track(child.id(), true)?;
         let (pid, ready) = wait_other(&self.pw, Some(old.pid), Instant::now() + RELOAD_TIMEOUT)?;
         if pid != self.cur.pid {
@@ -310,6 +330,8 @@ impl Server for Standalone {
             old_hwm,
             new_hwm: hwm(pid),
             handoff: false,
+            old_pid: old.pid,
+            new_pid: pid,
         })
     }
 
@@ -320,265 +342,17 @@ impl Server for Standalone {
     fn diagnostics(&self) -> String {
         tail_file(&self.log, 3000)
     }
+
+    fn events(&self) -> Vec<Event> {
+        steps::read_log(&self.log)
+    }
 }
 
-fn tail_file(path: &Path, max: usize) -> String {
+pub fn tail_file(path: &Path, max: usize) -> String {
     let s = std::fs::read_to_string(path).unwrap_or_default();
     let mut at = s.len().saturating_sub(max);
     while !s.is_char_boundary(at) {
         at += 1;
     }
     format!("{}:\n{}", path.display(), &s[at..])
-}
-
-/// `hello.socket` + `hello.service` under a private systemd user manager.
-pub struct Systemd {
-    m: UserManager,
-    addr: SocketAddr,
-    pw: PidFile,
-}
-
-/// `t` on the journal's clock (CLOCK_MONOTONIC, µs).
-fn mono_us(t: Instant) -> u64 {
-    static BASE: std::sync::OnceLock<(Instant, u64)> = std::sync::OnceLock::new();
-    let (i0, m0) = *BASE.get_or_init(|| {
-        let now = Instant::now();
-        (now, support::process::monotonic_usec())
-    });
-    if t >= i0 {
-        m0 + (t - i0).as_micros() as u64
-    } else {
-        m0.saturating_sub((i0 - t).as_micros() as u64)
-    }
-}
-
-impl Systemd {
-    /// With `HANDOVER_BENCH_TRACE` set: the last reloads' timestamps next to
-    /// the journal (reception time), to see where a systemd reload spends
-    /// its time.
-    pub fn trace(&self, reloads: &[Reload]) {
-        let last = &reloads[reloads.len().saturating_sub(3)..];
-        let Some(first) = last.first() else { return };
-        let from = mono_us(first.trigger);
-        let mut lines: Vec<(u64, String)> = Vec::new();
-        for (i, r) in last.iter().enumerate() {
-            lines.push((mono_us(r.trigger), format!("bench: reload {i} trigger")));
-            lines.push((
-                mono_us(r.ready),
-                format!("bench: reload {i} new PID in the PID file"),
-            ));
-            lines.push((
-                mono_us(r.gone),
-                format!("bench: reload {i} old process gone"),
-            ));
-            if let Some(c) = r.cmd_done {
-                lines.push((mono_us(c), format!("bench: reload {i} systemctl returned")));
-            }
-        }
-        for e in self.m.journal_entries(&[]) {
-            let Some(t) = e
-                .get("__MONOTONIC_TIMESTAMP")
-                .and_then(|t| t.parse::<u64>().ok())
-            else {
-                continue;
-            };
-            if t + 1000 >= from {
-                lines.push((
-                    t,
-                    format!(
-                        "journal: [{}] {}",
-                        e.get("_PID").map(String::as_str).unwrap_or("-"),
-                        e.get("MESSAGE").map(String::as_str).unwrap_or("")
-                    ),
-                ));
-            }
-        }
-        lines.sort_by_key(|l| l.0);
-        for (t, l) in lines {
-            eprintln!("  {:>10.3} ms  {l}", (t as f64 - from as f64) / 1000.0);
-        }
-    }
-}
-
-/// One row's view of the systemd service.
-pub struct SystemdServer<'a> {
-    sd: &'a Systemd,
-    cur: Proc,
-    restart: bool,
-}
-
-impl Systemd {
-    /// Boots the host's systemd as a private user manager with the benchmark's units: the
-    /// socket on `addr`, hello's PID file in `dir`.
-    pub fn boot(hello: &Path, addr: SocketAddr, dir: &Path) -> Result<Systemd, String> {
-        let m = UserManager::boot(Manager::Host, "bench")?;
-        let pid_file = dir.join("systemd-hello.pid");
-        let pw = watch(&pid_file)?;
-        m.install_unit(
-            "hello.socket",
-            &format!(
-                "[Unit]\nDescription=hello (benchmark socket)\n\n[Socket]\nListenStream={addr}\n\
-                 FileDescriptorName=http\nAccept=no\n"
-            ),
-        );
-        m.install_unit(
-            "hello.service",
-            &format!(
-                "[Unit]\nDescription=hello (benchmark)\nRequires=hello.socket\nAfter=hello.socket\n\
-                 StartLimitIntervalSec=0\n\n\
-                 [Service]\nType=notify\nNotifyAccess=main\n\
-                 ExecStart={} --addr {addr} --pid-file {}\n\
-                 ExecReload=/bin/kill -HUP $MAINPID\nTimeoutStartSec=90\n\
-                 KillMode=control-group\nTimeoutStopSec=45\n",
-                hello.display(),
-                pid_file.display()
-            ),
-        );
-        m.daemon_reload();
-        let out = m.systemctl(&["start", "hello.socket"]);
-        if !out.status.success() {
-            return Err(format!(
-                "systemctl start hello.socket: {}",
-                String::from_utf8_lossy(&out.stderr)
-            ));
-        }
-        Ok(Systemd { m, addr, pw })
-    }
-
-    fn systemctl(&self, verb: &str) -> Result<Child, String> {
-        Command::new("systemctl")
-            .args([
-                "--user",
-                "--no-pager",
-                "--no-ask-password",
-                verb,
-                "hello.service",
-            ])
-            .env_clear()
-            .env(
-                "PATH",
-                std::env::var_os("PATH").unwrap_or_else(|| "/usr/bin:/bin".into()),
-            )
-            .env("XDG_RUNTIME_DIR", self.m.runtime_dir())
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .map_err(|e| format!("spawn systemctl {verb}: {e}"))
-    }
-
-    /// (Re)starts the service fresh for a row, waits until it is ready.
-    pub fn fresh(&self, restart: bool) -> Result<SystemdServer<'_>, String> {
-        let before = self.pw.read();
-        let child = self.systemctl("restart")?;
-        finish_systemctl(child, "restart")?;
-        let (pid, _) = wait_other(&self.pw, before, Instant::now() + Duration::from_secs(20))?;
-        let main = self.m.main_pid("hello.service");
-        if main != pid {
-            return Err(format!("MainPID {main}, PID file {pid}"));
-        }
-        Ok(SystemdServer {
-            sd: self,
-            cur: Proc::track(pid, false)?,
-            restart,
-        })
-    }
-}
-
-fn finish_systemctl(mut child: Child, verb: &str) -> Result<(), String> {
-    let deadline = Instant::now() + RELOAD_TIMEOUT;
-    loop {
-        match child.try_wait() {
-            Ok(Some(status)) if status.success() => return Ok(()),
-            Ok(Some(status)) => {
-                let mut err = String::new();
-                if let Some(mut e) = child.stderr.take() {
-                    let _ = e.read_to_string(&mut err);
-                }
-                return Err(format!("systemctl {verb}: {status}: {}", err.trim()));
-            }
-            Ok(None) if Instant::now() < deadline => thread::sleep(Duration::from_millis(1)),
-            Ok(None) => {
-                let _ = child.kill();
-                let _ = child.wait();
-                return Err(format!("systemctl {verb} did not finish in time"));
-            }
-            Err(e) => return Err(format!("systemctl {verb}: {e}")),
-        }
-    }
-}
-
-impl Server for SystemdServer<'_> {
-    fn systemctl_probe(&self) -> Option<Result<(), String>> {
-        let out = self
-            .sd
-            .m
-            .systemctl(&["show", "-p", "MainPID", "--value", "hello.service"]);
-        Some(if out.status.success() {
-            Ok(())
-        } else {
-            Err(format!("systemctl show: {}", out.status))
-        })
-    }
-
-    fn addr(&self) -> SocketAddr {
-        self.sd.addr
-    }
-
-    fn current(&self) -> &Proc {
-        &self.cur
-    }
-
-    fn reload(&mut self) -> Result<Reload, String> {
-        let old = self.cur.clone();
-        let mut old_hwm = hwm(old.pid);
-        let verb = if self.restart { "restart" } else { "reload" };
-        let trigger = Instant::now();
-        let mut child = self.sd.systemctl(verb)?;
-        let o = observe(&self.sd.pw, &old, Some((&mut child, verb)), &mut old_hwm);
-        if o.is_err() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-        let Observed {
-            new,
-            ready,
-            gone,
-            cmd_done,
-        } = o?;
-        let new_hwm = hwm(new);
-        self.cur = Proc::track(new, false)?;
-        Ok(Reload {
-            trigger,
-            ready,
-            gone,
-            cmd_done,
-            drain_from: if self.restart { trigger } else { ready },
-            old_hwm,
-            new_hwm,
-            handoff: !self.restart,
-        })
-    }
-
-    fn stop(&mut self) {
-        // The service stays up between rows; each row restarts it fresh.
-    }
-
-    fn diagnostics(&self) -> String {
-        let out = self
-            .sd
-            .m
-            .systemctl(&["status", "hello.service", "hello.socket"]);
-        let entries = self.sd.m.unit_journal("hello.service");
-        let mut s = String::from_utf8_lossy(&out.stdout).into_owned();
-        for e in entries.iter().rev().take(30).rev() {
-            let _ = writeln!(
-                s,
-                "{} {}",
-                e.get("_PID").map(String::as_str).unwrap_or("-"),
-                e.get("MESSAGE").map(String::as_str).unwrap_or("")
-            );
-        }
-        s
-    }
 }

@@ -1,86 +1,30 @@
-//! From the requests and reloads of a row to its figures.
+//! From a row's tally and reloads to its figures.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use support::load::{ErrorKind, Record};
-
-use crate::args::{Mode, Variant};
+use crate::args::{Mode, Runtime, Variant};
+use crate::hist::Hist;
+use crate::load::Outcome;
 use crate::rows::RowData;
 use crate::servers::Reload;
-
-/// How a request ended, as the output counts it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub enum Outcome {
-    Ok,
-    Refused,
-    Reset,
-    Closed,
-    Timeout,
-    Status,
-    Other,
-}
-
-/// The failures, in the order the output lists them.
-pub const FAILURES: [Outcome; 6] = [
-    Outcome::Refused,
-    Outcome::Reset,
-    Outcome::Closed,
-    Outcome::Timeout,
-    Outcome::Status,
-    Outcome::Other,
-];
-
-impl Outcome {
-    /// The outcome of a recorded request.
-    pub fn of(r: &Record) -> Outcome {
-        match r.result {
-            Ok(()) => Outcome::Ok,
-            Err(ErrorKind::Refused) => Outcome::Refused,
-            Err(ErrorKind::Reset) => Outcome::Reset,
-            Err(ErrorKind::EofBeforeResponse | ErrorKind::EofMidResponse) => Outcome::Closed,
-            Err(ErrorKind::Timeout) => Outcome::Timeout,
-            Err(ErrorKind::Status) => Outcome::Status,
-            Err(ErrorKind::Connect | ErrorKind::Malformed | ErrorKind::Io) => Outcome::Other,
-        }
-    }
-
-    pub fn label(self) -> &'static str {
-        match self {
-            Outcome::Ok => "ok",
-            Outcome::Refused => "refused",
-            Outcome::Reset => "reset",
-            Outcome::Closed => "closed",
-            Outcome::Timeout => "timeout",
-            Outcome::Status => "non-2xx",
-            Outcome::Other => "other",
-        }
-    }
-}
+use crate::steps::Steps;
 
 /// Latency figures of a set of requests.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Lat {
-    pub n: usize,
+    pub n: u64,
     pub p50: Duration,
     pub p99: Duration,
     pub max: Duration,
 }
 
-fn lat(mut v: Vec<u64>) -> Lat {
-    if v.is_empty() {
-        return Lat::default();
-    }
-    v.sort_unstable();
-    let rank = |q: f64| {
-        let i = ((q * v.len() as f64).ceil() as usize).clamp(1, v.len()) - 1;
-        Duration::from_nanos(v[i])
-    };
+fn lat(h: &Hist) -> Lat {
     Lat {
-        n: v.len(),
-        p50: rank(0.50),
-        p99: rank(0.99),
-        max: Duration::from_nanos(*v.last().unwrap()),
+        n: h.n(),
+        p50: Duration::from_nanos(h.quantile(0.50)),
+        p99: Duration::from_nanos(h.quantile(0.99)),
+        max: Duration::from_nanos(h.max()),
     }
 }
 
@@ -97,6 +41,7 @@ pub fn median_max(v: &[Duration]) -> Option<(Duration, Duration)> {
 /// A row's figures.
 pub struct Row {
     pub variant: Variant,
+    pub runtime: Runtime,
     pub reloads: usize,
     pub requests: u64,
     pub failed: BTreeMap<Outcome, u64>,
@@ -123,107 +68,55 @@ pub struct Row {
     pub peak_rss_kb: u64,
     pub overruns: usize,
     pub elapsed: Duration,
+    /// Opening every connection, until each had its first answer.
+    pub ramp: Duration,
+    pub ramp_failed: u64,
+    /// Connections left in a request when the load stopped.
+    pub stuck: usize,
     pub loaded_starts: Vec<Duration>,
     /// `systemctl --user show` under the load (systemd rows).
     pub systemctl: Vec<Duration>,
+    pub steps: Steps,
+    /// The first errors, for the progress output.
+    pub samples: Vec<String>,
 }
 
 impl Row {
     pub fn failed_total(&self) -> u64 {
         self.failed.values().sum()
     }
+
+    /// The row's name: how it reloads, and on which runtime if not the first.
+    pub fn label(&self, first: Runtime) -> String {
+        if self.runtime == first {
+            self.variant.label().into()
+        } else {
+            format!("{}, {}", self.variant.label(), self.runtime.label())
+        }
+    }
 }
 
 /// The figures of a row.
 pub fn analyse(d: RowData, mode: Mode) -> Row {
     let ns = |t: Instant| t.saturating_duration_since(d.t0).as_nanos() as u64;
-    let windows: Vec<(u64, u64)> = d
-        .reloads
-        .iter()
-        .map(|r| (ns(r.trigger), ns(r.end())))
-        .collect();
-    let readies: Vec<u64> = d.reloads.iter().map(|r| ns(r.ready)).collect();
-    let in_window = |r: &Record| {
-        let i = windows.partition_point(|w| w.1 < r.start_ns);
-        i < windows.len() && windows[i].0 <= r.end_ns
-    };
-    // Whether a window request started before that window's new PID was in
-    // the PID file (the old process still the serving one).
-    let before_ready = |r: &Record| {
-        let i = windows.partition_point(|w| w.1 < r.start_ns);
-        i < windows.len() && r.start_ns < readies[i]
-    };
-    let excluded: Vec<(u64, u64, bool)> = d
-        .probes
-        .iter()
-        .map(|p| (ns(p.from), ns(p.done), p.systemctl))
-        .collect();
-    let overlaps = |r: &Record, start_probe: bool| {
-        excluded
-            .iter()
-            .any(|e| e.0 <= r.end_ns && r.start_ns <= e.1 && (!start_probe || !e.2))
-    };
-    // The control: requests that overlap a fresh start of another hello (no
-    // reload at all).
-    let mut probe_lat = Vec::new();
-    let mut failed = BTreeMap::new();
-    let mut win_failed = BTreeMap::new();
-    let (mut steady, mut window) = (Vec::new(), Vec::new());
-    // Window requests split by whether they opened a connection first.
-    let (mut win_reused, mut win_connected) = (Vec::new(), Vec::new());
-    // ... and by whether they started before the new PID was in the PID file.
-    let (mut win_before, mut win_after) = (Vec::new(), Vec::new());
-    let mut win_requests = 0;
-    for r in &d.recs {
-        let w = in_window(r);
-        win_requests += u64::from(w);
-        if Outcome::of(r) == Outcome::Ok {
-            let l = r.end_ns - r.start_ns;
-            if overlaps(r, false) {
-                // Overlaps a timed probe: in no latency class.
-                if overlaps(r, true) {
-                    probe_lat.push(l);
-                }
-            } else if w {
-                window.push(l);
-                if before_ready(r) {
-                    win_before.push(l)
-                } else {
-                    win_after.push(l)
-                }
-                if r.connected {
-                    win_connected.push(l)
-                } else {
-                    win_reused.push(l)
-                }
-            } else {
-                steady.push(l)
-            }
-        } else {
-            *failed.entry(Outcome::of(r)).or_insert(0) += 1;
-            if w {
-                *win_failed.entry(Outcome::of(r)).or_insert(0) += 1;
-            }
-        }
-    }
-    // Keep-alive: every `Connection: close` response comes from a draining
-    // old process (a serving one never closes), so the last one before the
-    // old process exited is its last request.
-    let mut close_ends: Vec<u64> = d
-        .recs
-        .iter()
-        .filter(|r| Outcome::of(r) == Outcome::Ok && r.close)
-        .map(|r| r.end_ns)
-        .collect();
-    close_ends.sort_unstable();
+    let t = &d.tally;
+    // Keep-alive: every `Connection: close` response comes from a draining old process (a
+    // serving one never closes), so the last one of a window before the old process exited is
+    // its last request.
     let drain_last = if mode == Mode::KeepAlive {
         d.reloads
             .iter()
-            .filter_map(|r| {
+            .enumerate()
+            .filter_map(|(i, r)| {
                 let (from, gone) = (ns(r.trigger), ns(r.gone));
-                let i = close_ends.partition_point(|e| *e <= gone);
-                let last = *close_ends[..i].last()?;
-                (last >= from).then(|| Duration::from_nanos(gone - last))
+                let last = t
+                    .closes
+                    .get(i)?
+                    .iter()
+                    .copied()
+                    .filter(|e| (from..=gone).contains(e))
+                    .max()?;
+                Some(Duration::from_nanos(gone - last))
             })
             .collect()
     } else {
@@ -231,18 +124,19 @@ pub fn analyse(d: RowData, mode: Mode) -> Row {
     };
     Row {
         variant: d.variant,
+        runtime: d.runtime,
         reloads: d.reloads.len(),
-        requests: d.recs.len() as u64,
-        failed,
-        win_requests,
-        win_failed,
-        steady: lat(steady),
-        window: lat(window),
-        win_reused: lat(win_reused),
-        win_connected: lat(win_connected),
-        probe: lat(probe_lat),
-        win_before: lat(win_before),
-        win_after: lat(win_after),
+        requests: t.requests,
+        failed: t.failed.clone(),
+        win_requests: t.win_requests,
+        win_failed: t.win_failed.clone(),
+        steady: lat(&t.steady),
+        window: lat(&t.window),
+        win_reused: lat(&t.win_reused),
+        win_connected: lat(&t.win_connected),
+        probe: lat(&t.probe),
+        win_before: lat(&t.win_before),
+        win_after: lat(&t.win_after),
         handoff: d.reloads.iter().map(|r| r.ready - r.trigger).collect(),
         windows: d.reloads.iter().map(|r| r.end() - r.trigger).collect(),
         drain: d
@@ -255,17 +149,22 @@ pub fn analyse(d: RowData, mode: Mode) -> Row {
         peak_rss_kb: d.reloads.iter().map(Reload::peak_kb).max().unwrap_or(0),
         overruns: d.overruns,
         elapsed: d.elapsed,
+        ramp: t.ramp,
+        ramp_failed: t.ramp_failed,
+        stuck: t.stuck,
         loaded_starts: d
             .probes
             .iter()
             .filter(|p| !p.systemctl)
-            .map(|p| p.to - p.from)
+            .map(|p| p.took)
             .collect(),
         systemctl: d
             .probes
             .iter()
             .filter(|p| p.systemctl)
-            .map(|p| p.to - p.from)
+            .map(|p| p.took)
             .collect(),
+        samples: t.samples.clone(),
+        steps: d.steps,
     }
 }
