@@ -37,8 +37,9 @@ use tokio::net::TcpListener;
 use tokio::signal::unix::{signal, SignalKind};
 
 const DEFAULT_GREETING: &str = "Welcome to the Home Page!";
-/// The listen backlog handover uses for the sockets it binds.
-const BACKLOG: u32 = 1024;
+/// The listen backlog handover uses for the sockets it binds: SOMAXCONN
+/// (the kernel caps it at `net.core.somaxconn`).
+const BACKLOG: u32 = 4096;
 
 struct Args {
     addr: String,
