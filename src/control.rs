@@ -7,7 +7,9 @@
 //! other listener, never unlinked and rebound, so a request that arrives
 //! during a handoff waits in the shared backlog.
 //!
-//! The protocol, one request per connection, one reply line:
+//! The protocol, one request per connection, one reply line (all of it,
+//! limits included, in `docs/truthful-reload.md`; the code in
+//! `src/protocol/control.rs`):
 //!
 //! | request | reply |
 //! |---|---|
@@ -21,17 +23,17 @@
 
 use std::ffi::OsString;
 use std::io::{self, BufRead, Read, Write};
-use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
-
 use crate::drain::{Drain, DrainReason};
 use crate::process::Process;
+use crate::protocol::control::{Connection, EnvTooLarge, Reply, Request, MAX_REPLY};
 use crate::upgrade::Spawn;
+
+pub use crate::protocol::control::MAX_ENV_BYTES;
 
 /// The control socket's file in the service's runtime directory.
 const FILE: &str = "handover.sock";
@@ -43,13 +45,6 @@ const FILE: &str = "handover.sock";
 pub fn default_socket() -> Option<std::path::PathBuf> {
     crate::protocol::env::runtime_directory().map(|d| d.join(FILE))
 }
-
-/// The largest environment a reload command may send.
-pub const MAX_ENV_BYTES: usize = 256 * 1024;
-/// The longest request line.
-const MAX_LINE: u64 = 256;
-/// How long a peer may take to send its request.
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Why a control request failed, as seen by the client.
 #[derive(Debug, thiserror::Error)]
@@ -85,34 +80,6 @@ pub enum ControlError {
     Io(io::Error),
 }
 
-/// Encodes an environment as `KEY=VALUE\0...`.
-fn encode_env(env: &[(OsString, OsString)]) -> Vec<u8> {
-    let mut out = Vec::new();
-    for (k, v) in env {
-        out.extend_from_slice(k.as_bytes());
-        out.push(b'=');
-        out.extend_from_slice(v.as_bytes());
-        out.push(0);
-    }
-    out
-}
-
-fn decode_env(bytes: &[u8]) -> Vec<(OsString, OsString)> {
-    bytes
-        .split(|b| *b == 0)
-        .filter(|e| !e.is_empty())
-        .filter_map(|e| {
-            let eq = e.iter().position(|b| *b == b'=')?;
-            (eq > 0).then(|| {
-                (
-                    OsString::from_vec(e[..eq].to_vec()),
-                    OsString::from_vec(e[eq + 1..].to_vec()),
-                )
-            })
-        })
-        .collect()
-}
-
 /// Asks the service behind `socket` to upgrade, and waits (at most
 /// `timeout`) for the outcome. With `env`, the new process runs with that
 /// environment instead of the old process's. Returns the new main PID.
@@ -144,18 +111,9 @@ pub fn request_upgrade(
     env: Option<&[(OsString, OsString)]>,
     timeout: Duration,
 ) -> Result<u32, ControlError> {
-    let mut request = Vec::new();
-    match env {
-        None => request.extend_from_slice(b"upgrade\n"),
-        Some(env) => {
-            let body = encode_env(env);
-            if body.len() > MAX_ENV_BYTES {
-                return Err(ControlError::EnvTooLarge { size: body.len() });
-            }
-            request.extend_from_slice(format!("upgrade env {}\n", body.len()).as_bytes());
-            request.extend_from_slice(&body);
-        }
-    }
+    let request = Request::Upgrade(env.map(<[_]>::to_vec))
+        .encode()
+        .map_err(|EnvTooLarge(size)| ControlError::EnvTooLarge { size })?;
     let reply = exchange(socket, &request, timeout)?;
     reply.parse().map_err(|_| {
         ControlError::Io(io::Error::new(
@@ -173,7 +131,10 @@ pub fn request_upgrade(
 /// As [`request_upgrade`]: `Connect`, `Refused` (a peer of another user),
 /// `Timeout`, `Io`.
 pub fn request_status(socket: &Path, timeout: Duration) -> Result<String, ControlError> {
-    exchange(socket, b"status\n", timeout)
+    let request = Request::Status
+        .encode()
+        .map_err(|EnvTooLarge(size)| ControlError::EnvTooLarge { size })?;
+    exchange(socket, &request, timeout)
 }
 
 fn exchange(socket: &Path, request: &[u8], timeout: Duration) -> Result<String, ControlError> {
@@ -192,25 +153,21 @@ fn exchange(socket: &Path, request: &[u8], timeout: Duration) -> Result<String, 
     let written = stream.write_all(request);
     let mut line = String::new();
     let read = io::BufReader::new(&stream)
-        .take(64 * 1024)
+        .take(MAX_REPLY)
         .read_line(&mut line);
     match (written, read) {
         (Err(e), _) if line.is_empty() => return Err(io_err(e)),
         (_, Err(e)) if line.is_empty() => return Err(io_err(e)),
         _ => {}
     }
-    let line = line.trim_end();
-    if let Some(ok) = line.strip_prefix("ok ") {
-        Ok(ok.to_owned())
-    } else if let Some(e) = line.strip_prefix("error ") {
-        Err(ControlError::Refused(e.to_owned()))
-    } else if let Some(e) = line.strip_prefix("cancelled ") {
-        Err(ControlError::Cancelled(e.to_owned()))
-    } else {
-        Err(ControlError::Io(io::Error::new(
+    match Reply::parse(line.trim_end()) {
+        Some(Reply::Ok(ok)) => Ok(ok),
+        Some(Reply::Error(e)) => Err(ControlError::Refused(e)),
+        Some(Reply::Cancelled(e)) => Err(ControlError::Cancelled(e)),
+        None => Err(ControlError::Io(io::Error::new(
             io::ErrorKind::UnexpectedEof,
             format!("the service closed the connection without an answer ({line:?})"),
-        )))
+        ))),
     }
 }
 
@@ -247,119 +204,51 @@ pub(crate) async fn serve<S: Spawn>(listener: tokio::net::UnixListener, process:
     }
 }
 
-fn peer_allowed(stream: &tokio::net::UnixStream) -> io::Result<bool> {
-    let cred = nix::sys::socket::getsockopt(stream, nix::sys::socket::sockopt::PeerCredentials)?;
-    let me = nix::unistd::geteuid().as_raw();
-    Ok(cred.uid() == 0 || cred.uid() == me)
-}
-
-/// A request as read from the socket.
-enum Request {
-    Upgrade(Option<Vec<(OsString, OsString)>>),
-    Status,
-    /// Answered at once with this error.
-    Bad(String),
-}
-
-/// Reads one request: its line and, for `upgrade env <n>`, its body.
-async fn read_request(stream: &mut BufReader<tokio::net::UnixStream>) -> io::Result<Request> {
-    let mut line = String::new();
-    let mut limited = (&mut *stream).take(MAX_LINE);
-    tokio::time::timeout(REQUEST_TIMEOUT, limited.read_line(&mut line))
-        .await
-        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "no request"))??;
-    let words: Vec<&str> = line.split_whitespace().collect();
-    Ok(match words.as_slice() {
-        ["upgrade"] => Request::Upgrade(None),
-        ["upgrade", "env", n] => match n.parse::<usize>() {
-            Ok(n) if n <= MAX_ENV_BYTES => {
-                let mut body = vec![0; n];
-                tokio::time::timeout(REQUEST_TIMEOUT, stream.read_exact(&mut body))
-                    .await
-                    .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "short environment"))??;
-                Request::Upgrade(Some(decode_env(&body)))
-            }
-            Ok(n) => Request::Bad(format!(
-                "the environment is {n} bytes, more than the limit of {MAX_ENV_BYTES}"
-            )),
-            Err(_) => Request::Bad("malformed request".into()),
-        },
-        ["status"] => Request::Status,
-        _ => Request::Bad("unknown request".into()),
-    })
-}
-
+/// Answers one connection: reads its request and carries it out.
 async fn handle<S: Spawn>(
     stream: tokio::net::UnixStream,
     process: Arc<Process<S>>,
     drain: Drain,
 ) -> io::Result<()> {
+    let mut conn = Connection::new(stream)?;
     // A connection counts as in-flight work only once its request starts to
     // arrive: an idle one must not keep a draining process alive.
-    let allowed = peer_allowed(&stream)?;
-    let mut stream = BufReader::new(stream);
-    tokio::time::timeout(REQUEST_TIMEOUT, stream.fill_buf())
-        .await
-        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "no request"))??;
+    conn.arriving().await?;
     let _guard = drain.guard();
-    // The request is read in full even from a peer that is refused: closing
-    // with it unread would make the peer's write fail (EPIPE) before it can
-    // read the answer.
-    let request = read_request(&mut stream).await?;
-    let reply = match request {
-        _ if !allowed => "error permission denied".to_owned(),
-        Request::Upgrade(env) => upgrade_reply(&process, env).await,
-        Request::Status => format!(
-            "ok {:?} generation={} pid={}",
+    let reply = match conn.request().await? {
+        Ok(Request::Upgrade(env)) => upgrade_reply(&process, env).await,
+        Ok(Request::Status) => Reply::Ok(format!(
+            "{:?} generation={} pid={}",
             process.life.phase(),
             process.generation,
             std::process::id()
-        ),
-        Request::Bad(why) => format!("error {why}"),
+        )),
+        Err(bad) => bad.into(),
     };
-    let reply = format!("{}\n", crate::protocol::one_line(&reply));
-    match stream.get_mut().write_all(reply.as_bytes()).await {
-        // The client went away first (killed by a stop, or timed out).
-        Err(e) if e.kind() == io::ErrorKind::BrokenPipe => {
-            tracing::debug!(%reply, "control client gone before the answer");
-            Ok(())
-        }
-        r => r,
-    }
+    conn.reply(&reply).await
 }
 
 async fn upgrade_reply<S: Spawn>(
     process: &Arc<Process<S>>,
     env: Option<Vec<(OsString, OsString)>>,
-) -> String {
+) -> Reply {
     tracing::info!(
         with_env = env.is_some(),
         "upgrade requested on the control socket"
     );
     match process.upgrade(env).await {
-        Ok(pid) => format!("ok {pid}"),
+        Ok(pid) => Reply::Ok(pid.to_string()),
         // The service is being stopped: not a failed reload.
         Err(e) if process.life.drain().watcher().reason() == Some(DrainReason::Stopped) => {
-            format!("cancelled {e}")
+            Reply::Cancelled(e.to_string())
         }
-        Err(e) => format!("error upgrade failed: {e}"),
+        Err(e) => Reply::Error(format!("upgrade failed: {e}")),
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn env_round_trips() {
-        let env = vec![
-            (OsString::from("A"), OsString::from("1")),
-            (OsString::from("B"), OsString::from("x=y z")),
-            (OsString::from("EMPTY"), OsString::from("")),
-        ];
-        assert_eq!(decode_env(&encode_env(&env)), env);
-        assert!(decode_env(b"=novar\0junk\0").is_empty());
-    }
 
     #[test]
     fn an_oversized_env_is_refused_before_sending() {

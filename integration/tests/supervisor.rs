@@ -21,6 +21,8 @@ use support::process::{alive, children, fd_kinds, fd_target, host_pid, zombie_ch
 use support::server::{command, Deployed, Log, BROKEN_BUILD, NEVER_READY};
 use support::{program, skip, wait_for, TIMEOUT};
 
+const PYTHON: &str = "/usr/bin/python3";
+
 /// The crate's `handover` command.
 fn handover() -> &'static Path {
     program!("test-handover")
@@ -585,4 +587,101 @@ fn a_program_that_cannot_notify_is_ready_after_a_delay() {
     sup.wait_settled(main);
     sup.signal(Signal::SIGTERM);
     assert_eq!(sup.wait_exit(), 0);
+}
+
+/// A client of another user writes its whole request and reads "error permission denied",
+/// as from a program's own control socket (`reliability.rs`). Before: the supervisor answered
+/// a refused peer before reading its request and closed the connection with it unread, so a
+/// client that writes its request before it reads (`sendall`, then `recv`) failed with
+/// "Broken pipe". Needs root, `setpriv` to act as user 65534, and Python for that client.
+#[test]
+fn a_refused_control_client_reads_permission_denied() {
+    if !support::root()
+        || !support::have("/usr/bin/setpriv", "util-linux")
+        || !support::have(PYTHON, "a control client that writes, then reads")
+    {
+        return;
+    }
+    // A socket another user can reach: in a directory open to all, the file opened up too
+    // (the supervisor's own check is then all that keeps that user out).
+    let open = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(open.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let socket = open.path().join("sup.sock");
+    let args = [
+        "--control",
+        socket.to_str().unwrap(),
+        "--ready",
+        "0",
+        "--",
+        "sh",
+        "-c",
+        "exec sleep 60",
+    ];
+    let mut sup = Supervised::start(false, &args);
+    sup.wait_ready();
+    std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o666)).unwrap();
+    let pid = || {
+        let status = handover::control::request_status(&socket, TIMEOUT).unwrap();
+        status
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix("pid="))
+            .map(str::to_owned)
+            .unwrap_or_else(|| panic!("no pid in {status:?}"))
+    };
+    let main = pid();
+    let as_nobody = |program: &Path| {
+        let mut cmd = Command::new("/usr/bin/setpriv");
+        cmd.args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+            .arg(program)
+            .stdin(std::process::Stdio::null());
+        cmd
+    };
+    // An environment near the limit (256 KiB), more than the socket's buffer holds: unless
+    // the supervisor reads it, the write cannot complete.
+    let client = r#"
+import socket, sys
+s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+s.settimeout(10)
+s.connect(sys.argv[1])
+body = b"PADDING=" + b"x" * 250000 + b"\0"
+try:
+    s.sendall(b"upgrade env %d\n" % len(body) + body)
+except OSError as e:
+    print("write failed:", e.strerror)
+    sys.exit(1)
+print(s.makefile("rb").readline().decode().strip())
+"#;
+    for _ in 0..5 {
+        let out = as_nobody(Path::new(PYTHON))
+            .arg("-c")
+            .arg(client)
+            .arg(&socket)
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert_eq!(
+            stdout.trim(),
+            "error permission denied",
+            "the refusal, after the request was read; stderr: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        // The crate's own client, with an environment of 200 kB.
+        let out = as_nobody(program!("test-handover-reload"))
+            .arg("--socket")
+            .arg(&socket)
+            .env("PADDING1", "x".repeat(100_000))
+            .env("PADDING2", "x".repeat(100_000))
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{stderr}");
+        assert_eq!(stderr.trim(), "handover-reload: permission denied");
+    }
+    assert_eq!(pid(), main, "nothing was reloaded");
+    sup.signal(Signal::SIGTERM);
+    assert_eq!(
+        sup.wait_exit(),
+        128 + 15,
+        "sleep's status: killed by SIGTERM"
+    );
 }

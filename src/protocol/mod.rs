@@ -1,7 +1,9 @@
-//! What one generation of a service says to the next, encoded and decoded
-//! here only: the environment a new process starts with ([`env`](mod@env): systemd's
-//! `LISTEN_*` and the crate's `HANDOVER_*`) and the lines on the handoff
-//! channel between the two ([`channel`]). Each file starts with its table.
+//! What one generation of a service says to the next, and what a reload
+//! command says to the service, encoded and decoded here only: the
+//! environment a new process starts with ([`env`](mod@env): systemd's
+//! `LISTEN_*` and the crate's `HANDOVER_*`), the lines on the handoff
+//! channel between the two ([`channel`]), and the requests and replies on
+//! the control socket ([`control`]). Each file starts with its table.
 //!
 //! One upgrade, in order (the old process is the service's main one; the
 //! notify messages are [`crate::notify`]'s):
@@ -19,6 +21,7 @@
 //! that could not even execute says `spawn <errno>` or `exec <errno>`.
 
 pub(crate) mod channel;
+pub(crate) mod control;
 pub(crate) mod env;
 
 /// `text` on one line: control characters (a newline would start another

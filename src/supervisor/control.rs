@@ -1,27 +1,24 @@
-//! The supervisor's control socket: the same protocol as a program's own
-//! (see [`crate::control`]), so `handover reload`, `handover status`,
+//! The supervisor's control socket: the protocol of a program's own
+//! ([`crate::protocol::control`], read and answered with the same code),
+//! so `handover reload`, `handover status`,
 //! [`crate::control::request_upgrade`] and `handover-reload --socket PATH`
-//! all talk to it.
+//! all talk to it. What the supervisor does with each request:
 //!
 //! | request | reply |
 //! |---|---|
 //! | `upgrade\n` | `ok <new main pid>\n` once the reload has succeeded, or `error <reason>\n` |
 //! | `upgrade env <n>\n` + `n` bytes | the same; the environment is read and not applied (the program keeps the supervisor's environment), which is logged |
 //! | `status\n` | `ok <phase> generation=<g> pid=<main pid> reload=<mode>\n` |
-//! | anything else | `error unknown request\n` |
 //!
-//! Only a peer with the supervisor's effective UID, or root, may talk
-//! (`SO_PEERCRED`); others get `error permission denied`. The request line
-//! may be at most 256 bytes and must arrive within 10 s.
+//! Who may talk, the limits and the other replies are the protocol's: a
+//! peer with the supervisor's effective UID, or root; any other reads
+//! `error permission denied` once its request was read.
 
-use std::io;
 use std::time::Duration;
 
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::sync::{mpsc, oneshot};
 
-const MAX_LINE: u64 = 256;
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+use crate::protocol::control::{self as protocol, Connection, Reply};
 
 /// What a control connection asks the supervisor's loop.
 #[derive(Debug)]
@@ -55,70 +52,45 @@ pub(super) async fn serve(listener: tokio::net::UnixListener, loop_tx: mpsc::Sen
     }
 }
 
-fn peer_allowed(stream: &tokio::net::UnixStream) -> io::Result<bool> {
-    let cred = nix::sys::socket::getsockopt(stream, nix::sys::socket::sockopt::PeerCredentials)?;
-    Ok(cred.uid() == 0 || cred.uid() == nix::unistd::geteuid().as_raw())
-}
-
-async fn handle(stream: tokio::net::UnixStream, tx: mpsc::Sender<Request>) -> io::Result<()> {
-    let allowed = peer_allowed(&stream)?;
-    let mut stream = BufReader::new(stream);
-    if !allowed {
-        return stream
-            .get_mut()
-            .write_all(b"error permission denied\n")
-            .await;
-    }
-    let mut line = String::new();
-    let mut limited = (&mut stream).take(MAX_LINE);
-    tokio::time::timeout(REQUEST_TIMEOUT, limited.read_line(&mut line))
-        .await
-        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "no request"))??;
-    let words: Vec<&str> = line.split_whitespace().collect();
-    let reply = match words.as_slice() {
-        ["upgrade"] => reload(&tx).await,
-        ["upgrade", "env", n] => match n.parse::<usize>() {
-            Ok(n) if n <= crate::control::MAX_ENV_BYTES => {
-                let mut body = vec![0; n];
-                tokio::time::timeout(REQUEST_TIMEOUT, stream.read_exact(&mut body))
-                    .await
-                    .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "short environment"))??;
+async fn handle(stream: tokio::net::UnixStream, tx: mpsc::Sender<Request>) -> std::io::Result<()> {
+    let mut conn = Connection::new(stream)?;
+    let reply = match conn.request().await? {
+        Ok(protocol::Request::Upgrade(env)) => {
+            if env.is_some() {
                 tracing::info!(
                     "the reload request carries an environment; not applied: the program keeps \
                      the supervisor's environment (handover-reload --no-env sends none)"
                 );
-                reload(&tx).await
             }
-            Ok(n) => format!(
-                "error the environment is {n} bytes, more than the limit of {}",
-                crate::control::MAX_ENV_BYTES
-            ),
-            Err(_) => "error malformed request".into(),
-        },
-        ["status"] => {
+            reload(&tx).await
+        }
+        Ok(protocol::Request::Status) => {
             let (reply, rx) = oneshot::channel();
             match tx.send(Request::Status(reply)).await {
                 Ok(()) => match rx.await {
-                    Ok(s) => format!("ok {s}"),
-                    Err(_) => "error the supervisor is exiting".into(),
+                    Ok(s) => Reply::Ok(s),
+                    Err(_) => exiting(),
                 },
-                Err(_) => "error the supervisor is exiting".into(),
+                Err(_) => exiting(),
             }
         }
-        _ => "error unknown request".into(),
+        Err(bad) => bad.into(),
     };
-    let reply = format!("{}\n", crate::protocol::one_line(&reply));
-    stream.get_mut().write_all(reply.as_bytes()).await
+    conn.reply(&reply).await
 }
 
-async fn reload(tx: &mpsc::Sender<Request>) -> String {
+async fn reload(tx: &mpsc::Sender<Request>) -> Reply {
     let (reply, rx) = oneshot::channel();
     if tx.send(Request::Reload(reply)).await.is_err() {
-        return "error the supervisor is exiting".into();
+        return exiting();
     }
     match rx.await {
-        Ok(Ok(pid)) => format!("ok {pid}"),
-        Ok(Err(why)) => format!("error {why}"),
-        Err(_) => "error the supervisor is exiting".into(),
+        Ok(Ok(pid)) => Reply::Ok(pid.to_string()),
+        Ok(Err(why)) => Reply::Error(why),
+        Err(_) => exiting(),
     }
+}
+
+fn exiting() -> Reply {
+    Reply::Error("the supervisor is exiting".into())
 }

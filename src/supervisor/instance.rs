@@ -18,6 +18,7 @@ use tokio::time::Instant;
 use tokio::io::unix::AsyncFd;
 
 use crate::handoff::{find_in_path, is_executable};
+use crate::protocol::channel::FromNew;
 use crate::protocol::env;
 use crate::sys;
 
@@ -214,22 +215,16 @@ pub(super) async fn exec_readable(fd: &AsyncFd<OwnedFd>) {
     }
 }
 
-/// Turns `exec <errno>` / `spawn <errno>` (see `sys::spawn_reporting`)
-/// into a sentence.
+/// Turns the child's `exec <errno>` / `spawn <errno>` line (see
+/// [`channel`](crate::protocol::channel), written by
+/// `sys::spawn_reporting`) into a sentence.
 fn describe_failure(line: &str) -> String {
     let line = line.trim_end();
-    let errno = |s: &str| {
-        s.trim()
-            .parse::<i32>()
-            .map(|e| io::Error::from_raw_os_error(e).to_string())
-            .unwrap_or_else(|_| format!("{s:?}"))
-    };
-    if let Some(e) = line.strip_prefix("exec ") {
-        format!("cannot execute the program: {}", errno(e))
-    } else if let Some(e) = line.strip_prefix("spawn ") {
-        format!("cannot set up the new process: {}", errno(e))
-    } else {
-        format!("the new process failed before exec: {line:?}")
+    let errno = |e: i32| io::Error::from_raw_os_error(e);
+    match FromNew::parse(line) {
+        FromNew::ExecFailed(e) => format!("cannot execute the program: {}", errno(e)),
+        FromNew::SpawnFailed(e) => format!("cannot set up the new process: {}", errno(e)),
+        _ => format!("the new process failed before exec: {line:?}"),
     }
 }
 
@@ -352,8 +347,19 @@ mod tests {
 
     #[test]
     fn failures_read_as_sentences() {
-        assert!(describe_failure("exec 13\n").contains("Permission denied"));
-        assert!(describe_failure("spawn 24").contains("cannot set up"));
-        assert!(describe_failure("bogus").contains("\"bogus\""));
+        assert_eq!(
+            describe_failure("exec 13\n"),
+            "cannot execute the program: Permission denied (os error 13)"
+        );
+        assert_eq!(
+            describe_failure("spawn 24"),
+            "cannot set up the new process: Too many open files (os error 24)"
+        );
+        assert_eq!(
+            describe_failure("bogus"),
+            "the new process failed before exec: \"bogus\""
+        );
+        // Read from the pipe failed: not a line of the child's.
+        assert!(describe_failure("read EBADF").contains("\"read EBADF\""));
     }
 }
