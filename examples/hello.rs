@@ -17,11 +17,13 @@
 //! - `--runtime`: tokio's single-threaded runtime (`current`, the default:
 //!   the smallest footprint) or its multi-threaded one (`multi`, one worker
 //!   per CPU, what `#[tokio::main]` gives).
-//! - `--state-bytes N`: hands N bytes of state over besides the counter (a
-//!   buffer in a pattern the next process checks: it logs
+//! - `--state-bytes N`: hands N bytes of state over instead of the counter
+//!   (a buffer in a pattern the next process checks: it logs
 //!   `state received bytes=N check="ok"`, or fails before it is ready, so
-//!   that the old process keeps serving). The state limit is raised to fit.
-//!   The reload benchmark times handoffs with it.
+//!   that the old process keeps serving; `/hits` then starts from 0 in each
+//!   generation). The buffer is kept as `Bytes` and handed over as it is,
+//!   never copied. The state limit is raised to fit. The reload benchmark
+//!   times handoffs with it.
 //!
 //! At start it raises its soft limit on open files to the hard limit (under
 //! systemd the soft limit is 1024 unless the unit sets `LimitNOFILE=`; see
@@ -146,17 +148,6 @@ fn check_payload(payload: &[u8], len: usize) -> Result<(), String> {
     Ok(())
 }
 
-/// The state as handed over: the counter in decimal; with `--state-bytes`,
-/// a newline and the payload after it (its offset returned).
-fn parse_state(state: &[u8]) -> (Option<u64>, usize) {
-    let (hits, at) = match state.iter().position(|&b| b == b'\n') {
-        Some(i) => (&state[..i], i + 1),
-        None => (state, state.len()),
-    };
-    let hits = std::str::from_utf8(hits).ok().and_then(|h| h.parse().ok());
-    (hits, at)
-}
-
 /// Raises the soft limit on open files to the hard one; the soft limit
 /// before and after, when it was lower.
 fn raise_nofile_limit() -> nix::Result<Option<(u64, u64)>> {
@@ -196,49 +187,43 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         builder = builder.drain_timeout(t);
     }
     if args.state_bytes > 0 {
-        // The payload, the counter and its newline; never below the default.
-        builder = builder.state_limit(args.state_bytes.saturating_add(64).max(16 << 20));
+        builder = builder.state_limit(args.state_bytes.max(16 << 20));
     }
     let handover = builder.build()?;
     let listener = handover.listen_tcp("http", args.addr.as_str())?;
     tracing::info!(addr = %listener.local_addr()?, generation = handover.generation(), "listening");
 
-    // The /hits counter starts where the previous generation left it; with
-    // --state-bytes, the payload is checked and handed on as it came (kept
-    // where it arrived, not copied).
-    let (start, payload) = match handover.take_state() {
-        None => (0, (Vec::new(), 0)),
-        Some(state) => {
-            let (hits, at) = parse_state(&state);
-            (hits.unwrap_or(0), (state, at))
-        }
-    };
-    let (payload, at) = if args.state_bytes == 0 {
-        (Vec::new(), 0)
-    } else if payload.0.is_empty() {
-        (make_payload(args.state_bytes), 0)
+    let state = handover.take_state();
+    let hits = if args.state_bytes == 0 {
+        // The /hits counter starts where the previous generation left it.
+        let start = state
+            .and_then(|b| String::from_utf8(b).ok()?.parse().ok())
+            .unwrap_or(0);
+        let hits = Arc::new(AtomicU64::new(start));
+        let h = hits.clone();
+        handover.set_state(move || h.load(Ordering::SeqCst).to_string().into_bytes());
+        hits
     } else {
-        let received = &payload.0[payload.1..];
-        match check_payload(received, args.state_bytes) {
-            Ok(()) => tracing::info!(bytes = received.len(), check = "ok", "state received"),
-            Err(e) => {
-                tracing::error!(bytes = received.len(), check = %e, "state received");
-                return Err(format!("the state handed over is wrong: {e}").into());
+        // The payload is checked, then handed on as it came: `Bytes` takes
+        // the buffer over, and each upgrade sends it without a copy.
+        let payload = match state {
+            None => Bytes::from(make_payload(args.state_bytes)),
+            Some(received) => {
+                match check_payload(&received, args.state_bytes) {
+                    Ok(()) => {
+                        tracing::info!(bytes = received.len(), check = "ok", "state received")
+                    }
+                    Err(e) => {
+                        tracing::error!(bytes = received.len(), check = %e, "state received");
+                        return Err(format!("the state handed over is wrong: {e}").into());
+                    }
+                }
+                Bytes::from(received)
             }
-        }
-        payload
+        };
+        handover.set_state(move || payload.clone());
+        Arc::new(AtomicU64::new(0))
     };
-    let hits = Arc::new(AtomicU64::new(start));
-    let h = hits.clone();
-    handover.set_state(move || {
-        let mut state = h.load(Ordering::SeqCst).to_string().into_bytes();
-        if payload.len() > at {
-            state.reserve_exact(payload.len() - at + 1);
-            state.push(b'\n');
-            state.extend_from_slice(&payload[at..]);
-        }
-        state
-    });
 
     let greeting: Arc<str> = std::env::var("HELLO_GREETING")
         .unwrap_or_else(|_| DEFAULT_GREETING.into())

@@ -535,7 +535,12 @@ impl Handover {
     /// (at most the builder's [`state_limit`](Builder::state_limit)) travel
     /// over the handoff channel only, never through the environment or to
     /// any other child. The new process reads them with
-    /// [`take_state`](Self::take_state).
+    /// [`take_state`](Self::take_state). It runs on the crate's own thread.
+    ///
+    /// The provider returns anything that holds bytes: a `Vec<u8>` made
+    /// for the occasion, or, for a large state, a cheap handle on bytes kept
+    /// ready (`bytes::Bytes`, `Arc<[u8]>`), which are then sent as they are,
+    /// not copied first.
     ///
     /// ```no_run
     /// # async fn f(handover: handover::Handover) {
@@ -551,8 +556,12 @@ impl Handover {
     /// handover.set_state(move || h.load(Ordering::SeqCst).to_string().into_bytes());
     /// # }
     /// ```
-    pub fn set_state(&self, provider: impl Fn() -> Vec<u8> + Send + Sync + 'static) {
-        self.inner.set_state_provider(Box::new(provider));
+    pub fn set_state<B>(&self, provider: impl Fn() -> B + Send + Sync + 'static)
+    where
+        B: AsRef<[u8]> + Send + 'static,
+    {
+        self.inner
+            .set_state_provider(Box::new(move || Box::new(provider()) as process::State));
     }
 
     /// The state the parent handed over, once (`None` without a parent, or

@@ -433,7 +433,6 @@ impl Listeners {
     }
 }
 
-
 /// Binds a new socket for `addr`. With `mode`, a Unix socket's file is
 /// created with that mode: Linux gives the file `bind` creates the mode of
 /// the socket's own inode (set here with `fchmod` before `bind`), less the

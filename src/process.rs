@@ -21,7 +21,9 @@ use crate::upgrade::phase::{Lifecycle, OnHup, ReadyStep};
 use crate::upgrade::Spawn;
 use crate::{control, pidfile, protocol, signals, spare, Builder, Exit};
 
-pub(crate) type StateProvider = Box<dyn Fn() -> Vec<u8> + Send + Sync>;
+pub(crate) type StateProvider = Box<dyn Fn() -> State + Send + Sync>;
+/// The bytes a state provider returned, as it returned them (not copied).
+pub(crate) type State = Box<dyn AsRef<[u8]> + Send>;
 
 /// How long a new process waits for room in the channel to tell its parent
 /// that it let go.
@@ -127,11 +129,10 @@ impl<S> Process<S> {
     }
 
     /// The state for the next generation, from the provider.
-    pub(crate) fn state_for_next(&self) -> Vec<u8> {
+    pub(crate) fn state_for_next(&self) -> State {
         lock(&self.state_provider)
             .as_ref()
-            .map(|f| f())
-            .unwrap_or_default()
+            .map_or_else(|| Box::new(Vec::new()) as State, |f| f())
     }
 
     /// (Re)opens the spare fds the next upgrade needs (see `spare`).

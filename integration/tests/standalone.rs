@@ -207,3 +207,24 @@ fn an_upgrade_completes_while_the_applications_runtime_is_blocked() {
     assert_eq!(server.reap(old), 0);
     assert_eq!(terminate(new), 0);
 }
+
+/// A state of megabytes (hello's `--state-bytes`: a checked pattern kept as `Bytes` and handed
+/// over without a copy) reaches each new generation intact, across upgrades.
+#[test]
+fn a_state_of_megabytes_reaches_each_generation_intact() {
+    let size = (8 << 20).to_string();
+    let mut server = Server::start(program!("hello"), &["--state-bytes", &size], &[]);
+    let addr = server.addr();
+    for generation in 1..=3 {
+        let from = server.log.len();
+        let (_, new) = server.upgrade_and_reap();
+        let (_, line) = server.log.wait_line(from, &["state received"], TIMEOUT);
+        assert!(
+            line.contains(&format!("bytes={size}")) && line.contains("check=\"ok\""),
+            "generation {generation}: {line}"
+        );
+        assert_eq!(server.pid(), Some(new));
+        assert_eq!(support::http::get(addr, "/").status, 200);
+    }
+    assert_eq!(terminate(server.pid().unwrap()), 0);
+}

@@ -33,6 +33,8 @@ impl ParentLink {
         let setup = (|| {
             let mut state = vec![0; state_len];
             if state_len > 0 {
+                // Tens of MiB would otherwise take a page fault per 4 KiB.
+                crate::sys::prefer_huge_pages(&mut state);
                 use std::io::Read;
                 std.set_read_timeout(Some(STATE_TIMEOUT))?;
                 (&std).read_exact(&mut state)?;

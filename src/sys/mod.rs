@@ -7,6 +7,7 @@
 //! | `exec.rs` | the child's side between the clone and `execve`: async-signal-safe only |
 //! | `pidfd.rs` | watching, signalling and reaping a child through its pidfd |
 //! | `signal.rs` | the signal mask around the clone; signalfd registration |
+//! | `memory.rs` | a hint for a large buffer about to be filled (huge pages) |
 //!
 //! Each function is small and carries a `// SAFETY:` note on every
 //! `unsafe` block (`clippy::undocumented_unsafe_blocks` is denied crate-wide),
@@ -18,6 +19,7 @@
 
 mod exec;
 mod fd;
+mod memory;
 mod pidfd;
 mod signal;
 mod spawn;
@@ -26,6 +28,7 @@ pub(crate) use fd::{
     async_readable, fd_is_cloexec, fd_is_open, fd_is_socket, own, take_inherited,
     take_received_fds, with_borrowed,
 };
+pub(crate) use memory::prefer_huge_pages;
 pub(crate) use pidfd::{kill_and_wait, pidfd_open, pidfd_signal, reap};
 pub(crate) use signal::async_signalfd;
 pub(crate) use spawn::{spawn, spawn_reporting, ExecImage, Spawned};

@@ -292,6 +292,7 @@ impl<S: Spawn> Process<S> {
     ) -> Result<u32, UpgradeError> {
         let mut at = Instant::now();
         let state = self.state_for_next();
+        let state: &[u8] = (*state).as_ref();
         let limit = self.config.state_limit;
         if state.len() > limit {
             return Err(UpgradeError::StateTooLarge {
@@ -329,7 +330,7 @@ impl<S: Spawn> Process<S> {
         let timeout = self.config.upgrade_timeout;
         let drain = self.life.drain().watcher();
         tokio::select! {
-            r = tokio::time::timeout(timeout, child.wait_ready(&state)) => match r {
+            r = tokio::time::timeout(timeout, child.wait_ready(state)) => match r {
                 Ok(ready) => ready?,
                 Err(_) => {
                     child.kill().await;

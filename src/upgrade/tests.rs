@@ -251,7 +251,9 @@ fn handoff_names(p: &Process<Fake>) -> Vec<String> {
 #[tokio::test]
 async fn a_new_process_that_says_ready_takes_over() {
     let p = ready_process(Fake::new(&[Script::Ready]), None).await;
-    p.set_state_provider(Box::new(|| b"42 hits".to_vec()));
+    // A handle on bytes kept ready, sent as it is.
+    let kept = bytes::Bytes::from_static(b"42 hits");
+    p.set_state_provider(Box::new(move || Box::new(kept.clone())));
     let pid = p.upgrade(None).await.unwrap();
     let new = started(&p, 0);
     assert_eq!(pid, new.pid);
