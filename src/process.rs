@@ -366,7 +366,7 @@ impl<S: Spawn> Process<S> {
         if let Some(l) = control {
             match tokio::net::UnixListener::from_std(l) {
                 Ok(l) => {
-                    tokio::spawn(control::serve(l, self.clone()));
+                    tokio::spawn(control::serve(l, Arc::downgrade(self)));
                 }
                 Err(e) => tracing::error!(error = %e, "cannot serve the control socket"),
             }
