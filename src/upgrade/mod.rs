@@ -20,6 +20,11 @@
 //! flood competes with it for the CPU and delays its last steps by tens of
 //! milliseconds at a few thousand connections.
 //!
+//! A stop cancels the upgrade until step 6 has told the manager
+//! `MAINPID=<new>`. From then on the handoff stands: the new process is
+//! the service, so this one stops without `STOPPING=1`, which (under
+//! `NotifyAccess=all`) would stop the whole unit.
+//!
 //! Every way out of steps 2 to 7, a panic or a dropped future included,
 //! ends in `Ready` with a `RELOADING=1` ended by `READY=1` and a `STATUS=`
 //! saying why ([`UpgradeGuard`]), so neither the next upgrade nor
@@ -356,6 +361,7 @@ impl<S: Spawn> Process<S> {
                     cause,
                 });
             }
+            self.life.announced(true);
             drop(for_barrier);
             if let Err(e) = n.barrier(BARRIER_TIMEOUT).await {
                 tracing::warn!(error = %e, "the manager did not confirm MAINPID=; handing over anyway");
@@ -366,6 +372,7 @@ impl<S: Spawn> Process<S> {
             // It died right after saying ready: take the service back.
             if let Some(n) = &self.notify {
                 let _ = n.notify(&[NotifyState::MainPid(std::process::id()), NotifyState::Ready]);
+                self.life.announced(false);
             }
             child.kill().await;
             return Err(UpgradeError::Channel(cause));
