@@ -207,3 +207,52 @@ fn an_upgrade_completes_while_the_applications_runtime_is_blocked() {
     assert_eq!(server.reap(old), 0);
     assert_eq!(terminate(new), 0);
 }
+
+/// A build that dies right after it took over: says `ready`, takes `main`, writes its PID to the
+/// PID file (its argv is the old process's: `--pid-file PATH`) and exits 7, before it ever says
+/// `serving`.
+const DIES_AFTER_MAIN: &[u8] = b"#!/bin/sh
+fd=$HANDOVER_FD
+while [ $# -gt 0 ]; do [ \"$1\" = --pid-file ] && pid_file=$2; shift; done
+echo ready >&$fd
+read line <&$fd
+echo $$ > \"$pid_file\"
+exit 7
+";
+
+/// The old process waits for the new one's `serving` before it drains. A new process that dies
+/// in that wait (after `main`) never served: the old one keeps serving, rewrites the PID file,
+/// reports the upgrade as failed, and the next upgrade works. Before: it started its drain
+/// anyway, with the death already known; with no request in flight the drain ended at once
+/// and the old process exited before it could take the service back, so nothing served.
+#[test]
+fn a_new_process_that_dies_before_it_serves_leaves_the_old_one_serving() {
+    let (exe, server) = hello_from_a_copy("5");
+    let addr = server.addr();
+    let old = server.pid().unwrap();
+    exe.replace(DIES_AFTER_MAIN, 0o755);
+    let from = server.log.len();
+    signal(old, Signal::SIGHUP);
+    let (_, line) = server
+        .log
+        .wait_line(from, &["upgrade failed; still serving"], TIMEOUT);
+    assert!(
+        line.contains("exited before it served") && line.contains("exit status 7"),
+        "{line}"
+    );
+    let dead = support::process::pid_after(&line, "new process ");
+    assert!(!alive(dead) && zombie_children(old).is_empty());
+    assert_eq!(
+        server.pid(),
+        Some(old),
+        "the PID file names the old process"
+    );
+    assert_eq!(support::http::get(addr, "/").status, 200);
+    assert!(!server.log.text().contains("drained; exiting"));
+
+    exe.restore();
+    let (was, new) = server.upgrade();
+    assert_eq!(was, old);
+    assert_eq!(reap(old, TIMEOUT), 0);
+    assert_eq!(terminate(new), 0);
+}
