@@ -670,7 +670,11 @@ fn the_old_process_takes_the_service_back_when_the_new_one_dies_during_its_drain
     let mut held = half_sent_request(addr);
     let load = Load::start(addr, LoadConfig::clients(2, 2));
     load.assert_flows(50);
+    let from = server.log.len();
     let (old, new) = server.upgrade();
+    // The PID file comes a moment before `serving`, and the drain after it: a death before
+    // that is a failed upgrade, not a taken-back drain.
+    server.log.wait_line(from, &["upgrade complete; draining"], TIMEOUT);
     load.assert_flows(50);
     assert!(alive(old), "the half-sent request holds the old process");
 
