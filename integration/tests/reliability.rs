@@ -674,7 +674,9 @@ fn the_old_process_takes_the_service_back_when_the_new_one_dies_during_its_drain
     let (old, new) = server.upgrade();
     // The PID file comes a moment before `serving`, and the drain after it: a death before
     // that is a failed upgrade, not a taken-back drain.
-    server.log.wait_line(from, &["upgrade complete; draining"], TIMEOUT);
+    server
+        .log
+        .wait_line(from, &["upgrade complete; draining"], TIMEOUT);
     load.assert_flows(50);
     assert!(alive(old), "the half-sent request holds the old process");
 

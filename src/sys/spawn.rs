@@ -223,9 +223,17 @@ struct Stack {
 }
 
 impl Stack {
+    /// At least `size` usable bytes above a guard page of the system's
+    /// page size (4 KiB on x86-64, up to 64 KiB on arm64 kernels: a guard
+    /// of a hard-coded 4 KiB there would protect a whole 64 KiB page, most
+    /// of the stack).
     fn new(size: usize) -> io::Result<Stack> {
-        let page = 4096;
-        let len = size + page;
+        // SAFETY: sysconf takes a name and no pointers.
+        let page = match unsafe { libc::sysconf(libc::_SC_PAGESIZE) } {
+            n if n > 0 => n as usize,
+            _ => 4096,
+        };
+        let len = size.div_ceil(page) * page + page;
         // SAFETY: a new private anonymous mapping; no existing memory is
         // touched.
         let base = unsafe {
@@ -297,6 +305,19 @@ mod tests {
         );
         let status = reap(child.pidfd.as_fd()).unwrap();
         assert_eq!(status, Some(ExitStatus::Code(7)));
+    }
+
+    /// Every byte of the requested size under the top is writable, and
+    /// the byte below that is the guard's (not checked: it would fault).
+    #[test]
+    fn the_child_stack_has_its_full_size_above_the_guard() {
+        let stack = Stack::new(CHILD_STACK).unwrap();
+        let top = stack.top() as *mut u8;
+        for i in 1..=CHILD_STACK {
+            // SAFETY: within the mapping, above the guard page (which the
+            // assertion is about: a write into it would fault).
+            unsafe { top.sub(i).write_volatile(1) };
+        }
     }
 
     #[test]
