@@ -205,6 +205,11 @@ impl<S> Process<S> {
 
     /// Starts a graceful stop; see [`Handover::stop`](crate::Handover::stop).
     pub(crate) fn stop(&self) {
+        // In flight until the stop has said all it says: `wait()` may run on
+        // another thread, and a drain with nothing in flight would let the
+        // process exit before `stopping` reached a draining parent (which
+        // would then take the service back) or `STOPPING=1` the manager.
+        let _in_flight = self.life.drain().watcher().guard();
         let stop = self.life.stop();
         self.tell_parent(FromNew::Stopping);
         if !stop.started {

@@ -256,3 +256,60 @@ fn a_new_process_that_dies_before_it_serves_leaves_the_old_one_serving() {
     assert_eq!(reap(old, TIMEOUT), 0);
     assert_eq!(terminate(new), 0);
 }
+
+/// Ten upgrades in a row; every other generation holds a request in flight, so that it still
+/// drains when its successor (with nothing in flight) upgrades again and exits at once. None
+/// takes the service back, each slow request is answered with `Connection: close`, and the PID
+/// file names the last generation. Before: the upgrade ran on the crate's thread while `wait()`
+/// ran on the application's, so a generation with nothing in flight could finish its drain and
+/// exit between starting it and telling its draining parent `upgraded`; that parent then took
+/// the service back (accepting again beside the new generation, its PID in the PID file).
+#[test]
+fn a_chain_of_upgrades_never_gives_the_service_back_to_a_draining_generation() {
+    let server = Server::start(program!("hello"), &[], &[]);
+    let addr = server.addr();
+    let mut pid = server.pid().unwrap();
+    let mut held = Vec::new();
+    let mut passed = Vec::new();
+    for generation in 0..10 {
+        if generation % 2 == 0 {
+            // A keep-alive connection served by `pid` (the only one accepting), then half of
+            // its next request: work in flight there.
+            let mut slow = Conn::open(addr);
+            let greeting = slow.get("/");
+            assert_eq!(greeting.status, 200, "{greeting:?}");
+            slow.send(b"GET / HTTP/1.1\r\nHost: test\r\n");
+            held.push((pid, slow));
+        } else {
+            passed.push(pid);
+        }
+        let from = server.log.len();
+        let (old, new) = server.upgrade();
+        assert_eq!(old, pid);
+        server
+            .log
+            .wait_line(from, &[&format!("old_pid={old} new_pid={new}")], TIMEOUT);
+        pid = new;
+    }
+    for old in passed {
+        // Its parent, still draining, reaps it.
+        wait_for("a generation with nothing in flight to exit", TIMEOUT, || {
+            (!alive(old)).then_some(())
+        });
+    }
+    for (old, mut slow) in held {
+        slow.send(b"\r\n");
+        let response = slow.read();
+        assert_eq!(response.status, 200, "{old}: {response:?}");
+        assert!(
+            response.close,
+            "{old} answered as if it served again: {response:?}\n{}",
+            server.log.text()
+        );
+        assert_eq!(reap(old, TIMEOUT), 0);
+    }
+    let log = server.log.text();
+    assert!(!log.contains("took the service back"), "{log}");
+    assert_eq!(server.pid(), Some(pid));
+    assert_eq!(terminate(pid), 0);
+}

@@ -209,6 +209,12 @@ impl<S: Spawn> Process<S> {
         env: Option<Vec<(OsString, OsString)>>,
     ) -> Result<u32, UpgradeError> {
         self.life.begin_upgrade()?;
+        // The upgrade is work in flight: it runs on the crate's thread while
+        // `wait()` runs on the application's, and once the handoff starts
+        // the drain, a process with nothing else in flight would otherwise
+        // exit before this ends (before it told its own draining parent
+        // `upgraded`, before its outcome was logged). Dropped last.
+        let _in_flight = self.life.drain().watcher().guard();
         let mut guard = UpgradeGuard {
             process: self,
             generation: self.generation + 1,
