@@ -85,6 +85,13 @@ fn handover_threads() -> usize {
 /// and the second `build()` failed with "Address already in use".
 #[test]
 fn a_dropped_handover_leaves_no_thread_listener_or_control_socket_behind() {
+    // It builds its Handovers in this process, whose environment it cannot clean: a manager's
+    // variables there would make them talk to that manager.
+    for var in ["NOTIFY_SOCKET", "LISTEN_FDS"] {
+        if std::env::var_os(var).is_some() && !support::skip(&format!("{var} is set")) {
+            return;
+        }
+    }
     let dir = tempfile::tempdir().unwrap();
     let socket = dir.path().join("control.sock");
     for round in 0..3 {

@@ -293,9 +293,11 @@ fn a_chain_of_upgrades_never_gives_the_service_back_to_a_draining_generation() {
     }
     for old in passed {
         // Its parent, still draining, reaps it.
-        wait_for("a generation with nothing in flight to exit", TIMEOUT, || {
-            (!alive(old)).then_some(())
-        });
+        wait_for(
+            "a generation with nothing in flight to exit",
+            TIMEOUT,
+            || (!alive(old)).then_some(()),
+        );
     }
     for (old, mut slow) in held {
         slow.send(b"\r\n");
