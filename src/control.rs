@@ -25,7 +25,7 @@ use std::ffi::OsString;
 use std::io::{self, BufRead, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use crate::drain::{Drain, DrainReason};
@@ -173,9 +173,15 @@ fn exchange(socket: &Path, request: &[u8], timeout: Duration) -> Result<String, 
 
 /// Serves the control socket until the drain starts, and again if the
 /// drain is taken back; keeps the listener until the drain is final. Runs
-/// in the main process only (started by `ready()`).
-pub(crate) async fn serve<S: Spawn>(listener: tokio::net::UnixListener, process: Arc<Process<S>>) {
-    let drain = process.life.drain().watcher();
+/// in the main process only (started by `ready()`), on the crate's thread.
+///
+/// It holds the process weakly: the process's state holds that thread,
+/// so a strong reference here would keep both (and the listeners) alive
+/// for ever once every `Handover` is gone.
+pub(crate) async fn serve<S: Spawn>(listener: tokio::net::UnixListener, process: Weak<Process<S>>) {
+    let Some(drain) = process.upgrade().map(|p| p.life.drain().watcher()) else {
+        return;
+    };
     loop {
         let conn = tokio::select! {
             r = listener.accept() => r,
@@ -188,7 +194,7 @@ pub(crate) async fn serve<S: Spawn>(listener: tokio::net::UnixListener, process:
         };
         match conn {
             Ok((stream, _)) => {
-                let p = process.clone();
+                let Some(p) = process.upgrade() else { break };
                 let drain = drain.clone();
                 tokio::spawn(async move {
                     if let Err(e) = handle(stream, p, drain).await {

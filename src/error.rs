@@ -140,6 +140,17 @@ pub enum UpgradeError {
         /// How it ended, as far as this process can know.
         status: String,
     },
+    /// The new process was made main, but exited before it said it serves
+    /// (its `ready()` done): this process never let go of the service and
+    /// serves on, its PID file rewritten (and, under a manager,
+    /// `MAINPID=` naming it again).
+    #[error("new process {pid} took over but exited before it served ({status})")]
+    DiedBeforeServing {
+        /// Its pid.
+        pid: u32,
+        /// How it ended, as far as this process can know.
+        status: String,
+    },
     /// The new process did not become ready within the upgrade timeout.
     #[error("new process {pid} was not ready within {timeout:?}; killed")]
     Timeout {

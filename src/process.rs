@@ -206,6 +206,11 @@ impl<S> Process<S> {
 
     /// Starts a graceful stop; see [`Handover::stop`](crate::Handover::stop).
     pub(crate) fn stop(&self) {
+        // In flight until the stop has said all it says: `wait()` may run on
+        // another thread, and a drain with nothing in flight would let the
+        // process exit before `stopping` reached a draining parent (which
+        // would then take the service back) or `STOPPING=1` the manager.
+        let _in_flight = self.life.drain().watcher().guard();
         let stop = self.life.stop();
         self.tell_parent(FromNew::Stopping);
         if !stop.started {
@@ -367,7 +372,7 @@ impl<S: Spawn> Process<S> {
         if let Some(l) = control {
             match tokio::net::UnixListener::from_std(l) {
                 Ok(l) => {
-                    tokio::spawn(control::serve(l, self.clone()));
+                    tokio::spawn(control::serve(l, Arc::downgrade(self)));
                 }
                 Err(e) => tracing::error!(error = %e, "cannot serve the control socket"),
             }

@@ -10,7 +10,10 @@
 //! the copies fit in their slots), and the upgrade closes them right before
 //! the step that needs the slots, with no `await` in between, then opens
 //! them again after a failed upgrade (nginx and HAProxy keep a spare fd
-//! for `accept` the same way).
+//! for `accept` the same way). Another thread of the application that
+//! retries at once at `EMFILE` can still take a slot between its closing
+//! and its use (the upgrade runs on the crate's own thread): that upgrade
+//! then fails with "Too many open files" (see docs/design.md).
 
 use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicUsize, Ordering};

@@ -65,3 +65,63 @@ fn the_hit_counter_survives_twenty_upgrades() {
     }
     assert_eq!(get(addr, "/hits").text().trim(), (expected + 1).to_string());
 }
+
+/// The threads of this test process named `handover` (the crate's own thread).
+fn handover_threads() -> usize {
+    std::fs::read_dir("/proc/self/task")
+        .unwrap()
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+        .filter(|comm| comm.trim_end() == "handover")
+        .count()
+}
+
+/// A `Handover` built in this test process with a control socket, made ready and dropped (as a
+/// program that restarts its server, or a test of the user's, does) leaves nothing behind: its
+/// thread ends, its listener and control socket close, and the next one binds the same control
+/// socket path. No other test of this file builds one in process, so the threads named
+/// `handover` are this test's. Before: the control socket's task on the crate's thread held the
+/// process's state alive, which held that thread: the thread, the listener (still taking
+/// connections into its backlog) and the control socket stayed for the life of the program,
+/// and the second `build()` failed with "Address already in use".
+#[test]
+fn a_dropped_handover_leaves_no_thread_listener_or_control_socket_behind() {
+    // It builds its Handovers in this process, whose environment it cannot clean: a manager's
+    // variables there would make them talk to that manager.
+    for var in ["NOTIFY_SOCKET", "LISTEN_FDS"] {
+        if std::env::var_os(var).is_some() && !support::skip(&format!("{var} is set")) {
+            return;
+        }
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("control.sock");
+    for round in 0..3 {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let addr = rt.block_on(async {
+            let handover = handover::Handover::builder()
+                .handle_signals(false)
+                .control_socket(&socket)
+                .build()
+                .unwrap_or_else(|e| panic!("round {round}: {e}"));
+            let listener = handover.listen_tcp("http", "127.0.0.1:0").unwrap();
+            handover.ready().await.unwrap();
+            let status = handover::control::request_status(&socket, TIMEOUT).unwrap();
+            assert!(status.starts_with("Ready"), "{status}");
+            listener.local_addr().unwrap()
+        });
+        drop(rt);
+        support::wait_for("the crate's thread to end", TIMEOUT, || {
+            (handover_threads() == 0).then_some(())
+        });
+        assert!(
+            std::os::unix::net::UnixStream::connect(&socket).is_err(),
+            "round {round}: the control socket still accepts"
+        );
+        assert!(
+            std::net::TcpStream::connect(addr).is_err(),
+            "round {round}: the listener still takes connections"
+        );
+    }
+}

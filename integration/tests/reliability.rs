@@ -533,6 +533,56 @@ fn a_stop_during_a_reload_cancels_it_cleanly() {
     );
 }
 
+/// A stop that reaches only the old process once it has told the manager
+/// `MAINPID=<new>` (held here at the barrier; the wait for `serving` is the
+/// same window) sends no `STOPPING=1`: the new process is the service now,
+/// and under `NotifyAccess=all` a `STOPPING=1` from the old one would stop
+/// the whole unit. The handoff stands, the old process finishes and exits
+/// 0, and the new one serves. Before: the old process still counted itself
+/// main until its drain began, and sent `STOPPING=1` after `MAINPID=<new>`.
+#[test]
+fn a_stop_after_mainpid_names_the_new_process_sends_no_stopping() {
+    let dir = tempfile::tempdir().unwrap();
+    let (manager, server) = hello_notifying(dir.path(), &[]);
+    let addr = server.addr();
+    let old = server.pid().unwrap();
+    manager.wait_message(0, &["READY=1"]);
+    while manager.try_recv().is_some() {}
+
+    manager.hold_barriers();
+    let (from, sent) = (server.log.len(), manager.len());
+    signal(old, Signal::SIGHUP);
+    let announce = manager.wait_message(sent, &["MAINPID="]);
+    let new: u32 = support::notify::value(&announce, "MAINPID")
+        .parse()
+        .unwrap();
+    manager.wait_message(sent, &["BARRIER=1"]);
+    signal(old, Signal::SIGTERM);
+    server.log.wait_line(from, &["stop requested"], TIMEOUT);
+    manager.release_barriers();
+
+    assert_eq!(reap(old, TIMEOUT), 0, "the old process finishes and exits");
+    server.wait_pid("the PID file to name the new process", |pid| {
+        (pid == Some(new)).then_some(())
+    });
+    assert_eq!(get(addr, "/").status, 200, "the new process serves");
+    let mut from_old = Vec::new();
+    while let Some(d) = manager.try_recv() {
+        if d.sender == old {
+            from_old.push(d.text);
+        }
+    }
+    let after_announce: Vec<&String> = from_old
+        .iter()
+        .skip_while(|t| !t.starts_with("MAINPID="))
+        .collect();
+    assert!(
+        !after_announce.iter().any(|t| t.contains("STOPPING=1")),
+        "the old process sent STOPPING=1 after MAINPID={new}: {from_old:#?}"
+    );
+    assert_eq!(terminate(new), 0);
+}
+
 /// A client the control socket refuses (another user) reads "permission
 /// denied". Before: the service answered before reading the request and
 /// closed it unread, and the client mostly saw "Broken pipe".
@@ -620,7 +670,13 @@ fn the_old_process_takes_the_service_back_when_the_new_one_dies_during_its_drain
     let mut held = half_sent_request(addr);
     let load = Load::start(addr, LoadConfig::clients(2, 2));
     load.assert_flows(50);
+    let from = server.log.len();
     let (old, new) = server.upgrade();
+    // The PID file comes a moment before `serving`, and the drain after it: a death before
+    // that is a failed upgrade, not a taken-back drain.
+    server
+        .log
+        .wait_line(from, &["upgrade complete; draining"], TIMEOUT);
     load.assert_flows(50);
     assert!(alive(old), "the half-sent request holds the old process");
 

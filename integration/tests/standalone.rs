@@ -228,3 +228,111 @@ fn a_state_of_megabytes_reaches_each_generation_intact() {
     }
     assert_eq!(terminate(server.pid().unwrap()), 0);
 }
+
+/// A build that dies right after it took over: says `ready`, takes `main`, writes its PID to the
+/// PID file (its argv is the old process's: `--pid-file PATH`) and exits 7, before it ever says
+/// `serving`.
+const DIES_AFTER_MAIN: &[u8] = b"#!/bin/sh
+fd=$HANDOVER_FD
+while [ $# -gt 0 ]; do [ \"$1\" = --pid-file ] && pid_file=$2; shift; done
+echo ready >&$fd
+read line <&$fd
+echo $$ > \"$pid_file\"
+exit 7
+";
+
+/// The old process waits for the new one's `serving` before it drains. A new process that dies
+/// in that wait (after `main`) never served: the old one keeps serving, rewrites the PID file,
+/// reports the upgrade as failed, and the next upgrade works. Before: it started its drain
+/// anyway, with the death already known; with no request in flight the drain ended at once
+/// and the old process exited before it could take the service back, so nothing served.
+#[test]
+fn a_new_process_that_dies_before_it_serves_leaves_the_old_one_serving() {
+    let (exe, server) = hello_from_a_copy("5");
+    let addr = server.addr();
+    let old = server.pid().unwrap();
+    exe.replace(DIES_AFTER_MAIN, 0o755);
+    let from = server.log.len();
+    signal(old, Signal::SIGHUP);
+    let (_, line) = server
+        .log
+        .wait_line(from, &["upgrade failed; still serving"], TIMEOUT);
+    assert!(
+        line.contains("exited before it served") && line.contains("exit status 7"),
+        "{line}"
+    );
+    let dead = support::process::pid_after(&line, "new process ");
+    assert!(!alive(dead) && zombie_children(old).is_empty());
+    assert_eq!(
+        server.pid(),
+        Some(old),
+        "the PID file names the old process"
+    );
+    assert_eq!(support::http::get(addr, "/").status, 200);
+    assert!(!server.log.text().contains("drained; exiting"));
+
+    exe.restore();
+    let (was, new) = server.upgrade();
+    assert_eq!(was, old);
+    assert_eq!(reap(old, TIMEOUT), 0);
+    assert_eq!(terminate(new), 0);
+}
+
+/// Ten upgrades in a row; every other generation holds a request in flight, so that it still
+/// drains when its successor (with nothing in flight) upgrades again and exits at once. None
+/// takes the service back, each slow request is answered with `Connection: close`, and the PID
+/// file names the last generation. Before: the upgrade ran on the crate's thread while `wait()`
+/// ran on the application's, so a generation with nothing in flight could finish its drain and
+/// exit between starting it and telling its draining parent `upgraded`; that parent then took
+/// the service back (accepting again beside the new generation, its PID in the PID file).
+#[test]
+fn a_chain_of_upgrades_never_gives_the_service_back_to_a_draining_generation() {
+    let server = Server::start(program!("hello"), &[], &[]);
+    let addr = server.addr();
+    let mut pid = server.pid().unwrap();
+    let mut held = Vec::new();
+    let mut passed = Vec::new();
+    for generation in 0..10 {
+        if generation % 2 == 0 {
+            // A keep-alive connection served by `pid` (the only one accepting), then half of
+            // its next request: work in flight there.
+            let mut slow = Conn::open(addr);
+            let greeting = slow.get("/");
+            assert_eq!(greeting.status, 200, "{greeting:?}");
+            slow.send(b"GET / HTTP/1.1\r\nHost: test\r\n");
+            held.push((pid, slow));
+        } else {
+            passed.push(pid);
+        }
+        let from = server.log.len();
+        let (old, new) = server.upgrade();
+        assert_eq!(old, pid);
+        server
+            .log
+            .wait_line(from, &[&format!("old_pid={old} new_pid={new}")], TIMEOUT);
+        pid = new;
+    }
+    for old in passed {
+        // Its parent, still draining, reaps it.
+        wait_for(
+            "a generation with nothing in flight to exit",
+            TIMEOUT,
+            || (!alive(old)).then_some(()),
+        );
+    }
+    for (old, mut slow) in held {
+        slow.send(b"\r\n");
+        let response = slow.read();
+        assert_eq!(response.status, 200, "{old}: {response:?}");
+        assert!(
+            response.close,
+            "{old} answered as if it served again: {response:?}\n{}",
+            server.log.text()
+        );
+        assert_eq!(reap(old, TIMEOUT), 0);
+    }
+    let log = server.log.text();
+    assert!(!log.contains("took the service back"), "{log}");
+    assert_eq!(server.pid(), Some(pid));
+    assert_eq!(terminate(pid), 0);
+}

@@ -66,11 +66,11 @@ impl Launch {
     /// see [`crate::spare`]) is closed right before the clone, so that the
     /// pidfd finds a free slot even at the fd limit.
     ///
-    /// The clone blocks the calling thread while the kernel copies the page
-    /// tables: upgrades run on the crate's own thread ([`crate::side`]),
-    /// where that stalls no serving. Nothing is awaited between the clone
-    /// and the [`Child`] that kills the process if the upgrade is
-    /// abandoned, so no process can be left behind unsupervised.
+    /// The clone blocks the calling thread until the new process has called
+    /// `execve` (`CLONE_VFORK`): upgrades run on the crate's own thread
+    /// ([`crate::side`]), where that stalls no serving. Nothing is awaited
+    /// between the clone and the [`Child`] that kills the process if the
+    /// upgrade is abandoned, so no process can be left behind unsupervised.
     pub(super) async fn run(self, spare: Option<OwnedFd>) -> Result<Child, UpgradeError> {
         let Launch {
             mut image,

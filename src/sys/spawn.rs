@@ -223,9 +223,17 @@ struct Stack {
 }
 
 impl Stack {
+    /// At least `size` usable bytes above a guard page of the system's
+    /// page size (4 KiB on x86-64, up to 64 KiB on arm64 kernels: a guard
+    /// of a hard-coded 4 KiB there would protect a whole 64 KiB page, most
+    /// of the stack).
     fn new(size: usize) -> io::Result<Stack> {
-        let page = 4096;
-        let len = size + page;
+        // SAFETY: sysconf takes a name and no pointers.
+        let page = match unsafe { libc::sysconf(libc::_SC_PAGESIZE) } {
+            n if n > 0 => n as usize,
+            _ => 4096,
+        };
+        let len = size.div_ceil(page) * page + page;
         // SAFETY: a new private anonymous mapping; no existing memory is
         // touched.
         let base = unsafe {
@@ -299,6 +307,19 @@ mod tests {
         assert_eq!(status, Some(ExitStatus::Code(7)));
     }
 
+    /// Every byte of the requested size under the top is writable, and
+    /// the byte below that is the guard's (not checked: it would fault).
+    #[test]
+    fn the_child_stack_has_its_full_size_above_the_guard() {
+        let stack = Stack::new(CHILD_STACK).unwrap();
+        let top = stack.top() as *mut u8;
+        for i in 1..=CHILD_STACK {
+            // SAFETY: within the mapping, above the guard page (which the
+            // assertion is about: a write into it would fault).
+            unsafe { top.sub(i).write_volatile(1) };
+        }
+    }
+
     #[test]
     fn listen_pid_names_the_child_and_the_parent_reads_it_back() {
         let (a, b) = std::os::unix::net::UnixStream::pair().unwrap();
@@ -355,5 +376,136 @@ mod tests {
         (&a).read_to_string(&mut buf).unwrap();
         assert_eq!(buf, format!("exec {}\n", libc::ENOENT));
         pidfd_signal(child.pidfd.as_fd(), libc::SIGKILL).unwrap();
+    }
+}
+
+/// A signal sent to the child between the clone and `execve` must not run
+/// a handler of ours there: the child shares our memory, so a handler
+/// (tokio's for SIGHUP, say) would act on a signal sent to the new
+/// process as if it were ours.
+#[cfg(test)]
+mod signal_tests {
+    use super::*;
+    use crate::sys::pidfd::{reap, ExitStatus};
+    use std::os::fd::AsFd;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::time::{Duration, Instant};
+
+    static HANDLED: AtomicBool = AtomicBool::new(false);
+
+    extern "C" fn on_usr1(_: libc::c_int) {
+        HANDLED.store(true, Ordering::SeqCst);
+    }
+
+    /// The pid in the `LISTEN_PID=` slot at `slot`, once the child has
+    /// written all of it (it ends the digits with a NUL; the test filled
+    /// the slot with `x` before the clone).
+    fn written_pid(slot: *const u8) -> Option<i32> {
+        let mut pid: i32 = 0;
+        for i in LISTEN_PID_PREFIX.len()..32 {
+            // SAFETY: within the 32-byte slot, which outlives the watcher
+            // (the test joins it before dropping the image). The child
+            // writes it meanwhile, hence volatile byte reads; a read that
+            // sees the NUL but not yet every digit sees an `x` there, and
+            // is refused below.
+            match unsafe { slot.add(i).read_volatile() } {
+                0 => return (pid > 0).then_some(pid),
+                d @ b'0'..=b'9' => pid = pid.checked_mul(10)?.checked_add(i32::from(d - b'0'))?,
+                _ => return None,
+            }
+        }
+        None
+    }
+
+    #[test]
+    fn a_signal_to_the_child_before_exec_runs_no_handler_of_ours() {
+        // SAFETY: an all-zero sigaction is valid; the handler only stores
+        // to an atomic (async-signal-safe).
+        let mut sa: libc::sigaction = unsafe { std::mem::zeroed() };
+        sa.sa_sigaction = on_usr1 as extern "C" fn(libc::c_int) as libc::sighandler_t;
+        // SAFETY: a valid sigaction for SIGUSR1, which no other test uses.
+        let installed = unsafe { libc::sigaction(libc::SIGUSR1, &sa, std::ptr::null_mut()) };
+        assert_eq!(installed, 0);
+        // Until one signal lands before `execve` (on a busy machine the
+        // watcher can miss the window): the child then dies of it, by the
+        // default action, and never runs the program.
+        for _ in 0..20 {
+            let Some((status, out)) = signal_the_child_early() else {
+                return;
+            };
+            assert!(
+                !HANDLED.load(Ordering::SeqCst),
+                "our SIGUSR1 handler ran for a signal sent to the child ({status:?}, said {out:?})"
+            );
+            if status == Some(ExitStatus::Signal(libc::SIGUSR1)) && out.is_empty() {
+                return;
+            }
+        }
+        panic!("no signal reached the child before execve in 20 tries");
+    }
+
+    /// Starts `sh -c 'echo exec >&3'` with thousands of fds to move (the
+    /// child spends a millisecond or more before it resets the handlers)
+    /// while a thread sends SIGUSR1 to it as soon as its pid is in the
+    /// `LISTEN_PID=` slot. Returns how it ended and what it said; `None`
+    /// (having said why) when this process may not open that many fds.
+    fn signal_the_child_early() -> Option<(Option<ExitStatus>, String)> {
+        let n = 3000;
+        let (a, b) = std::os::unix::net::UnixStream::pair().unwrap();
+        let fds = vec![b.as_fd(); n];
+        let argv: Vec<std::ffi::OsString> = ["sh", "-c", "echo exec >&3"]
+            .iter()
+            .map(|s| s.into())
+            .collect();
+        let mut image = match ExecImage::new(OsStr::new("/bin/sh"), &argv, std::iter::empty(), &fds)
+        {
+            Ok(image) => image,
+            Err(e) if e.raw_os_error() == Some(libc::EMFILE) => {
+                eprintln!("SKIP: {n} fds need a higher RLIMIT_NOFILE: {e}");
+                return None;
+            }
+            Err(e) => panic!("{e}"),
+        };
+        drop(b);
+        image.listen_pid[LISTEN_PID_PREFIX.len()..].fill(b'x');
+        let slot = image.listen_pid.as_ptr() as usize;
+        let me = std::process::id().to_string();
+        let watcher = std::thread::spawn(move || {
+            let end = Instant::now() + Duration::from_secs(10);
+            while Instant::now() < end {
+                let Some(pid) = written_pid(slot as *const u8) else {
+                    std::hint::spin_loop();
+                    continue;
+                };
+                // Only our own unreaped child (its pid cannot be reused).
+                let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+                let ppid = stat.rsplit(')').next()?.split_whitespace().nth(1)?;
+                if ppid != me {
+                    return None;
+                }
+                // SAFETY: kill with a pid and a signal number.
+                unsafe { libc::kill(pid, libc::SIGUSR1) };
+                return Some(pid);
+            }
+            None
+        });
+        let child = spawn(&mut image, false).unwrap();
+        let signalled = watcher.join().unwrap();
+        drop(image);
+        use std::io::Read;
+        let mut out = String::new();
+        (&a).read_to_string(&mut out).unwrap();
+        let mut fds = [nix::poll::PollFd::new(
+            child.pidfd.as_fd(),
+            nix::poll::PollFlags::POLLIN,
+        )];
+        assert_eq!(nix::poll::poll(&mut fds, 10_000u16).unwrap(), 1);
+        let status = reap(child.pidfd.as_fd()).unwrap();
+        assert_eq!(
+            signalled,
+            Some(child.pid as i32),
+            "the watcher saw the child"
+        );
+        Some((status, out))
     }
 }

@@ -10,7 +10,7 @@
 //! | 5 | [`NewProcess::wait_ready`], within the upgrade timeout; a stop cancels it | the new process killed (and reaped): `Timeout`, `ChildFailed`, `ChildExited`, `Stopped` |
 //! | 6 | under a manager: `MAINPID=<new>` + `READY=1`, then `BARRIER=1` | `Announce`: the new process killed |
 //! | 7 | [`NewProcess::confirm_main`]: `main` | `Channel`: killed, and `MAINPID=<this>` again |
-//! | 8 | wait for its `serving` (its PID file written, the manager told), at most [`SERVING_WAIT`]; a stop ends the wait | the drain starts anyway |
+//! | 8 | wait for its `serving` (its PID file written, the manager told), at most [`SERVING_WAIT`]; a stop ends the wait | no `serving` in time: the drain starts anyway; it exited: `DiedBeforeServing`, and `MAINPID=<this>` and the PID file again |
 //! | 9 | the drain starts: final under a manager (the listeners go), revocable run by hand (they stay, not accepting) | — |
 //! | 10 | `upgraded <new>` to this process's own parent, if it still drains; the new process followed until it exits | run by hand: the service taken back if it dies before it let go |
 //!
@@ -20,7 +20,12 @@
 //! flood competes with it for the CPU and delays its last steps by tens of
 //! milliseconds at a few thousand connections.
 //!
-//! Every way out of steps 2 to 7, a panic or a dropped future included,
+//! A stop cancels the upgrade until step 6 has told the manager
+//! `MAINPID=<new>`. From then on the handoff stands: the new process is
+//! the service, so this one stops without `STOPPING=1`, which (under
+//! `NotifyAccess=all`) would stop the whole unit.
+//!
+//! Every way out of steps 2 to 8, a panic or a dropped future included,
 //! ends in `Ready` with a `RELOADING=1` ended by `READY=1` and a `STATUS=`
 //! saying why ([`UpgradeGuard`]), so neither the next upgrade nor
 //! `systemctl reload` waits for ever. The old process only keeps what the
@@ -204,6 +209,12 @@ impl<S: Spawn> Process<S> {
         env: Option<Vec<(OsString, OsString)>>,
     ) -> Result<u32, UpgradeError> {
         self.life.begin_upgrade()?;
+        // The upgrade is work in flight: it runs on the crate's thread while
+        // `wait()` runs on the application's, and once the handoff starts
+        // the drain, a process with nothing else in flight would otherwise
+        // exit before this ends (before it told its own draining parent
+        // `upgraded`, before its outcome was logged). Dropped last.
+        let _in_flight = self.life.drain().watcher().guard();
         let mut guard = UpgradeGuard {
             process: self,
             generation: self.generation + 1,
@@ -237,6 +248,7 @@ impl<S: Spawn> Process<S> {
         let stopped = || self.life.drain().watcher().reason() == Some(DrainReason::Stopped);
         if let Err(
             UpgradeError::ChildExited { .. }
+            | UpgradeError::DiedBeforeServing { .. }
             | UpgradeError::ChildFailed { .. }
             | UpgradeError::Channel(_),
         ) = &result
@@ -357,6 +369,7 @@ impl<S: Spawn> Process<S> {
                     cause,
                 });
             }
+            self.life.announced(true);
             drop(for_barrier);
             if let Err(e) = n.barrier(BARRIER_TIMEOUT).await {
                 tracing::warn!(error = %e, "the manager did not confirm MAINPID=; handing over anyway");
@@ -365,9 +378,7 @@ impl<S: Spawn> Process<S> {
         steps.announce = Steps::lap(&mut at);
         if let Err(cause) = child.confirm_main().await {
             // It died right after saying ready: take the service back.
-            if let Some(n) = &self.notify {
-                let _ = n.notify(&[NotifyState::MainPid(std::process::id()), NotifyState::Ready]);
-            }
+            self.reclaim_main();
             child.kill().await;
             return Err(UpgradeError::Channel(cause));
         }
@@ -386,6 +397,16 @@ impl<S: Spawn> Process<S> {
             _ = drain.draining() => None,
         };
         steps.serving = Steps::lap(&mut at);
+        if let Some(Event::Exited(status)) = first {
+            // It died before it served: this process never let go. Draining
+            // now would race the take-back (a drain with nothing in flight
+            // ends at once, and the process exits): serve on instead.
+            self.reclaim_main();
+            return Err(UpgradeError::DiedBeforeServing {
+                pid: new_pid,
+                status,
+            });
+        }
         // Under a manager, it supervises the new process now: if that dies,
         // the manager decides (Restart=), not us. Run by hand nobody else
         // would restart the service: keep the listeners (not accepting) to
@@ -398,6 +419,22 @@ impl<S: Spawn> Process<S> {
         self.tell_parent(FromNew::Upgraded(new_pid));
         self.follow(child, first);
         Ok(new_pid)
+    }
+
+    /// The new process died after it was announced (steps 6 to 8), before
+    /// this one let go: `MAINPID=<this>` again under a manager, and the
+    /// PID file naming this process again (the new one may have written
+    /// its own).
+    fn reclaim_main(&self) {
+        if let Some(n) = &self.notify {
+            let _ = n.notify(&[NotifyState::MainPid(std::process::id()), NotifyState::Ready]);
+            self.life.announced(false);
+        }
+        if let Some(path) = &self.config.pid_file {
+            if let Err(e) = self.write_pid_file(path) {
+                tracing::error!(error = %e, "cannot write the PID file after the new process died");
+            }
+        }
     }
 
     /// Follows the new process after the handoff until it exits (and reaps

@@ -6,7 +6,7 @@
 //! |---|---|---|---|---|---|
 //! | `Starting` | runs (`readying`), then `Ready` | remembered: the upgrade runs once ready | `NotReady` | `Draining(Stopped)` | — |
 //! | `Ready` | nothing | starts an upgrade | `Upgrading` | `Draining(Stopped)` | — |
-//! | `Upgrading` | nothing | coalesced | `InProgress` | `Draining(Stopped)`; the upgrade is cancelled | — |
+//! | `Upgrading` | nothing | coalesced | `InProgress` | `Draining(Stopped)`; the upgrade is cancelled, or, once the manager was told `MAINPID=<new>`, stands (and no `STOPPING=1`: the new process is the service) | — |
 //! | `Draining`, revocable | nothing | ignored | `Draining` | final (no `STOPPING=1`: the service lives on) | `Ready` (taken back) |
 //! | `Draining`, final | nothing | ignored | `Draining` | nothing | — |
 //!
@@ -33,7 +33,11 @@ pub(crate) enum Stage {
     /// Serving; upgrades are accepted.
     Ready,
     /// An upgrade runs.
-    Upgrading,
+    Upgrading {
+        /// The manager was told `MAINPID=<new>` (and not `MAINPID=<this>`
+        /// again): the new process is the service's main one.
+        announced: bool,
+    },
     /// Handed over or stopping: finishing in-flight work, then exiting.
     Draining {
         reason: DrainReason,
@@ -109,7 +113,7 @@ impl Lifecycle {
         match *self.stage() {
             Stage::Starting { .. } => Phase::Starting,
             Stage::Ready => Phase::Ready,
-            Stage::Upgrading => Phase::Upgrading,
+            Stage::Upgrading { .. } => Phase::Upgrading,
             Stage::Draining { .. } => Phase::Draining,
         }
     }
@@ -155,7 +159,7 @@ impl Lifecycle {
                 OnHup::Later
             }
             Stage::Ready => OnHup::Now,
-            Stage::Upgrading => OnHup::Coalesced,
+            Stage::Upgrading { .. } => OnHup::Coalesced,
             Stage::Draining { .. } => OnHup::Ignored,
         }
     }
@@ -165,11 +169,11 @@ impl Lifecycle {
         let mut stage = self.stage();
         match *stage {
             Stage::Ready => {
-                *stage = Stage::Upgrading;
+                *stage = Stage::Upgrading { announced: false };
                 Ok(())
             }
             Stage::Starting { .. } => Err(UpgradeError::NotReady),
-            Stage::Upgrading => Err(UpgradeError::InProgress),
+            Stage::Upgrading { .. } => Err(UpgradeError::InProgress),
             Stage::Draining { .. } => Err(UpgradeError::Draining),
         }
     }
@@ -178,8 +182,16 @@ impl Lifecycle {
     /// came meanwhile).
     pub(crate) fn end_upgrade(&self) {
         let mut stage = self.stage();
-        if *stage == Stage::Upgrading {
+        if matches!(*stage, Stage::Upgrading { .. }) {
             *stage = Stage::Ready;
+        }
+    }
+
+    /// The manager was told `MAINPID=<new>` (`true`), or `MAINPID=<this>`
+    /// again (`false`): a stop in between is not the service's to announce.
+    pub(crate) fn announced(&self, yes: bool) {
+        if let Stage::Upgrading { announced } = &mut *self.stage() {
+            *announced = yes;
         }
     }
 
@@ -187,7 +199,7 @@ impl Lifecycle {
     /// (see the table). After a stop that came meanwhile it stays a stop.
     pub(crate) fn handed_over(&self, revocable: bool) {
         let mut stage = self.stage();
-        if *stage != Stage::Upgrading {
+        if !matches!(*stage, Stage::Upgrading { .. }) {
             return;
         }
         *stage = Stage::Draining {
@@ -206,7 +218,10 @@ impl Lifecycle {
         let mut stage = self.stage();
         let main = match *stage {
             Stage::Starting { .. } => self.first,
-            Stage::Ready | Stage::Upgrading => true,
+            Stage::Ready => true,
+            // Once announced, the new process is main: a STOPPING=1 from
+            // this one would stop the whole service (NotifyAccess=all).
+            Stage::Upgrading { announced } => !announced,
             Stage::Draining {
                 reason,
                 revocable: true,
@@ -357,5 +372,21 @@ mod tests {
         );
         upgraded.end_upgrade();
         assert_eq!(upgraded.phase(), Phase::Draining);
+
+        let announced = Lifecycle::new(true);
+        announced.begin_ready();
+        announced.end_ready();
+        announced.begin_upgrade().unwrap();
+        announced.announced(true);
+        announced.announced(false);
+        announced.announced(true);
+        assert_eq!(
+            announced.stop(),
+            Stop {
+                started: true,
+                main: false
+            },
+            "once MAINPID=<new> was sent, the new process is main"
+        );
     }
 }

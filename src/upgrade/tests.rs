@@ -41,6 +41,8 @@ enum Script {
     Hangs,
     /// Says `ready`, then is gone before `main`.
     DiesBeforeMain,
+    /// Says `ready`, takes `main`, then exits before it says `serving`.
+    DiesBeforeServing,
 }
 
 /// A started fake process, as the test sees it.
@@ -110,6 +112,9 @@ impl Spawn for Fake {
             // channel until then).
             let _ = tx.send(Event::Said(FromNew::Serving));
         }
+        if script == Script::DiesBeforeServing {
+            let _ = tx.send(Event::Exited("exit status 7".into()));
+        }
         let started = Started {
             pid: self.next_pid.fetch_add(1, Ordering::Relaxed),
             generation: plan.generation,
@@ -140,7 +145,10 @@ impl NewProcess for FakeProcess {
         *self.started.state.lock().unwrap() = state.to_vec();
         let pid = self.started.pid;
         match self.script {
-            Script::Ready | Script::ServesLater | Script::DiesBeforeMain => Ok(()),
+            Script::Ready
+            | Script::ServesLater
+            | Script::DiesBeforeMain
+            | Script::DiesBeforeServing => Ok(()),
             Script::Fails(reason) => {
                 // As the real one: killed before the error comes back.
                 self.kill().await;
@@ -567,4 +575,37 @@ async fn without_serving_the_drain_starts_after_the_wait() {
         p.life.drain().watcher().reason(),
         Some(DrainReason::Upgraded)
     );
+}
+
+/// A new process that dies after `main` but before `serving` never served:
+/// no drain, the manager told `MAINPID=<this>` again, the reload ended with
+/// `READY=1` and why, and the next upgrade works.
+#[tokio::test]
+async fn a_new_process_that_dies_before_serving_leaves_this_one_main() {
+    let (_dir, notifier, rx) = manager();
+    let p = ready_process(
+        Fake::new(&[Script::DiesBeforeServing, Script::Ready]),
+        Some(notifier),
+    )
+    .await;
+    next(&rx); // READY=1
+    let err = p.upgrade(None).await.unwrap_err();
+    let dead = started(&p, 0).pid;
+    assert!(
+        matches!(err, UpgradeError::DiedBeforeServing { pid, ref status } if pid == dead && status == "exit status 7"),
+        "{err}"
+    );
+    assert!(started(&p, 0).main.load(Ordering::SeqCst));
+    assert!(next(&rx).starts_with("RELOADING=1\n"));
+    assert!(next(&rx).starts_with(&format!("MAINPID={dead}\nREADY=1\n")));
+    assert_eq!(next(&rx), "BARRIER=1");
+    let me = std::process::id();
+    assert_eq!(next(&rx), format!("MAINPID={me}\nREADY=1"));
+    assert!(next(&rx).starts_with("READY=1\nSTATUS=upgrade to generation 1 failed"));
+    assert_eq!(p.life.phase(), Phase::Ready);
+    assert!(!p.life.drain().watcher().is_draining());
+    assert_eq!(handoff_names(&p), ["http"]);
+
+    let pid = p.upgrade(None).await.unwrap();
+    assert_eq!(pid, started(&p, 1).pid);
 }
