@@ -58,6 +58,12 @@ fn starts(
     ctx: &Ctx<'_>,
     name: &str,
 ) -> Result<(Vec<Duration>, Option<Footprint>), String> {
+    // A binary just built is still dirty in the page cache, and smaps counts
+    // its mapped pages as Private_Dirty until they are written back: flush
+    // it first, so that "dirty" means what the process wrote.
+    std::fs::File::open(bin)
+        .and_then(|f| f.sync_all())
+        .map_err(|e| format!("flush {}: {e}", bin.display()))?;
     let mut took = Vec::new();
     let mut mem = None;
     for i in 0..ctx.args.starts {
