@@ -253,8 +253,10 @@ impl Builder {
         self
     }
 
-    /// Reads the inherited sockets, checks the PID file's directory and
-    /// installs the signal handlers. Must run inside a tokio runtime.
+    /// Reads the inherited sockets, checks the PID file's directory, starts
+    /// the crate's own thread (named `handover`: the signals, `ready()`,
+    /// upgrades and the control socket run there) and installs the signal
+    /// handlers. Must run inside a tokio runtime.
     ///
     /// # Errors
     ///
@@ -265,8 +267,8 @@ impl Builder {
     /// [`Error::InheritedSocket`] for a passed fd that is not open or not a
     /// socket; [`Error::Notify`] for a malformed `NOTIFY_SOCKET`;
     /// [`Error::PidFile`] for an unusable PID file directory;
-    /// [`Error::Io`] when the signal handlers, the handed-over state or the
-    /// control socket cannot be had ([`Error::Bind`] when its path is
+    /// [`Error::Io`] when the crate's thread, the signal handlers, the
+    /// handed-over state or the control socket cannot be had ([`Error::Bind`] when its path is
     /// taken).
     ///
     /// When it fails, the inherited listening sockets are left as they were
@@ -466,7 +468,8 @@ impl Handover {
     }
 
     /// Starts the new version of this program, hands it every listener, and
-    /// waits until it is ready (at most the upgrade timeout). On success it
+    /// waits until it is ready (at most the upgrade timeout, then up to 10 s
+    /// for a manager's barrier and 1 s for its `serving`). On success it
     /// returns the new process's pid, and this process starts draining: let
     /// [`wait`](Self::wait) finish. On failure the new process has been
     /// killed and reaped, this process keeps serving, and the error says
@@ -493,7 +496,7 @@ impl Handover {
     ///
     /// The upgrade runs on the crate's own thread, as one started by SIGHUP
     /// does; dropping the future does not cancel it: it runs to its end
-    /// (bounded by the upgrade timeout) and logs its outcome. Should it
+    /// (bounded as above) and logs its outcome. Should it
     /// panic, it is abandoned cleanly (the new process killed and reaped,
     /// the phase back to `Ready`, a `RELOADING=1` ended with `READY=1`) and
     /// the panic is resumed here.

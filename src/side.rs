@@ -20,7 +20,8 @@
 //! [`Handover::upgrade`](crate::Handover::upgrade)) is a task here; the
 //! caller's future waits for it. Dropping that future does not cancel the
 //! task: once started, a `ready()` or an upgrade runs to its end, as one
-//! started by SIGHUP does (an upgrade is bounded by its timeout).
+//! started by SIGHUP does (an upgrade is bounded by its timeout, a
+//! manager's barrier and the wait for `serving`).
 
 use std::future::Future;
 use std::io;

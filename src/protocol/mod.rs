@@ -14,8 +14,9 @@
 //! | 2 | writes the state (if any) on the channel | reads it in `build()`, before anything else |
 //! | 3 | | `ready` |
 //! | 4 | `MAINPID=<new>` + `READY=1`, `BARRIER=1`; then `main` | |
-//! | 5 | drains, keeping the channel open | writes the PID file, serves, accepts upgrades |
-//! | 6 | run by hand: takes the service back if the new one exits without `upgraded <pid>` or `stopping` | |
+//! | 5 | | writes the PID file, serves, accepts upgrades; `serving` |
+//! | 6 | on `serving` (or 1 s without it): drains, keeping the channel open | |
+//! | 7 | run by hand: takes the service back if the new one exits without `upgraded <pid>` or `stopping` | |
 //!
 //! A new process that fails says `fail <reason>` instead of `ready`; one
 //! that could not even execute says `spawn <errno>` or `exec <errno>`.

@@ -108,7 +108,10 @@ fn reset_handlers() {
 /// The calling thread's `errno`.
 fn errno() -> i32 {
     // SAFETY: __errno_location returns a valid pointer to this thread's
-    // errno (in the child: its only thread), readable at any time.
+    // errno, readable at any time. In the child (CLONE_VM, no CLONE_SETTLS)
+    // that is the errno of the parent's thread that cloned: harmless, as
+    // that thread is suspended until the child execs or exits, and reads
+    // errno afterwards only when the clone itself failed.
     unsafe { *libc::__errno_location() }
 }
 

@@ -228,11 +228,7 @@ impl Stack {
     /// of a hard-coded 4 KiB there would protect a whole 64 KiB page, most
     /// of the stack).
     fn new(size: usize) -> io::Result<Stack> {
-        // SAFETY: sysconf takes a name and no pointers.
-        let page = match unsafe { libc::sysconf(libc::_SC_PAGESIZE) } {
-            n if n > 0 => n as usize,
-            _ => 4096,
-        };
+        let page = super::page_size();
         let len = size.div_ceil(page) * page + page;
         // SAFETY: a new private anonymous mapping; no existing memory is
         // touched.

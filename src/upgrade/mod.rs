@@ -295,7 +295,7 @@ impl<S: Spawn> Process<S> {
         result
     }
 
-    /// Steps 3 to 9.
+    /// Steps 3 to 10.
     async fn hand_over(
         self: &Arc<Self>,
         generation: u32,
@@ -384,15 +384,24 @@ impl<S: Spawn> Process<S> {
         }
         steps.confirm = Steps::lap(&mut at);
         child.handed_over();
-        let first = tokio::select! {
-            said = tokio::time::timeout(SERVING_WAIT, child.next_event()) => match said {
-                Ok(Event::Said(FromNew::Serving)) => None,
-                Ok(other) => Some(other),
-                Err(_) => {
-                    tracing::warn!(new_pid, wait = ?SERVING_WAIT, "the new process did not say it serves in time; draining anyway");
-                    None
+        // Lines that neither say `serving` nor let go (one this version does
+        // not know) do not end the wait.
+        let serving = async {
+            loop {
+                match child.next_event().await {
+                    Event::Said(FromNew::Serving) => break None,
+                    Event::Said(FromNew::Unknown(line)) => {
+                        tracing::debug!(new_pid, %line, "the new process said something unknown");
+                    }
+                    other => break Some(other),
                 }
-            },
+            }
+        };
+        let first = tokio::select! {
+            said = tokio::time::timeout(SERVING_WAIT, serving) => said.unwrap_or_else(|_| {
+                tracing::warn!(new_pid, wait = ?SERVING_WAIT, "the new process did not say it serves in time; draining anyway");
+                None
+            }),
             // A stop: the drain starts as one.
             _ = drain.draining() => None,
         };
