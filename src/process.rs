@@ -71,6 +71,15 @@ pub(crate) struct Parts<S> {
     pub(crate) side: Option<Side>,
 }
 
+/// Writes one line to the parent (bounded by `TELL_PARENT`); a parent that
+/// is gone is not an error worth more than a debug line.
+fn say_to_parent(link: &tokio::net::UnixStream, msg: &FromNew) {
+    let line = msg.line();
+    if let Err(e) = crate::handoff::write_blocking(link.as_fd(), line.as_bytes(), TELL_PARENT) {
+        tracing::debug!(error = %e, "cannot tell the parent");
+    }
+}
+
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
 }
@@ -154,23 +163,17 @@ impl<S> Process<S> {
     /// Tells a parent that still drains that this process let go of the
     /// service (`upgraded <pid>`, `stopping`), once.
     pub(crate) fn tell_parent(&self, msg: FromNew) {
-        let Some(link) = lock(&self.to_parent).take() else {
-            return;
-        };
-        let line = msg.line();
-        if let Err(e) = crate::handoff::write_blocking(link.as_fd(), line.as_bytes(), TELL_PARENT) {
-            tracing::debug!(error = %e, "cannot tell the parent");
+        if let Some(link) = lock(&self.to_parent).take() {
+            say_to_parent(&link, &msg);
         }
     }
 
-    /// Tells a parent that waits for it that `ready()` is done (`serving`).
+    /// Tells a parent that waits for it that `ready()` is done (`serving`);
+    /// the link stays, for what `tell_parent` says later.
     fn tell_parent_serving(&self) {
-        let Some(link) = lock(&self.to_parent).clone() else {
-            return;
-        };
-        let line = FromNew::Serving.line();
-        if let Err(e) = crate::handoff::write_blocking(link.as_fd(), line.as_bytes(), TELL_PARENT) {
-            tracing::debug!(error = %e, "cannot tell the parent");
+        let link = lock(&self.to_parent).clone();
+        if let Some(link) = link {
+            say_to_parent(&link, &FromNew::Serving);
         }
     }
 

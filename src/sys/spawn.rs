@@ -275,21 +275,32 @@ mod tests {
     use crate::sys::pidfd::{pidfd_signal, reap, ExitStatus};
     use std::os::fd::AsFd;
 
+    /// An image of `program` with `argv`, handed one end of a socket pair
+    /// (its fd 3 once started), and the other end, ours.
+    fn image_with_channel(
+        program: &str,
+        argv: &[&str],
+    ) -> (ExecImage, std::os::unix::net::UnixStream) {
+        let (ours, theirs) = std::os::unix::net::UnixStream::pair().unwrap();
+        let argv: Vec<std::ffi::OsString> = argv.iter().map(|s| s.into()).collect();
+        let env = [(OsStr::new("PATH"), OsStr::new("/usr/bin:/bin"))];
+        let image = ExecImage::new(OsStr::new(program), &argv, env, &[theirs.as_fd()]).unwrap();
+        (image, ours)
+    }
+
+    /// The child has its fd at 3 and `LISTEN_PID` naming itself, and the
+    /// pid the parent got is that same process, which it reaps.
     #[test]
     fn spawns_with_fds_in_place_and_reaps() {
-        let (a, b) = std::os::unix::net::UnixStream::pair().unwrap();
-        let env = [(OsStr::new("PATH"), OsStr::new("/usr/bin:/bin"))];
-        let script = "test \"$LISTEN_PID\" = $$ && test -S /proc/self/fd/3 && exec 3>&- && exit 7";
-        let argv: Vec<std::ffi::OsString> = ["sh", "-c", script].iter().map(|s| s.into()).collect();
-        let mut image = ExecImage::new(OsStr::new("/bin/sh"), &argv, env, &[b.as_fd()]).unwrap();
-        drop(b);
+        let script = "test \"$LISTEN_PID\" = $$ && test -S /proc/self/fd/3 && echo $$ >&3 && exec 3>&- && exit 7";
+        let (mut image, ours) = image_with_channel("/bin/sh", &["sh", "-c", script]);
         let child = spawn(&mut image, false).unwrap();
         drop(image);
         // Wait for the exit by reading EOF on our end (the child's copy closes).
         use std::io::Read;
-        let mut buf = Vec::new();
-        (&a).read_to_end(&mut buf).unwrap();
-        assert!(buf.is_empty(), "{}", String::from_utf8_lossy(&buf));
+        let mut out = String::new();
+        (&ours).read_to_string(&mut out).unwrap();
+        assert_eq!(out.trim_end(), child.pid.to_string(), "{out:?}");
         let mut fds = [nix::poll::PollFd::new(
             child.pidfd.as_fd(),
             nix::poll::PollFlags::POLLIN,
@@ -317,59 +328,13 @@ mod tests {
     }
 
     #[test]
-    fn listen_pid_names_the_child_and_the_parent_reads_it_back() {
-        let (a, b) = std::os::unix::net::UnixStream::pair().unwrap();
-        let argv: Vec<std::ffi::OsString> = ["sh", "-c", "echo \"$LISTEN_PID $$\" >&3"]
-            .iter()
-            .map(|s| s.into())
-            .collect();
-        let mut image = ExecImage::new(
-            OsStr::new("/bin/sh"),
-            &argv,
-            std::iter::empty(),
-            &[b.as_fd()],
-        )
-        .unwrap();
-        drop(b);
-        let child = spawn(&mut image, false).unwrap();
-        drop(image);
-        use std::io::Read;
-        let mut out = String::new();
-        (&a).read_to_string(&mut out).unwrap();
-        let pids: Vec<&str> = out.split_whitespace().collect();
-        assert_eq!(
-            pids,
-            [child.pid.to_string(), child.pid.to_string()],
-            "{out}"
-        );
-        let mut fds = [nix::poll::PollFd::new(
-            child.pidfd.as_fd(),
-            nix::poll::PollFlags::POLLIN,
-        )];
-        assert_eq!(nix::poll::poll(&mut fds, 10_000u16).unwrap(), 1);
-        assert_eq!(
-            reap(child.pidfd.as_fd()).unwrap(),
-            Some(ExitStatus::Code(0))
-        );
-    }
-
-    #[test]
     fn reports_exec_failure_through_the_last_fd() {
-        let (a, b) = std::os::unix::net::UnixStream::pair().unwrap();
-        let argv = vec![std::ffi::OsString::from("nope")];
-        let mut image = ExecImage::new(
-            OsStr::new("/nonexistent/binary"),
-            &argv,
-            std::iter::empty(),
-            &[b.as_fd()],
-        )
-        .unwrap();
-        drop(b);
+        let (mut image, ours) = image_with_channel("/nonexistent/binary", &["nope"]);
         let child = spawn(&mut image, false).unwrap();
         drop(image);
         use std::io::Read;
         let mut buf = String::new();
-        (&a).read_to_string(&mut buf).unwrap();
+        (&ours).read_to_string(&mut buf).unwrap();
         assert_eq!(buf, format!("exec {}\n", libc::ENOENT));
         pidfd_signal(child.pidfd.as_fd(), libc::SIGKILL).unwrap();
     }
