@@ -31,6 +31,7 @@ use std::time::Duration;
 use crate::drain::{Drain, DrainReason};
 use crate::process::Process;
 use crate::protocol::control::{Connection, EnvTooLarge, Reply, Request, MAX_REPLY};
+use crate::task;
 use crate::upgrade::Spawn;
 
 pub use crate::protocol::control::MAX_ENV_BYTES;
@@ -196,7 +197,7 @@ pub(crate) async fn serve<S: Spawn>(listener: tokio::net::UnixListener, process:
             Ok((stream, _)) => {
                 let Some(p) = process.upgrade() else { break };
                 let drain = drain.clone();
-                tokio::spawn(async move {
+                task::spawn(async move {
                     if let Err(e) = handle(stream, p, drain).await {
                         tracing::warn!(error = %e, "control request failed");
                     }

@@ -126,11 +126,14 @@ mod startup;
 pub mod supervisor;
 #[allow(unsafe_code)]
 mod sys;
+mod task;
 mod upgrade;
 
 use std::ffi::OsString;
+use std::future::Future;
 use std::net::ToSocketAddrs;
 use std::path::{Path, PathBuf};
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -458,13 +461,18 @@ impl Handover {
     /// runs to its end all the same, and only its error is lost (a second
     /// call does nothing). Await it to know.
     pub async fn ready(&self) -> Result<()> {
+        self.ready_task().await
+    }
+
+    /// [`ready`](Self::ready)'s work, made here (see [`Entry`]).
+    #[inline(never)]
+    fn ready_task(&self) -> Entry<Result<()>> {
         let p = self.inner.clone();
-        side::run(p.side.as_ref(), {
+        let done = side::run(p.side.as_ref(), {
             let p = p.clone();
             async move { p.ready().await }
-        })
-        .await
-        .map_err(|e| Error::io("become ready", e))?
+        });
+        Box::pin(async move { done.await.map_err(|e| Error::io("become ready", e))? })
     }
 
     /// Starts the new version of this program, hands it every listener, and
@@ -524,13 +532,22 @@ impl Handover {
         &self,
         env: Option<Vec<(OsString, OsString)>>,
     ) -> Result<u32, UpgradeError> {
+        self.upgrade_task(env).await
+    }
+
+    /// [`upgrade_with_env`](Self::upgrade_with_env)'s work, made here (see
+    /// [`Entry`]).
+    #[inline(never)]
+    fn upgrade_task(
+        &self,
+        env: Option<Vec<(OsString, OsString)>>,
+    ) -> Entry<Result<u32, UpgradeError>> {
         let p = self.inner.clone();
-        side::run(p.side.as_ref(), {
+        let done = side::run(p.side.as_ref(), {
             let p = p.clone();
             async move { p.upgrade(env).await }
-        })
-        .await
-        .map_err(UpgradeError::Channel)?
+        });
+        Box::pin(async move { done.await.map_err(UpgradeError::Channel)? })
     }
 
     /// Sets what the next upgrade hands to the new process: `provider` runs
@@ -601,6 +618,21 @@ impl Handover {
     /// Cancel-safe: it only watches. Once it has returned, the drain is
     /// final and the listeners are gone.
     pub async fn wait(&self) -> Exit {
-        self.inner.wait().await
+        self.wait_task().await
+    }
+
+    /// [`wait`](Self::wait)'s work, made here (see [`Entry`]).
+    #[inline(never)]
+    fn wait_task(&self) -> Entry<Exit> {
+        let p = self.inner.clone();
+        Box::pin(async move { p.wait().await })
     }
 }
+
+/// What a public `async fn` of [`Handover`] awaits: its work as a future
+/// made by a non-generic, never-inlined function of this crate, so that the
+/// machinery behind it (the upgrade, the handoff, the drain) is compiled
+/// here once. Without the box, a program awaiting `ready()` carried a
+/// second copy of all of it, compiled in its own crate (measured on
+/// `examples/hello.rs`: the upgrade's state machine twice, 80 KB of code).
+type Entry<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;

@@ -19,7 +19,7 @@ use crate::side::{self, Side};
 use crate::spare::Spares;
 use crate::upgrade::phase::{Lifecycle, OnHup, ReadyStep};
 use crate::upgrade::Spawn;
-use crate::{control, pidfile, protocol, signals, spare, Builder, Exit};
+use crate::{control, pidfile, protocol, signals, spare, task, Builder, Exit};
 
 pub(crate) type StateProvider = Box<dyn Fn() -> State + Send + Sync>;
 /// The bytes a state provider returned, as it returned them (not copied).
@@ -187,7 +187,7 @@ impl<S> Process<S> {
         let stream = Arc::new(link.into_stream());
         *lock(&self.to_parent) = Some(stream.clone());
         let weak = Arc::downgrade(self);
-        tokio::spawn(async move {
+        task::spawn(async move {
             // The parent says nothing after `main`: readable means gone.
             let mut buf = [0u8; 64];
             loop {
@@ -375,7 +375,7 @@ impl<S: Spawn> Process<S> {
         if let Some(l) = control {
             match tokio::net::UnixListener::from_std(l) {
                 Ok(l) => {
-                    tokio::spawn(control::serve(l, Arc::downgrade(self)));
+                    task::spawn(control::serve(l, Arc::downgrade(self)));
                 }
                 Err(e) => tracing::error!(error = %e, "cannot serve the control socket"),
             }
@@ -386,7 +386,7 @@ impl<S: Spawn> Process<S> {
         tracing::info!(generation, pid, "ready");
         if upgrade_asked {
             let p = self.clone();
-            tokio::spawn(async move {
+            task::spawn(async move {
                 let _ = p.upgrade(None).await;
             });
         }
@@ -446,7 +446,7 @@ fn on_signal<S: Spawn>(weak: &Weak<Process<S>>, req: signals::Request, name: &'s
                 "upgrade requested before ready(); it will run once ready"
             ),
             OnHup::Now => {
-                tokio::spawn(async move {
+                task::spawn(async move {
                     let _ = p.upgrade(None).await;
                 });
             }

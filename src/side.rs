@@ -25,14 +25,17 @@
 
 use std::future::Future;
 use std::io;
-use std::pin::Pin;
-use std::task::{Context, Poll};
 
 use tokio::runtime::Handle;
-use tokio::task::JoinHandle;
+
+use crate::task;
 
 /// The thread's name, as `ps -T` and `top -H` show it.
 const NAME: &str = "handover";
+
+/// The most I/O events the thread takes from `epoll_wait` at once; more
+/// ready at the same time are taken at the next turn.
+const IO_EVENTS: usize = 32;
 
 /// The crate's thread and its runtime; see the module docs.
 #[derive(Debug)]
@@ -56,6 +59,10 @@ impl Side {
         let app = Handle::current();
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
+            // A handful of fds wake this thread (signals, a channel, a
+            // pidfd, the control socket); tokio's default batch of 1024
+            // events is a 12 KiB buffer the thread would never fill.
+            .max_io_events_per_tick(IO_EVENTS)
             .build()?;
         let handle = rt.handle().clone();
         let (end, ended) = tokio::sync::oneshot::channel::<()>();
@@ -102,11 +109,14 @@ where
     F: Future + Send + 'static,
     F::Output: Send + 'static,
 {
-    let handle = match side {
-        Some(s) => s.handle.spawn(task),
-        None => tokio::spawn(task),
+    let out = match side {
+        Some(s) => task::run_on(&s.handle, task),
+        None => task::run_on(&Handle::current(), task),
     };
-    Joined(handle)
+    async move {
+        out.await
+            .ok_or_else(|| io::Error::other("the handover thread has ended"))
+    }
 }
 
 /// Spawns `task` on `side`'s thread (or the caller's runtime without one)
@@ -116,8 +126,8 @@ where
     F: Future<Output = ()> + Send + 'static,
 {
     match side {
-        Some(s) => drop(s.handle.spawn(task)),
-        None => drop(tokio::spawn(task)),
+        Some(s) => task::spawn_on(&s.handle, task),
+        None => task::spawn(task),
     }
 }
 
@@ -128,25 +138,7 @@ where
     F: Future<Output = ()> + Send + 'static,
 {
     match side {
-        Some(s) => drop(s.app.spawn(task)),
-        None => drop(tokio::spawn(task)),
-    }
-}
-
-/// A task's output.
-struct Joined<T>(JoinHandle<T>);
-
-impl<T> Future for Joined<T> {
-    type Output = io::Result<T>;
-
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<T>> {
-        match Pin::new(&mut self.0).poll(cx) {
-            Poll::Pending => Poll::Pending,
-            Poll::Ready(Ok(out)) => Poll::Ready(Ok(out)),
-            Poll::Ready(Err(e)) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
-            Poll::Ready(Err(_)) => {
-                Poll::Ready(Err(io::Error::other("the handover thread has ended")))
-            }
-        }
+        Some(s) => task::spawn_on(&s.app, task),
+        None => task::spawn(task),
     }
 }

@@ -14,8 +14,8 @@ use super::Executable;
 use crate::error::UpgradeError;
 use crate::protocol::channel::{self, FromNew};
 use crate::protocol::env::{self, Handoff};
-use crate::sys;
 use crate::upgrade::{Event, NewProcess, Plan};
+use crate::{sys, task};
 
 /// Everything needed to start the new process, prepared while the plan
 /// borrows the listeners; [`Launch::run`] then clones.
@@ -163,7 +163,7 @@ impl Drop for Child {
         ) else {
             return;
         };
-        rt.spawn(async move {
+        task::spawn_on(&rt, async move {
             if let Ok(fd) = sys::async_readable(fd) {
                 if tokio::time::timeout(KILL_WAIT, fd.readable()).await.is_ok() {
                     let _ = sys::reap(fd.get_ref().as_fd());

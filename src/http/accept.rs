@@ -16,6 +16,7 @@ use super::conn::serve_connection;
 use super::handshake::Acceptor;
 use super::Server;
 use crate::drain::Drain;
+use crate::task;
 
 /// A listening socket the accept loop can take connections from.
 ///
@@ -110,7 +111,7 @@ impl Server {
                                 cfg.clone(),
                                 guard,
                             );
-                            tokio::spawn(async move {
+                            task::spawn(async move {
                                 if let Err(e) = conn.await {
                                     tracing::debug!(?peer, error = %e, "connection ended with an error");
                                 }

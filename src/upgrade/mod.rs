@@ -53,6 +53,7 @@ use crate::error::UpgradeError;
 use crate::notify::{self, NotifyState};
 use crate::process::Process;
 use crate::protocol::channel::FromNew;
+use crate::task;
 
 /// How long the old process waits for the manager to confirm `MAINPID=`.
 const BARRIER_TIMEOUT: Duration = Duration::from_secs(10);
@@ -453,7 +454,7 @@ impl<S: Spawn> Process<S> {
     /// `first` is an event read already.
     fn follow(self: &Arc<Self>, mut child: S::Process, first: Option<Event>) {
         let weak = Arc::downgrade(self);
-        tokio::spawn(async move {
+        task::spawn(async move {
             let pid = child.pid();
             let mut let_go = None;
             let mut first = first;
