@@ -443,7 +443,7 @@ impl Handover {
     /// parent has made it the service's main process; then it writes the
     /// PID file and accepts upgrades itself. A first process writes the PID
     /// file and sends `READY=1`. Passed fds that no `listen_*` call claimed
-    /// are closed, and spare fds are opened for the next upgrade. A SIGHUP
+    /// are closed, and the fds the next upgrade needs are made ahead. A SIGHUP
     /// that came before runs its upgrade now. Calling it again does
     /// nothing.
     ///

@@ -21,7 +21,7 @@
 //! | [`Builder::fd_store`](crate::Builder::fd_store) | `FDSTORE=1`, `FDNAME=<listener>`, with the socket |
 
 use std::io::{self, IoSlice};
-use std::os::fd::{AsFd, AsRawFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::net::UnixDatagram;
 use std::time::Duration;
@@ -253,8 +253,23 @@ impl Notifier {
     /// Cancel-safe: dropping the future only stops the wait (the manager
     /// may still process the barrier; nothing depends on it).
     pub async fn barrier(&self, timeout: Duration) -> io::Result<()> {
-        let (read, write) =
-            nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC | nix::fcntl::OFlag::O_NONBLOCK)?;
+        self.barrier_with(None, timeout).await
+    }
+
+    /// [`barrier`](Self::barrier) with `pipe` (read end, write end;
+    /// close-on-exec) made ahead of time, so that it needs no fd slot now
+    /// (see `spare`); a fresh pipe without one.
+    pub(crate) async fn barrier_with(
+        &self,
+        pipe: Option<(OwnedFd, OwnedFd)>,
+        timeout: Duration,
+    ) -> io::Result<()> {
+        let (read, write) = match pipe {
+            Some(pipe) => pipe,
+            None => {
+                nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC | nix::fcntl::OFlag::O_NONBLOCK)?
+            }
+        };
         let fds = [write.as_fd().as_raw_fd()];
         let barrier = NotifyState::encode(&[NotifyState::Barrier]);
         self.send_with(barrier.as_bytes(), &[ControlMessage::ScmRights(&fds)])?;

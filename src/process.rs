@@ -148,7 +148,7 @@ impl<S> Process<S> {
     pub(crate) fn keep_spares(&self) {
         let n = self.listeners().for_handoff().len();
         // The image copies n listeners and the channel to 3+n+1 and above.
-        self.spares.keep(n + spare::FIXED, 3 + n + 1);
+        self.spares.keep(n + spare::FIXED_SLOTS, 3 + n + 1);
     }
 
     /// Writes this process's PID to the PID file, with a spare fd freed for

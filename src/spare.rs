@@ -1,75 +1,129 @@
-//! Spare file descriptors, kept open so that an upgrade can start at the fd
-//! limit (`EMFILE`).
+//! What an upgrade needs at the fd limit (`EMFILE`), made ahead of time.
 //!
-//! An upgrade needs a few new fds at once: the handoff channel (2), a copy
-//! of each listener and of the channel's far end to move into place (n+1,
-//! all numbered at or above 3+n+1), the new process's pidfd (1) and the
-//! barrier pipe (2). A busy server at its `RLIMIT_NOFILE` has none free,
-//! and its accept loop takes every one that frees up. So `ready()` opens
-//! that many spares (on `/dev/null`, numbered at or above 3+n+1 so that
-//! the copies fit in their slots), and the upgrade closes them right before
-//! the step that needs the slots, with no `await` in between, then opens
-//! them again after a failed upgrade (nginx and HAProxy keep a spare fd
-//! for `accept` the same way). Another thread of the application that
-//! retries at once at `EMFILE` can still take a slot between its closing
-//! and its use (the upgrade runs on the crate's own thread): that upgrade
-//! then fails with "Too many open files" (see docs/design.md).
+//! A busy server at its `RLIMIT_NOFILE` has no free fd slot, and any thread
+//! of the application (an accept loop that retries at once on `EMFILE`)
+//! takes each slot the moment it frees. So an upgrade never frees a slot
+//! for a step to use: what it needs is made while slots exist (by
+//! `ready()`, and again after an upgrade that failed) and kept in slots of
+//! its own:
+//!
+//! | the upgrade needs | kept as | how it is used |
+//! |---|---|---|
+//! | the handoff channel (2 fds) | the socket pair itself | taken as it is |
+//! | the barrier pipe (2) | the pipe itself | taken as it is |
+//! | a copy of each listener and of the channel's far end, numbered at or above 3+n+1 (n+1) | `/dev/null` slots numbered that high | each copy put onto a slot with `dup3`, which replaces the slot's file in one step and needs no free slot |
+//! | the new process's pidfd (1) | a `/dev/null` slot | closed right before the clone; if another thread took it first, the process is started without a pidfd (see `handoff`) |
+//! | the PID file, when the old process takes the service back (1) | a `/dev/null` slot | closed right before the write |
+//!
+//! A pidfd cannot be made ahead (its process does not exist yet), and a
+//! file cannot be opened onto a chosen number: those two steps alone free
+//! a slot. Every other new fd an upgrade makes is made ahead.
 
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 
-/// New fds an upgrade needs besides one per listener.
-pub(crate) const FIXED: usize = 6;
+/// `/dev/null` slots an upgrade needs besides one per listener: the
+/// channel's far end, the pidfd and the PID file.
+pub(crate) const FIXED_SLOTS: usize = 3;
 
-/// The spare fds of this process.
+/// What one upgrade takes out of the [`Spares`].
+#[derive(Debug, Default)]
+pub(crate) struct Reserved {
+    /// The handoff channel: our end, the new process's end.
+    pub(crate) channel: Option<(UnixStream, UnixStream)>,
+    /// Slots for the copies of the listeners and of the channel's far end.
+    pub(crate) slots: Vec<OwnedFd>,
+    /// A slot to close right before the clone, for the pidfd.
+    pub(crate) for_pidfd: Option<OwnedFd>,
+    /// The barrier pipe: read end, write end (close-on-exec, non-blocking).
+    pub(crate) barrier: Option<(OwnedFd, OwnedFd)>,
+}
+
+#[derive(Debug, Default)]
+struct Held {
+    slots: Vec<OwnedFd>,
+    channel: Option<(UnixStream, UnixStream)>,
+    barrier: Option<(OwnedFd, OwnedFd)>,
+}
+
+/// The spares of this process.
 #[derive(Debug, Default)]
 pub(crate) struct Spares {
-    fds: Mutex<Vec<OwnedFd>>,
+    held: Mutex<Held>,
     want: AtomicUsize,
-    /// The lowest fd number a spare may have.
+    /// The lowest fd number a slot may have.
     min: AtomicUsize,
 }
 
 impl Spares {
-    /// Keeps `n` spares numbered at or above `min` from now on, and opens
-    /// them (as many as the fd limit allows now; the rest at the next
-    /// [`refill`](Self::refill)).
+    /// Keeps `n` slots numbered at or above `min`, a channel and a barrier
+    /// pipe from now on, and makes them (as many as the fd limit allows now;
+    /// the rest at the next [`refill`](Self::refill)).
     pub(crate) fn keep(&self, n: usize, min: usize) {
         self.want.store(n, Ordering::Relaxed);
         self.min.store(min, Ordering::Relaxed);
         self.refill();
     }
 
-    /// Opens spares until there are as many as wanted, or none can be
-    /// opened.
+    /// Makes what is missing, until all is there or nothing more can be
+    /// made. A slot numbered below the minimum (the listeners grew) is
+    /// replaced.
     pub(crate) fn refill(&self) {
         let want = self.want.load(Ordering::Relaxed);
         let min = i32::try_from(self.min.load(Ordering::Relaxed)).unwrap_or(0);
-        let mut fds = self.fds.lock().unwrap_or_else(|p| p.into_inner());
-        while fds.len() < want {
+        let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
+        held.slots.retain(|f| f.as_raw_fd() >= min);
+        if held.channel.is_none() {
+            match UnixStream::pair() {
+                Ok(pair) => held.channel = Some(pair),
+                Err(e) => tracing::debug!(error = %e, "cannot make a spare channel"),
+            }
+        }
+        if held.barrier.is_none() {
+            match nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC | nix::fcntl::OFlag::O_NONBLOCK) {
+                Ok(pipe) => held.barrier = Some(pipe),
+                Err(e) => tracing::debug!(error = %e, "cannot make a spare barrier pipe"),
+            }
+        }
+        while held.slots.len() < want {
             match open_at_or_above(min) {
-                Ok(fd) => fds.push(fd),
+                Ok(fd) => held.slots.push(fd),
                 Err(e) => {
-                    tracing::debug!(error = %e, held = fds.len(), want, "cannot open a spare fd");
+                    tracing::debug!(error = %e, held = held.slots.len(), want, "cannot open a spare fd");
                     break;
                 }
             }
         }
     }
 
-    /// Takes up to `n` spares out, for the caller to close right before it
-    /// needs the slots.
+    /// Takes out what an upgrade handing over `listeners` listeners needs;
+    /// the slot for the PID file stays.
+    pub(crate) fn reserve(&self, listeners: usize) -> Reserved {
+        let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
+        let at = held.slots.len().saturating_sub(listeners + 2);
+        let mut slots = held.slots.split_off(at);
+        let for_pidfd = slots.pop();
+        Reserved {
+            channel: held.channel.take(),
+            slots,
+            for_pidfd,
+            barrier: held.barrier.take(),
+        }
+    }
+
+    /// Takes up to `n` slots out, for the caller to close right before it
+    /// needs the fds.
     pub(crate) fn take(&self, n: usize) -> Vec<OwnedFd> {
-        let mut fds = self.fds.lock().unwrap_or_else(|p| p.into_inner());
-        let at = fds.len().saturating_sub(n);
-        fds.split_off(at)
+        let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
+        let at = held.slots.len().saturating_sub(n);
+        held.slots.split_off(at)
     }
 }
 
 /// `/dev/null`, open at an fd number at or above `min`.
 fn open_at_or_above(min: i32) -> std::io::Result<OwnedFd> {
-    use std::os::fd::AsRawFd;
     let f: OwnedFd = std::fs::File::open("/dev/null")?.into();
     if f.as_raw_fd() >= min {
         return Ok(f);
@@ -83,16 +137,31 @@ mod tests {
     use super::*;
 
     #[test]
-    fn keeps_takes_and_refills() {
-        use std::os::fd::AsRawFd;
+    fn keeps_reserves_takes_and_refills() {
         let s = Spares::default();
-        s.keep(3, 100);
-        let two = s.take(2);
-        assert_eq!(two.len(), 2);
-        assert!(two.iter().all(|f| f.as_raw_fd() >= 100), "{two:?}");
+        // Two listeners: 2 + FIXED_SLOTS slots.
+        s.keep(2 + FIXED_SLOTS, 100);
+        let r = s.reserve(2);
+        assert!(r.channel.is_some() && r.barrier.is_some());
+        assert_eq!(r.slots.len(), 3, "two listeners and the channel's far end");
+        assert!(r.for_pidfd.is_some());
+        assert!(r.slots.iter().all(|f| f.as_raw_fd() >= 100), "{r:?}");
+        // The PID file's slot stays.
         assert_eq!(s.take(5).len(), 1);
         assert!(s.take(1).is_empty());
+        let again = s.reserve(2);
+        assert!(again.channel.is_none() && again.barrier.is_none() && again.slots.is_empty());
         s.refill();
-        assert_eq!(s.take(10).len(), 3);
+        let r = s.reserve(2);
+        assert!(r.channel.is_some() && r.barrier.is_some());
+        assert_eq!(r.slots.len(), 3);
+    }
+
+    #[test]
+    fn slots_below_a_raised_minimum_are_replaced() {
+        let s = Spares::default();
+        s.keep(2, 100);
+        s.keep(2, 300);
+        assert!(s.take(2).iter().all(|f| f.as_raw_fd() >= 300));
     }
 }

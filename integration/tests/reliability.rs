@@ -453,6 +453,70 @@ fn an_upgrade_starts_at_the_fd_limit() {
     assert_eq!(terminate(new), 0);
 }
 
+/// An application thread that takes every fd slot the moment it frees (`fd_thief`: it opens
+/// `/dev/null` in a loop with no pause and keeps every fd) cannot make an upgrade at the fd
+/// limit fail. Before: the spares were closed to free slots right before each step of the
+/// upgrade, and the thread took them first ("cannot start ...: Too many open files"). Now the
+/// upgrade's objects are made ahead in the spares' slots and put in place with `dup3`, so no
+/// slot is ever free. Three upgrades in a row, each with the thief running in the old process,
+/// under load: the new process serves, the old one exits 0, no request is lost.
+#[test]
+fn an_upgrade_at_the_fd_limit_survives_a_thread_that_takes_every_freed_slot() {
+    let mut server = Server::start(program!("fd_thief"), &[], &[]);
+    let addr = server.addr();
+    let load = Load::start(addr, LoadConfig::clients(2, 1));
+    load.assert_flows(20);
+    for round in 1..=3 {
+        let old = server.pid().unwrap();
+        let from = server.log.len();
+        signal(old, Signal::SIGUSR1);
+        let pid = format!("pid={old}");
+        server
+            .log
+            .wait_line(from, &["thief at the limit", &pid], TIMEOUT);
+        signal(old, Signal::SIGHUP);
+        let (_, line) = server
+            .log
+            .wait_line(from, &["upgrade ", "outcome="], TIMEOUT);
+        assert!(
+            line.contains("outcome=\"ok\"") || line.contains("outcome=ok"),
+            "round {round}: the upgrade at the fd limit did not succeed: {line}\nlog:\n{}",
+            server.log.text()
+        );
+        let new = server.wait_pid("a new PID in the PID file", |p| p.filter(|p| *p != old));
+        assert_eq!(
+            server.reap(old),
+            0,
+            "round {round}: old process {old} exits 0"
+        );
+        // The thief was there: it took the slots the old process freed once the new one ran.
+        let log = server.log.text();
+        let lines = || log.lines().skip(from);
+        let stolen = lines()
+            .filter(|l| l.contains("thief took a freed slot") && l.contains(&pid))
+            .count();
+        let by_pid = lines()
+            .filter(|l| l.contains("following it by its pid"))
+            .count();
+        eprintln!(
+            "round {round}: the thief took {stolen} freed slots; started without a pidfd: {by_pid}"
+        );
+        assert!(
+            stolen > 0,
+            "round {round}: the thief took no slot; log:\n{log}"
+        );
+        load.assert_flows(20);
+        assert_eq!(
+            get(addr, "/").text(),
+            format!("pid {new}\n"),
+            "round {round}"
+        );
+    }
+    let report = load.stop();
+    report.assert_lost_nothing(60);
+    assert_eq!(terminate(server.pid().unwrap()), 0);
+}
+
 /// hello from a copy (so the test can replace the binary), with a control socket next to it
 /// and the given upgrade timeout.
 fn hello_with_control(upgrade_timeout: &str) -> (Deployed, PathBuf, Server) {

@@ -1,5 +1,15 @@
 //! The parent's side of a handoff: the new process prepared, started, and
 //! followed through its pidfd and the channel.
+//!
+//! At the fd limit the clone may find no slot for the pidfd (another thread
+//! took the one freed for it, see `spare`): the process is then started
+//! without one and followed by its pid and the channel.
+//!
+//! | | with a pidfd | by pid (no slot for a pidfd) |
+//! |---|---|---|
+//! | its exit | the pidfd becomes readable | the channel reaches end of file (the new process holds its end until it exits, close-on-exec in anything it starts) |
+//! | kill | `pidfd_send_signal` | `kill(pid)`: ours always (its pid is not reused before we reap it); the manager's only while its channel is open |
+//! | reap (ours) | `waitid(P_PIDFD)` when readable | a pidfd opened then if a slot is free, else `waitid(P_PID, WNOHANG)` at growing intervals |
 
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
@@ -14,6 +24,7 @@ use super::Executable;
 use crate::error::UpgradeError;
 use crate::protocol::channel::{self, FromNew};
 use crate::protocol::env::{self, Handoff};
+use crate::spare::Reserved;
 use crate::upgrade::{Event, NewProcess, Plan};
 use crate::{sys, task};
 
@@ -25,20 +36,34 @@ pub(super) struct Launch {
     theirs: std::os::unix::net::UnixStream,
     reparent: bool,
     exe: PathBuf,
+    /// Closed right before the clone, for the pidfd.
+    for_pidfd: Option<OwnedFd>,
 }
 
 /// Prepares to start `exe` as `plan` says (see [`env::next_generation`]
 /// for its environment); with `reparent`, as the service manager's child.
+/// `reserved` holds the channel and the slots for the copies, made ahead
+/// (see `spare`); what it lacks is made now.
 pub(super) fn prepare(
     exe: &Executable,
     plan: &Plan<'_>,
     reparent: bool,
+    reserved: Reserved,
 ) -> Result<Launch, UpgradeError> {
     let spawn_err = |source| UpgradeError::Spawn {
         exe: exe.path.display().to_string(),
         cause: source,
     };
-    let (ours_end, theirs) = std::os::unix::net::UnixStream::pair().map_err(spawn_err)?;
+    let Reserved {
+        channel,
+        mut slots,
+        for_pidfd,
+        barrier: _,
+    } = reserved;
+    let (ours_end, theirs) = match channel {
+        Some(pair) => pair,
+        None => std::os::unix::net::UnixStream::pair().map_err(spawn_err)?,
+    };
     let names: Vec<&str> = plan.listeners.iter().map(|(n, _)| *n).collect();
     let handoff = Handoff {
         names: &names,
@@ -50,41 +75,42 @@ pub(super) fn prepare(
     let env = env.iter().map(|(k, v)| (k.as_os_str(), v.as_os_str()));
     let mut fds: Vec<BorrowedFd<'_>> = plan.listeners.iter().map(|(_, fd)| *fd).collect();
     fds.push(theirs.as_fd());
-    let image =
-        sys::ExecImage::new(exe.path.as_os_str(), &exe.argv, env, &fds).map_err(spawn_err)?;
+    let image = sys::ExecImage::new(exe.path.as_os_str(), &exe.argv, env, &fds, &mut slots)
+        .map_err(spawn_err)?;
     Ok(Launch {
         image,
         ours_end,
         theirs,
         reparent,
         exe: exe.path.clone(),
+        for_pidfd,
     })
 }
 
 impl Launch {
-    /// Starts the new process. `spare` (an fd kept free for this moment,
-    /// see [`crate::spare`]) is closed right before the clone, so that the
-    /// pidfd finds a free slot even at the fd limit.
+    /// Starts the new process. The slot kept for the pidfd is closed right
+    /// before the clone (see [`sys::spawn`]); without a pidfd the process
+    /// is followed by its pid (see the module docs).
     ///
     /// The clone blocks the calling thread until the new process has called
     /// `execve` (`CLONE_VFORK`): upgrades run on the crate's own thread
     /// ([`crate::side`]), where that stalls no serving. Nothing is awaited
     /// between the clone and the [`Child`] that kills the process if the
     /// upgrade is abandoned, so no process can be left behind unsupervised.
-    pub(super) async fn run(self, spare: Option<OwnedFd>) -> Result<Child, UpgradeError> {
+    pub(super) async fn run(self) -> Result<Child, UpgradeError> {
         let Launch {
             mut image,
             ours_end,
             theirs,
             reparent,
             exe,
+            for_pidfd,
         } = self;
         let spawn_err = |source| UpgradeError::Spawn {
             exe: exe.display().to_string(),
             cause: source,
         };
-        drop(spare);
-        let spawned = sys::spawn(&mut image, reparent).map_err(spawn_err)?;
+        let spawned = sys::spawn(&mut image, reparent, for_pidfd).map_err(spawn_err)?;
         drop(image);
         // Our copies of the child's fds are gone with the image; the
         // channel's end goes now, so that the child's exit shows as EOF.
@@ -93,11 +119,21 @@ impl Launch {
         let channel = ours_end
             .set_nonblocking(true)
             .and_then(|()| UnixStream::from_std(ours_end));
+        if spawned.pidfd.is_none() {
+            tracing::warn!(
+                new_pid = pid,
+                "no fd slot for the new process's pidfd (at the fd limit); following it by its pid"
+            );
+        }
         let (channel, pidfd) = match channel {
-            Ok(channel) => match sys::async_readable(spawned.pidfd) {
+            Ok(channel) => match spawned.pidfd.map(sys::async_readable).transpose() {
                 Ok(pidfd) => (channel, pidfd),
                 Err((e, pidfd)) => {
-                    sys::kill_and_wait(&sys::Spawned { pid, pidfd }, !reparent, KILL_WAIT);
+                    let started = sys::Started {
+                        pid,
+                        pidfd: Some(pidfd),
+                    };
+                    sys::kill_and_wait(&started, !reparent, KILL_WAIT);
                     return Err(spawn_err(e));
                 }
             },
@@ -130,7 +166,9 @@ pub(crate) struct Child {
     pid: u32,
     /// What it runs, for messages.
     exe: PathBuf,
-    pidfd: AsyncFd<OwnedFd>,
+    /// `None` when no fd slot was free for it: followed by its pid (see the
+    /// module docs).
+    pidfd: Option<AsyncFd<OwnedFd>>,
     channel: BufReader<UnixStream>,
     /// What `next_event` read of a line not yet complete: kept here, so
     /// that a cancelled `next_event` loses nothing.
@@ -152,15 +190,22 @@ impl Drop for Child {
         if !self.armed {
             return;
         }
-        let _ = sys::pidfd_signal(self.pidfd.get_ref().as_fd(), libc::SIGKILL);
+        self.send_kill();
         tracing::warn!(pid = self.pid, "upgrade abandoned; new process killed");
         if !self.ours {
             return;
         }
-        let (Ok(rt), Ok(fd)) = (
-            tokio::runtime::Handle::try_current(),
-            self.pidfd.get_ref().try_clone(),
-        ) else {
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let Some(pidfd) = &self.pidfd else {
+            let pid = self.pid;
+            task::spawn_on(&rt, async move {
+                let _ = wait_for_our_child(pid, Some(KILL_WAIT)).await;
+            });
+            return;
+        };
+        let Ok(fd) = pidfd.get_ref().try_clone() else {
             return;
         };
         task::spawn_on(&rt, async move {
@@ -208,7 +253,7 @@ impl NewProcess for Child {
                 Err(e) if e.kind() == io::ErrorKind::ConnectionReset => Err(None),
                 Err(e) => Err(Some(UpgradeError::Channel(e))),
             },
-            _ = self.pidfd.readable() => {
+            _ = exited(self.pidfd.as_ref()) => {
                 // It exited: whatever it wrote before is in the socket buffer
                 // (and partly in `line` already). Bounded, in case something
                 // it started still holds its end of the channel.
@@ -218,6 +263,9 @@ impl NewProcess for Child {
                 }
             }
         };
+        if matches!(outcome, Err(None)) {
+            self.channel_eof = true;
+        }
         let err = match outcome.map(|line| FromNew::parse(&line)) {
             Ok(FromNew::Ready) => return Ok(()),
             Ok(msg) => msg.into_failure(pid, exe),
@@ -241,10 +289,17 @@ impl NewProcess for Child {
     /// Also reaps it, if it is ours.
     async fn kill(&mut self) -> String {
         self.armed = false;
-        if let Err(e) = sys::pidfd_signal(self.pidfd.get_ref().as_fd(), libc::SIGKILL) {
-            tracing::error!(pid = self.pid, error = %e, "cannot kill the new process");
-        }
-        if tokio::time::timeout(KILL_WAIT, self.pidfd.readable())
+        self.send_kill();
+        let Some(pidfd) = &self.pidfd else {
+            if !self.ours {
+                return "killed by its pid (no pidfd at the fd limit); reaped by the service manager"
+                    .into();
+            }
+            return wait_for_our_child(self.pid, Some(KILL_WAIT))
+                .await
+                .unwrap_or_else(|| "did not exit after SIGKILL".into());
+        };
+        if tokio::time::timeout(KILL_WAIT, pidfd.readable())
             .await
             .is_err()
         {
@@ -268,12 +323,21 @@ impl NewProcess for Child {
                 continue;
             }
             if self.channel_eof {
-                let _ = self.pidfd.readable().await;
+                let Some(pidfd) = &self.pidfd else {
+                    if !self.ours {
+                        return Event::Exited(
+                            "its channel closed (its exit is not seen without a pidfd)".into(),
+                        );
+                    }
+                    let status = wait_for_our_child(self.pid, None).await;
+                    return Event::Exited(status.unwrap_or_default());
+                };
+                let _ = pidfd.readable().await;
                 return Event::Exited(self.reap_status());
             }
             let said = tokio::select! {
                 r = self.channel.read_until(b'\n', &mut self.pending) => r,
-                _ = self.pidfd.readable() => {
+                _ = exited(self.pidfd.as_ref()) => {
                     // It exited: read what it wrote before, to the end
                     // (bounded, in case something it started holds its end).
                     tokio::time::timeout(EXIT_READ, self.channel.read_until(b'\n', &mut self.pending))
@@ -301,14 +365,87 @@ impl Child {
         Some(String::from_utf8_lossy(&line).trim_end().to_owned())
     }
 
+    /// SIGKILL, through the pidfd; without one by its pid: ours always (its
+    /// pid cannot be reused before we reap it), the manager's only while
+    /// its channel is open (it is alive, or it left its end to a process it
+    /// started).
+    fn send_kill(&self) {
+        let sent = match &self.pidfd {
+            Some(pidfd) => sys::pidfd_signal(pidfd.get_ref().as_fd(), libc::SIGKILL),
+            None if self.ours || !self.channel_eof => sys::kill_pid(self.pid, libc::SIGKILL),
+            None => Ok(()),
+        };
+        if let Err(e) = sent {
+            tracing::error!(pid = self.pid, error = %e, "cannot kill the new process");
+        }
+    }
+
     fn reap_status(&self) -> String {
         if !self.ours {
             return "reaped by the service manager".into();
         }
-        match sys::reap(self.pidfd.get_ref().as_fd()) {
+        let Some(pidfd) = &self.pidfd else {
+            return match sys::reap_pid(self.pid) {
+                Ok(Some(status)) => status.to_string(),
+                Ok(None) => "still running".into(),
+                Err(e) => format!("cannot reap: {e}"),
+            };
+        };
+        match sys::reap(pidfd.get_ref().as_fd()) {
             Ok(Some(status)) => status.to_string(),
             Ok(None) => "still running".into(),
             Err(e) => format!("cannot reap: {e}"),
         }
+    }
+}
+
+/// Resolves when the process behind `pidfd` has exited; never without one
+/// (its channel's end of file says it then).
+async fn exited(pidfd: Option<&AsyncFd<OwnedFd>>) {
+    match pidfd {
+        Some(fd) => drop(fd.readable().await),
+        None => std::future::pending().await,
+    }
+}
+
+/// Waits for our own child `pid` to exit, at most `bound`, and reaps it;
+/// how it ended, or `None` at the bound. Through a pidfd opened now if a
+/// slot is free (race-free: the pid is ours until reaped); else by
+/// `waitid(WNOHANG)` at growing intervals (1 ms to 1 s): at the fd limit
+/// nothing else tells a process without a pidfd that its child exited.
+async fn wait_for_our_child(pid: u32, bound: Option<Duration>) -> Option<String> {
+    let end = bound.map(|b| tokio::time::Instant::now() + b);
+    let before =
+        |end: Option<tokio::time::Instant>| end.is_none_or(|e| tokio::time::Instant::now() < e);
+    let pidfd = i32::try_from(pid)
+        .ok()
+        .and_then(|p| sys::pidfd_open(p).ok())
+        .and_then(|fd| sys::async_readable(fd).ok());
+    if let Some(fd) = pidfd {
+        let done = match end {
+            Some(end) => tokio::time::timeout_at(end, fd.readable()).await.is_ok(),
+            None => fd.readable().await.is_ok(),
+        };
+        if !done {
+            return None;
+        }
+        return Some(match sys::reap(fd.get_ref().as_fd()) {
+            Ok(Some(status)) => status.to_string(),
+            Ok(None) => "still running".into(),
+            Err(e) => format!("cannot reap: {e}"),
+        });
+    }
+    let mut pause = Duration::from_millis(1);
+    loop {
+        match sys::reap_pid(pid) {
+            Ok(Some(status)) => return Some(status.to_string()),
+            Ok(None) => {}
+            Err(e) => return Some(format!("cannot reap: {e}")),
+        }
+        if !before(end) {
+            return None;
+        }
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_secs(1));
     }
 }

@@ -9,7 +9,7 @@ mod link;
 use std::ffi::OsString;
 use std::future::Future;
 use std::io;
-use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsRawFd, BorrowedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -18,6 +18,7 @@ pub(crate) use launch::Child;
 pub(crate) use link::{fail_raw, ParentLink};
 
 use crate::error::UpgradeError;
+use crate::spare::Reserved;
 use crate::upgrade::{Plan, Spawn};
 
 /// The binary to run for the next generation, resolved at start-up.
@@ -103,11 +104,11 @@ impl Spawn for Reexec {
     fn start(
         &self,
         plan: Plan<'_>,
-        spare: Option<OwnedFd>,
+        reserved: Reserved,
     ) -> Result<impl Future<Output = Result<Child, UpgradeError>> + Send + 'static, UpgradeError>
     {
-        let launch = launch::prepare(&self.exe, &plan, self.reparent)?;
-        Ok(launch.run(spare))
+        let launch = launch::prepare(&self.exe, &plan, self.reparent, reserved)?;
+        Ok(launch.run())
     }
 }
 

@@ -86,7 +86,13 @@ impl Launcher {
     pub(super) fn spawn(&self, generation: u32) -> io::Result<Instance> {
         let fds: Vec<BorrowedFd<'_>> = self.listeners.iter().map(|(_, fd)| fd.as_fd()).collect();
         let env = self.env.iter().map(|(k, v)| (k.as_os_str(), v.as_os_str()));
-        let mut image = sys::ExecImage::new(self.path.as_os_str(), &self.argv, env, &fds)?;
+        let mut image = sys::ExecImage::new(
+            self.path.as_os_str(),
+            &self.argv,
+            env,
+            &fds,
+            &mut Vec::new(),
+        )?;
         let (report_rx, report_tx) =
             nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC | nix::fcntl::OFlag::O_NONBLOCK)?;
         let spawned = sys::spawn_reporting(&mut image, report_tx.as_fd())?;

@@ -41,6 +41,23 @@ pub(crate) fn own(fd: RawFd) -> OwnedFd {
     unsafe { OwnedFd::from_raw_fd(fd) }
 }
 
+/// Makes the number of `slot`, an fd this process owns, refer to what
+/// `src` refers to, close-on-exec (`dup3`): the slot's old file is closed
+/// and the new one put in its place in one step, so the number is never
+/// free for another thread to take. Needs no free slot (at `EMFILE` too).
+pub(crate) fn dup_onto(src: BorrowedFd<'_>, slot: &mut OwnedFd) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: dup3 on two open fds: `src` is borrowed for the call, and the
+    // number of `slot` is owned (and borrowed mutably) by the caller, so no
+    // other part of the process uses it while its file is replaced. The
+    // OwnedFd keeps owning that number, now for the new file.
+    let r = unsafe { libc::dup3(src.as_raw_fd(), slot.as_raw_fd(), libc::O_CLOEXEC) };
+    if r == -1 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 static TAKEN: AtomicBool = AtomicBool::new(false);
 
 /// Takes ownership of the fds passed to this process (by systemd or by our

@@ -4,7 +4,7 @@
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 
-use super::spawn::Spawned;
+use super::spawn::Started;
 
 const P_PIDFD: libc::idtype_t = 3;
 const CLD_EXITED: i32 = 1;
@@ -70,23 +70,25 @@ pub(crate) fn reap(pidfd: BorrowedFd<'_>) -> io::Result<Option<ExitStatus>> {
     if r == -1 {
         return Err(io::Error::last_os_error());
     }
-    // SAFETY: waitid filled `info` for a child state change (si_pid 0 means none).
-    let (pid, status) = unsafe { (info.si_pid(), info.si_status()) };
-    if pid == 0 {
-        return Ok(None);
-    }
-    Ok(Some(match info.si_code {
-        CLD_EXITED => ExitStatus::Code(status),
-        CLD_KILLED | CLD_DUMPED => ExitStatus::Signal(status),
-        _ => ExitStatus::Code(status),
-    }))
+    Ok(status_of(&info))
 }
 
-/// Kills the process behind `child` and waits (blocking, at most `timeout`)
-/// for it to exit; reaps it if it is `ours`. For error paths that cannot
-/// wait asynchronously.
-pub(crate) fn kill_and_wait(child: &Spawned, ours: bool, timeout: std::time::Duration) {
-    let pidfd = child.pidfd.as_fd();
+/// Kills the process `child` started as, and waits (blocking, at most
+/// `timeout`) for it to exit; reaps it if it is `ours`. For error paths
+/// that cannot wait asynchronously, right after the start. Without a
+/// pidfd it is killed by its pid (ours cannot have been reused before we
+/// reap it; the manager's only if it exited and was reaped meanwhile, and
+/// the pids wrapped around), and only ours is waited for.
+pub(crate) fn kill_and_wait(child: &Started, ours: bool, timeout: std::time::Duration) {
+    let Some(pidfd) = child.pidfd.as_ref().map(|f| f.as_fd()) else {
+        if kill_pid(child.pid, libc::SIGKILL).is_ok() && ours {
+            let end = std::time::Instant::now() + timeout;
+            while matches!(reap_pid(child.pid), Ok(None)) && std::time::Instant::now() < end {
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
+        }
+        return;
+    };
     if pidfd_signal(pidfd, libc::SIGKILL).is_err() {
         return;
     }
@@ -95,6 +97,54 @@ pub(crate) fn kill_and_wait(child: &Spawned, ours: bool, timeout: std::time::Dur
     if nix::poll::poll(&mut fds, ms).is_ok_and(|n| n > 0) && ours {
         let _ = reap(pidfd);
     }
+}
+
+/// Sends `signal` to the process `pid`. Only for a child of ours that has
+/// not been reaped (its pid cannot have been reused), or one known alive.
+pub(crate) fn kill_pid(pid: u32, signal: i32) -> io::Result<()> {
+    let pid = i32::try_from(pid).map_err(|_| io::Error::from_raw_os_error(libc::ESRCH))?;
+    // SAFETY: kill takes a pid and a signal number, no pointers.
+    if unsafe { libc::kill(pid, signal) } == -1 {
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::ESRCH) {
+            return Err(e);
+        }
+    }
+    Ok(())
+}
+
+/// Reaps our child `pid` if it has exited (`WNOHANG`), as [`reap`] does
+/// through a pidfd. `Ok(None)` while it runs.
+pub(crate) fn reap_pid(pid: u32) -> io::Result<Option<ExitStatus>> {
+    // SAFETY: siginfo_t is a plain C struct filled in by waitid.
+    let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+    // SAFETY: waitid(P_PID) with a pid and a valid out pointer.
+    let r = unsafe {
+        libc::waitid(
+            libc::P_PID,
+            pid as libc::id_t,
+            &mut info,
+            libc::WEXITED | libc::WNOHANG,
+        )
+    };
+    if r == -1 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(status_of(&info))
+}
+
+/// How the child in `info` (filled by `waitid`) ended; `None` if none had.
+fn status_of(info: &libc::siginfo_t) -> Option<ExitStatus> {
+    // SAFETY: waitid filled `info` for a child state change (si_pid 0 means none).
+    let (pid, status) = unsafe { (info.si_pid(), info.si_status()) };
+    if pid == 0 {
+        return None;
+    }
+    Some(match info.si_code {
+        CLD_EXITED => ExitStatus::Code(status),
+        CLD_KILLED | CLD_DUMPED => ExitStatus::Signal(status),
+        _ => ExitStatus::Code(status),
+    })
 }
 
 /// A pidfd for `pid` (`pidfd_open(2)`, Linux 5.3). Race-free only while

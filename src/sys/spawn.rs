@@ -38,12 +38,16 @@ pub(super) const LISTEN_PID_PREFIX: &[u8] = b"LISTEN_PID=";
 impl ExecImage {
     /// Prepares the image. `env` must not contain `LISTEN_PID`; the image
     /// adds it with the child's pid. `fds` are duplicated above the target
-    /// range, so the caller keeps its own.
+    /// range, so the caller keeps its own: each onto one of `slots` (fds
+    /// the caller keeps open for this, taken from the vector) whose number
+    /// is at or above `3 + fds.len()`, with `dup3`, which needs no free
+    /// slot; with `F_DUPFD_CLOEXEC` when no such slot is left.
     pub(crate) fn new<'a>(
         path: &OsStr,
         argv: &[std::ffi::OsString],
         env: impl IntoIterator<Item = (&'a OsStr, &'a OsStr)>,
         fds: &[BorrowedFd<'_>],
+        slots: &mut Vec<OwnedFd>,
     ) -> io::Result<ExecImage> {
         let cstr = |b: &[u8]| {
             CString::new(b).map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL byte"))
@@ -63,12 +67,7 @@ impl ExecImage {
         let min = 3 + fds.len() as i32;
         let fds = fds
             .iter()
-            .map(|fd| nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_DUPFD_CLOEXEC(min)))
-            .map(|r| {
-                // SAFETY: F_DUPFD_CLOEXEC returned a new fd that nothing else owns.
-                r.map(|fd| unsafe { OwnedFd::from_raw_fd(fd) })
-                    .map_err(io::Error::from)
-            })
+            .map(|fd| copy_above(*fd, min, slots))
             .collect::<io::Result<Vec<_>>>()?;
         let mut listen_pid = Box::new([0u8; 32]);
         listen_pid[..LISTEN_PID_PREFIX.len()].copy_from_slice(LISTEN_PID_PREFIX);
@@ -91,6 +90,36 @@ impl ExecImage {
     }
 }
 
+/// A copy of `fd` numbered at or above `min`, close-on-exec: put onto one
+/// of `slots` numbered high enough (taken from the vector), else a new fd.
+fn copy_above(fd: BorrowedFd<'_>, min: RawFd, slots: &mut Vec<OwnedFd>) -> io::Result<OwnedFd> {
+    if let Some(i) = slots.iter().position(|s| s.as_raw_fd() >= min) {
+        let mut slot = slots.swap_remove(i);
+        super::dup_onto(fd, &mut slot)?;
+        return Ok(slot);
+    }
+    let raw = nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_DUPFD_CLOEXEC(min))?;
+    Ok(super::own(raw))
+}
+
+/// A child started by [`spawn`]: its pid, and a pidfd that refers to it
+/// for good unless none could be made (`EMFILE`: no free fd slot).
+#[derive(Debug)]
+pub(crate) struct Started {
+    pub(crate) pid: u32,
+    pub(crate) pidfd: Option<OwnedFd>,
+}
+
+#[cfg(test)]
+impl Started {
+    fn expect_pidfd(self) -> Spawned {
+        Spawned {
+            pid: self.pid,
+            pidfd: self.pidfd.expect("a pidfd"),
+        }
+    }
+}
+
 /// A started child: its pid and a pidfd that refers to it for good.
 #[derive(Debug)]
 pub(crate) struct Spawned {
@@ -108,15 +137,32 @@ pub(crate) struct Spawned {
 /// the last fd (by convention the handoff channel). `image` must hold at
 /// least one fd.
 ///
+/// The pidfd (`CLONE_PIDFD`) is the one new fd the start needs. `slot`, a
+/// spare fd, is closed right before the clone so that it finds a slot at
+/// the fd limit; if another thread took that slot first (the clone then
+/// fails with `EMFILE` and starts nothing), the process is started without
+/// a pidfd, which needs no slot: [`Started::pidfd`] is `None`.
+///
 /// The child shares this address space until its `execve` (as
 /// `posix_spawn` does), on a stack of its own, while the calling thread
 /// waits: no page table is copied, so the time this takes does not grow
 /// with the memory of a busy process, and no memory is committed twice.
-pub(crate) fn spawn(image: &mut ExecImage, reparent: bool) -> io::Result<Spawned> {
+pub(crate) fn spawn(
+    image: &mut ExecImage,
+    reparent: bool,
+    slot: Option<OwnedFd>,
+) -> io::Result<Started> {
     // The channel's source fd stays open in the child until a successful
     // exec (it is close-on-exec), so failures are reported there.
     let report = image.fds.last().map(|f| f.as_raw_fd()).unwrap_or(-1);
-    clone_and_exec(image, reparent, report)
+    drop(slot);
+    let (pid, pidfd) = match clone_and_exec(image, reparent, report, true) {
+        Err(e) if matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE)) => {
+            clone_and_exec(image, reparent, report, false)?
+        }
+        r => r?,
+    };
+    Ok(Started { pid, pidfd })
 }
 
 /// Starts `image` as our own child, like [`spawn`] without reparenting
@@ -132,7 +178,9 @@ pub(crate) fn spawn_reporting(
     let min = 3 + image.fds.len() as i32;
     let high = nix::fcntl::fcntl(report, nix::fcntl::FcntlArg::F_DUPFD_CLOEXEC(min))?;
     let high = super::own(high);
-    clone_and_exec(image, false, high.as_raw_fd())
+    let (pid, pidfd) = clone_and_exec(image, false, high.as_raw_fd(), true)?;
+    let pidfd = pidfd.ok_or_else(|| io::Error::other("clone returned no pidfd"))?;
+    Ok(Spawned { pid, pidfd })
 }
 
 /// The child's stack, above a guard page: `child_exec` needs a few
@@ -163,8 +211,14 @@ extern "C" fn child_entry(arg: *mut libc::c_void) -> libc::c_int {
 
 /// The clone and exec behind [`spawn`] and [`spawn_reporting`]: failures
 /// before `execve` are written to `report`, which must be close-on-exec and
-/// at or above `3 + image.fds.len()`.
-fn clone_and_exec(image: &mut ExecImage, reparent: bool, report: RawFd) -> io::Result<Spawned> {
+/// at or above `3 + image.fds.len()`. With `pidfd`, `CLONE_PIDFD` too.
+fn clone_and_exec(
+    image: &mut ExecImage,
+    reparent: bool,
+    report: RawFd,
+    pidfd: bool,
+) -> io::Result<(u32, Option<OwnedFd>)> {
+    let want_pidfd = pidfd;
     let stack = Stack::new(CHILD_STACK)?;
     let raw_fds: Vec<RawFd> = image.fds.iter().map(|f| f.as_raw_fd()).collect();
     let none = empty_set();
@@ -175,11 +229,12 @@ fn clone_and_exec(image: &mut ExecImage, reparent: bool, report: RawFd) -> io::R
         empty: &none,
     };
     let mut pidfd: libc::c_int = -1;
+    let pidfd_flag = if want_pidfd { libc::CLONE_PIDFD } else { 0 };
     // The kernel refuses any other exit signal with CLONE_PARENT.
     let exit_signal = if reparent { 0 } else { libc::SIGCHLD };
     let flags = libc::CLONE_VM
         | libc::CLONE_VFORK
-        | libc::CLONE_PIDFD
+        | pidfd_flag
         | if reparent { libc::CLONE_PARENT } else { 0 }
         | exit_signal;
 
@@ -192,7 +247,8 @@ fn clone_and_exec(image: &mut ExecImage, reparent: bool, report: RawFd) -> io::R
     // `execve` (its memory is its own from then on) or exited. `args` and
     // everything it points to live on this frame for as long. With
     // CLONE_PIDFD the kernel stores the pidfd through the parent_tid
-    // argument, which points at `pidfd`.
+    // argument, which points at `pidfd` (without it, that argument is
+    // unused).
     let ret = unsafe {
         libc::clone(
             child_entry,
@@ -208,11 +264,12 @@ fn clone_and_exec(image: &mut ExecImage, reparent: bool, report: RawFd) -> io::R
     if ret < 0 {
         return Err(err);
     }
-    Ok(Spawned {
-        pid: ret as u32,
-        // SAFETY: the kernel stored a new pidfd, owned by nobody else, in `pidfd`.
-        pidfd: unsafe { OwnedFd::from_raw_fd(pidfd) },
-    })
+    let pidfd = want_pidfd.then(|| {
+        // SAFETY: with CLONE_PIDFD the kernel stored a new pidfd, owned by
+        // nobody else, in `pidfd`.
+        unsafe { OwnedFd::from_raw_fd(pidfd) }
+    });
+    Ok((ret as u32, pidfd))
 }
 
 /// A stack for the child: an anonymous mapping whose lowest page is a
@@ -284,7 +341,14 @@ mod tests {
         let (ours, theirs) = std::os::unix::net::UnixStream::pair().unwrap();
         let argv: Vec<std::ffi::OsString> = argv.iter().map(|s| s.into()).collect();
         let env = [(OsStr::new("PATH"), OsStr::new("/usr/bin:/bin"))];
-        let image = ExecImage::new(OsStr::new(program), &argv, env, &[theirs.as_fd()]).unwrap();
+        let image = ExecImage::new(
+            OsStr::new(program),
+            &argv,
+            env,
+            &[theirs.as_fd()],
+            &mut Vec::new(),
+        )
+        .unwrap();
         (image, ours)
     }
 
@@ -294,7 +358,7 @@ mod tests {
     fn spawns_with_fds_in_place_and_reaps() {
         let script = "test \"$LISTEN_PID\" = $$ && test -S /proc/self/fd/3 && echo $$ >&3 && exec 3>&- && exit 7";
         let (mut image, ours) = image_with_channel("/bin/sh", &["sh", "-c", script]);
-        let child = spawn(&mut image, false).unwrap();
+        let child = spawn(&mut image, false, None).unwrap().expect_pidfd();
         drop(image);
         // Wait for the exit by reading EOF on our end (the child's copy closes).
         use std::io::Read;
@@ -327,10 +391,57 @@ mod tests {
         }
     }
 
+    /// The copies go onto the slots given (high enough), not onto new
+    /// fds; a slot numbered too low is left to the caller.
+    #[test]
+    fn copies_go_onto_the_slots_given() {
+        let (a, b) = std::os::unix::net::UnixStream::pair().unwrap();
+        let null = || -> OwnedFd { std::fs::File::open("/dev/null").unwrap().into() };
+        let high = |f: OwnedFd| {
+            let raw = nix::fcntl::fcntl(&f, nix::fcntl::FcntlArg::F_DUPFD_CLOEXEC(200)).unwrap();
+            crate::sys::own(raw)
+        };
+        let low = null();
+        let (s1, s2) = (high(null()), high(null()));
+        let mut numbers = vec![s1.as_raw_fd(), s2.as_raw_fd()];
+        let low_number = low.as_raw_fd();
+        let mut slots = vec![s1, low, s2];
+        let argv: Vec<std::ffi::OsString> = vec!["true".into()];
+        let image = ExecImage::new(
+            OsStr::new("/bin/true"),
+            &argv,
+            std::iter::empty(),
+            &[a.as_fd(), b.as_fd()],
+            &mut slots,
+        )
+        .unwrap();
+        let mut got: Vec<RawFd> = image.fds.iter().map(|f| f.as_raw_fd()).collect();
+        got.sort_unstable();
+        numbers.sort_unstable();
+        assert_eq!(got, numbers, "onto the high slots");
+        assert_eq!(slots.len(), 1);
+        assert_eq!(slots[0].as_raw_fd(), low_number, "the low one is left");
+        let ino = |fd: RawFd| {
+            std::fs::metadata(format!("/proc/self/fd/{fd}"))
+                .unwrap()
+                .ino()
+        };
+        use std::os::unix::fs::MetadataExt;
+        let mut want = vec![ino(a.as_raw_fd()), ino(b.as_raw_fd())];
+        let mut have: Vec<u64> = image.fds.iter().map(|f| ino(f.as_raw_fd())).collect();
+        want.sort_unstable();
+        have.sort_unstable();
+        assert_eq!(have, want, "the slots now hold the sockets");
+        assert!(image
+            .fds
+            .iter()
+            .all(|f| crate::sys::fd_is_cloexec(f.as_raw_fd())));
+    }
+
     #[test]
     fn reports_exec_failure_through_the_last_fd() {
         let (mut image, ours) = image_with_channel("/nonexistent/binary", &["nope"]);
-        let child = spawn(&mut image, false).unwrap();
+        let child = spawn(&mut image, false, None).unwrap().expect_pidfd();
         drop(image);
         use std::io::Read;
         let mut buf = String::new();
@@ -418,8 +529,13 @@ mod signal_tests {
             .iter()
             .map(|s| s.into())
             .collect();
-        let mut image = match ExecImage::new(OsStr::new("/bin/sh"), &argv, std::iter::empty(), &fds)
-        {
+        let mut image = match ExecImage::new(
+            OsStr::new("/bin/sh"),
+            &argv,
+            std::iter::empty(),
+            &fds,
+            &mut Vec::new(),
+        ) {
             Ok(image) => image,
             Err(e) if e.raw_os_error() == Some(libc::EMFILE) => {
                 eprintln!("SKIP: {n} fds need a higher RLIMIT_NOFILE: {e}");
@@ -450,7 +566,7 @@ mod signal_tests {
             }
             None
         });
-        let child = spawn(&mut image, false).unwrap();
+        let child = spawn(&mut image, false, None).unwrap().expect_pidfd();
         let signalled = watcher.join().unwrap();
         drop(image);
         use std::io::Read;

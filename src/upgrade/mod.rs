@@ -43,7 +43,7 @@ mod tests;
 use std::ffi::OsString;
 use std::future::Future;
 use std::io;
-use std::os::fd::{BorrowedFd, OwnedFd};
+use std::os::fd::BorrowedFd;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -53,6 +53,7 @@ use crate::error::UpgradeError;
 use crate::notify::{self, NotifyState};
 use crate::process::Process;
 use crate::protocol::channel::FromNew;
+use crate::spare::Reserved;
 use crate::task;
 
 /// How long the old process waits for the manager to confirm `MAINPID=`.
@@ -86,13 +87,12 @@ pub(crate) trait Spawn: Send + Sync + 'static {
     fn program(&self) -> &Path;
 
     /// Prepares the start on the caller's thread, while `plan` borrows the
-    /// listeners, and returns the start itself. `spare` is an fd kept free
-    /// for this moment (see `spare`): the start closes it right before it
-    /// needs the slot.
+    /// listeners, and returns the start itself. `reserved` is what the
+    /// start needs at the fd limit, made ahead (see `spare`).
     fn start(
         &self,
         plan: Plan<'_>,
-        spare: Option<OwnedFd>,
+        reserved: Reserved,
     ) -> Result<
         impl Future<Output = Result<Self::Process, UpgradeError>> + Send + 'static,
         UpgradeError,
@@ -313,16 +313,14 @@ impl<S: Spawn> Process<S> {
                 limit,
             });
         }
-        // At the fd limit the next steps need the spares' slots: free them
-        // right before each step, with no await in between.
-        let mut spares = self.spares.take(usize::MAX);
-        let for_barrier = spares.split_off(spares.len().saturating_sub(2));
-        let for_pidfd = spares.pop();
-        drop(spares);
-        let start = {
+        // At the fd limit no slot is free: what the next steps need was made
+        // ahead, in slots of its own (see `spare`).
+        let (start, mut barrier_pipe) = {
             let listeners = self.listeners();
             let handed = listeners.for_handoff();
             let configured = listeners.configured();
+            let mut reserved = self.spares.reserve(handed.len());
+            let barrier_pipe = reserved.barrier.take();
             let plan = Plan {
                 generation,
                 listeners: &handed,
@@ -330,7 +328,7 @@ impl<S: Spawn> Process<S> {
                 env,
                 state_len: state.len(),
             };
-            self.spawn.start(plan, for_pidfd)?
+            (self.spawn.start(plan, reserved)?, barrier_pipe)
         };
         let mut child = start.await?;
         steps.spawn = Steps::lap(&mut at);
@@ -371,8 +369,7 @@ impl<S: Spawn> Process<S> {
                 });
             }
             self.life.announced(true);
-            drop(for_barrier);
-            if let Err(e) = n.barrier(BARRIER_TIMEOUT).await {
+            if let Err(e) = n.barrier_with(barrier_pipe.take(), BARRIER_TIMEOUT).await {
                 tracing::warn!(error = %e, "the manager did not confirm MAINPID=; handing over anyway");
             }
         }

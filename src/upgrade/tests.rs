@@ -6,7 +6,7 @@
 use std::collections::VecDeque;
 use std::future::Future;
 use std::io;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixDatagram;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
@@ -95,7 +95,7 @@ impl Spawn for Fake {
     fn start(
         &self,
         plan: Plan<'_>,
-        _spare: Option<OwnedFd>,
+        _reserved: crate::spare::Reserved,
     ) -> Result<
         impl Future<Output = Result<FakeProcess, UpgradeError>> + Send + 'static,
         UpgradeError,
