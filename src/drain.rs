@@ -51,9 +51,11 @@
 //! `Notify`, read under the same lock as the long-lived count so that
 //! [`Drain::outcome`] is a consistent snapshot.
 
-use std::future::Future;
+use std::future::{poll_fn, Future};
+use std::pin::pin;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
+use std::task::Poll;
 use std::time::Duration;
 
 use tokio::sync::{watch, Notify};
@@ -103,6 +105,33 @@ impl Shared {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
     }
+}
+
+/// Resolves with what `done` makes of the state once it says `Some`
+/// (`None` if the channel closed, which it cannot while `shared` lives).
+///
+/// The state itself is read at every poll, not only after the watch's
+/// wake-up: the watch wakes its receivers shard by shard from the thread
+/// that changed the state, so one receiver's wake-up can come milliseconds
+/// after the change, while tasks woken before it run. An accept loop that
+/// trusted its wake-up alone accepted connections during that time, from
+/// clients that had already been told "going away" by this very process.
+/// So whatever [`Drain::is_draining`] says, a future waiting here has seen
+/// it too when it is next polled.
+async fn until<R>(shared: &Shared, done: impl Fn(&State) -> Option<R>) -> Option<R> {
+    let mut rx = shared.state.subscribe();
+    let mut changed = pin!(rx.wait_for(|s| done(s).is_some()));
+    poll_fn(|cx| {
+        if let Some(r) = done(&shared.state.borrow()) {
+            return Poll::Ready(Some(r));
+        }
+        match changed.as_mut().poll(cx) {
+            Poll::Ready(Ok(s)) => Poll::Ready(done(&s)),
+            Poll::Ready(Err(_)) => Poll::Ready(None),
+            Poll::Pending => Poll::Pending,
+        }
+    })
+    .await
 }
 
 /// Starts the drain its [`Drain`]s watch. Not `Clone`: whoever holds it
@@ -231,8 +260,7 @@ impl DrainTrigger {
 
     /// Resolves when a started drain was taken back.
     pub(crate) async fn taken_back(&self) {
-        let mut rx = self.shared.state.subscribe();
-        let _ = rx.wait_for(|s| s.reason.is_none()).await;
+        until(&self.shared, |s| s.reason.is_none().then_some(())).await;
     }
 }
 
@@ -279,6 +307,12 @@ impl Drain {
     /// reason. The future owns what it needs (`'static`), so it can be moved
     /// into a task or a stream combinator such as `take_until`.
     ///
+    /// It agrees with [`is_draining`](Self::is_draining) at every poll:
+    /// once the drain has started, the next poll resolves, even if the
+    /// task was polled for another reason (a connection to accept) before
+    /// the drain's own wake-up reached it. So a loop that polls it first
+    /// (`select!` with `biased;`) accepts nothing once the drain started.
+    ///
     /// # Cancel safety
     ///
     /// Cancel-safe: use it in `select!` next to `accept()`. A drain that
@@ -286,11 +320,8 @@ impl Drain {
     pub fn draining(&self) -> impl Future<Output = DrainReason> + Send + 'static {
         let shared = self.shared.clone();
         async move {
-            let mut rx = shared.state.subscribe();
-            // The sender lives in `shared`, so the channel cannot close here.
-            let r = rx.wait_for(|s| s.reason.is_some()).await;
-            r.ok()
-                .and_then(|s| s.reason)
+            until(&shared, |s| s.reason)
+                .await
                 .unwrap_or(DrainReason::Stopped)
         }
     }
@@ -303,9 +334,11 @@ impl Drain {
     ///
     /// Cancel-safe: it only watches; the next call sees the same state.
     pub async fn resumed(&self) -> bool {
-        let mut rx = self.shared.state.subscribe();
-        let r = rx.wait_for(|s| s.reason.is_none() || s.settled).await;
-        r.map(|s| s.reason.is_none()).unwrap_or(false)
+        until(&self.shared, |s| {
+            (s.reason.is_none() || s.settled).then_some(s.reason.is_none())
+        })
+        .await
+        .unwrap_or(false)
     }
 
     /// Counts one unit of in-flight work until the guard is dropped.
@@ -620,6 +653,81 @@ mod tests {
         plain.start(DrainReason::Stopped);
         assert!(!plain.take_back(), "a plain start is final");
         assert!(!plain.watcher().resumed().await);
+    }
+
+    /// Once the state says draining, every `draining()` future resolves
+    /// when polled, even before the watch's own wake-up reached it. The
+    /// watch wakes its receivers shard by shard, from the thread that
+    /// started the drain; a task woken early (a connection that says
+    /// "going away", whose client reconnects at once) runs while later
+    /// receivers (the accept loop) are not woken yet. Here each early wake
+    /// polls every other `draining()` future at that very moment.
+    #[test]
+    fn draining_resolves_once_the_state_says_so_even_before_its_wake() {
+        use std::sync::atomic::AtomicUsize;
+        use std::task::{Context, Poll, Wake, Waker};
+
+        type Watching = Vec<Option<std::pin::Pin<Box<dyn Future<Output = DrainReason> + Send>>>>;
+        struct Probe {
+            drain: Drain,
+            watching: Arc<Mutex<Watching>>,
+            behind: Arc<AtomicUsize>,
+        }
+        impl Wake for Probe {
+            fn wake(self: Arc<Self>) {
+                assert!(self.drain.is_draining());
+                let waker = Waker::noop();
+                let mut cx = Context::from_waker(waker);
+                let mut watching = self.watching.lock().unwrap();
+                for slot in watching.iter_mut() {
+                    match slot.as_mut().map(|f| f.as_mut().poll(&mut cx)) {
+                        Some(Poll::Pending) => {
+                            self.behind.fetch_add(1, Ordering::Relaxed);
+                        }
+                        Some(Poll::Ready(_)) => *slot = None,
+                        None => {}
+                    }
+                }
+            }
+        }
+
+        let trigger = DrainTrigger::new();
+        let drain = trigger.watcher();
+        let watching: Arc<Mutex<Watching>> = Arc::default();
+        let behind = Arc::new(AtomicUsize::new(0));
+        let mut probes = Vec::new();
+        for _ in 0..32 {
+            let mut f: std::pin::Pin<Box<dyn Future<Output = DrainReason> + Send>> =
+                Box::pin(drain.draining());
+            let waker = Waker::from(Arc::new(Probe {
+                drain: drain.clone(),
+                watching: watching.clone(),
+                behind: behind.clone(),
+            }));
+            assert!(f
+                .as_mut()
+                .poll(&mut Context::from_waker(&waker))
+                .is_pending());
+            probes.push(f);
+        }
+        {
+            let mut w = watching.lock().unwrap();
+            for _ in 0..32 {
+                let mut f: std::pin::Pin<Box<dyn Future<Output = DrainReason> + Send>> =
+                    Box::pin(drain.draining());
+                assert!(f
+                    .as_mut()
+                    .poll(&mut Context::from_waker(Waker::noop()))
+                    .is_pending());
+                w.push(Some(f));
+            }
+        }
+        trigger.start(DrainReason::Upgraded);
+        assert_eq!(
+            behind.load(Ordering::Relaxed),
+            0,
+            "draining() futures pending while the drain had started"
+        );
     }
 
     #[tokio::test(start_paused = true)]

@@ -55,11 +55,16 @@ struct WsCounts {
     other_closes: AtomicU64,
     /// Connections that ended without a Close frame from the server.
     cut: AtomicU64,
-    /// Handshakes answered `503` + `Retry-After: 0`, the protocol's answer
-    /// to an upgrade request that reaches a process once its drain has
-    /// begun; the client retries. Seen about once in six runs, a few at
-    /// the moment a drain begins (the drain starts on the crate's own
-    /// thread while the application's runtime runs).
+    /// Handshakes answered `503` + `Retry-After: 0`: what a draining
+    /// process answers an upgrade request on a connection it accepted
+    /// before its drain started. Here none may get it: every client is on
+    /// a WebSocket when a drain starts and reconnects only once told
+    /// "going away", after the drain started, so its new connection is
+    /// the new process's. One would mean that the old process accepted a
+    /// connection after its drain started. That happened in 4 runs of 30
+    /// while `Drain::draining()` waited for its own wake-up, which comes
+    /// milliseconds after the drain starts (see `docs/design.md`, "Long-lived
+    /// connections").
     refused_while_draining: AtomicU64,
     /// Handshakes that failed otherwise (and were retried).
     failed_connects: AtomicU64,
@@ -247,8 +252,8 @@ fn websockets_get_going_away_and_reconnect_across_ten_upgrades() {
     let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
     eprintln!(
         "{CLIENTS} clients, {UPGRADES} upgrades: {} connections, {} closes with 1001, \
-         {} other closes, {} cut, {} handshakes answered 503 by a process that had \
-         begun to drain, {} failed handshakes; {messages} messages, all acknowledged, {} \
+         {} other closes, {} cut, {} handshakes answered 503 by a draining process, \
+         {} failed handshakes; {messages} messages, all acknowledged, {} \
          resent after crossing a Close",
         get(&counts.connections),
         get(&counts.going_away),
@@ -265,9 +270,10 @@ fn websockets_get_going_away_and_reconnect_across_ten_upgrades() {
         0,
         "every reconnection reached a server"
     );
-    assert!(
-        get(&counts.refused_while_draining) <= CLIENTS as u64,
-        "503s are the rare moment a drain begins, not the rule"
+    assert_eq!(
+        get(&counts.refused_while_draining),
+        0,
+        "a draining process accepted reconnections it should have left to the new process"
     );
     assert_eq!(get(&counts.going_away), (CLIENTS * UPGRADES) as u64);
     assert_eq!(get(&counts.connections), (CLIENTS * (UPGRADES + 1)) as u64);

@@ -91,6 +91,8 @@ impl Server {
                         tracing::error!(error = %e, "the make-service failed, stopping the accept loop");
                         return Err(io::Error::other(e));
                     }
+                    // The drain first: `draining()` reads the state at
+                    // every poll, so nothing is accepted once it started.
                     let accepted = tokio::select! {
                         biased;
                         _ = draining.as_mut() => break,
