@@ -636,3 +636,59 @@ impl Handover {
 /// second copy of all of it, compiled in its own crate (measured on
 /// `examples/hello.rs`: the upgrade's state machine twice, 80 KB of code).
 type Entry<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A state provider that panics makes the upgrade panic on the crate's
+    /// thread, before any process starts. As `upgrade()` documents, the
+    /// panic is resumed in its caller, and the upgrade is abandoned
+    /// cleanly: the phase is `Ready` again, and the next upgrade runs (here
+    /// refused at its state step, so that nothing is started).
+    #[tokio::test]
+    async fn a_panicking_upgrade_is_resumed_in_the_caller_and_leaves_the_process_ready() {
+        const T: Duration = Duration::from_secs(10);
+        if std::env::var_os("NOTIFY_SOCKET").is_some() {
+            eprintln!("SKIP: NOTIFY_SOCKET is set; this test must not talk to a manager");
+            return;
+        }
+        let handover = Handover::builder()
+            .no_control_socket()
+            .handle_signals(false)
+            .state_limit(16)
+            .build()
+            .unwrap();
+        let _listener = handover.listen_tcp("http", "127.0.0.1:0").unwrap();
+        tokio::time::timeout(T, handover.ready())
+            .await
+            .unwrap()
+            .unwrap();
+        handover.set_state(|| -> Vec<u8> { panic!("the provider's own words") });
+        let upgrade = tokio::spawn({
+            let handover = handover.clone();
+            async move { handover.upgrade().await }
+        });
+        let e = tokio::time::timeout(T, upgrade).await.unwrap().unwrap_err();
+        assert!(e.is_panic(), "{e}");
+        let panic = e.into_panic();
+        assert_eq!(
+            panic.downcast_ref::<&str>().copied(),
+            Some("the provider's own words")
+        );
+        assert_eq!(handover.phase(), Phase::Ready);
+        handover.set_state(|| vec![0u8; 17]);
+        let again = tokio::time::timeout(T, handover.upgrade()).await.unwrap();
+        assert!(
+            matches!(
+                again,
+                Err(UpgradeError::StateTooLarge {
+                    size: 17,
+                    limit: 16
+                })
+            ),
+            "{again:?}"
+        );
+        assert_eq!(handover.phase(), Phase::Ready);
+    }
+}

@@ -66,6 +66,16 @@ fn failed_upgrades_keep_the_old_process_serving() {
     let load = Load::start(addr, LoadConfig::clients(4, 4));
     load.assert_flows(50);
 
+    // Every fd but the sockets (the load's connections come and go): the spares (`/dev/null`
+    // slots, the barrier pipe), the runtimes' fds, any pidfd. A failed upgrade makes its
+    // spares again and leaves nothing else behind.
+    let not_sockets = || -> Vec<String> {
+        fd_kinds(pid)
+            .into_iter()
+            .filter(|k| k != "socket")
+            .collect()
+    };
+    let baseline = not_sockets();
     let real = exe.original();
     let cases: [(&str, &[u8], u32, &[&str]); 3] = [
         (
@@ -111,6 +121,9 @@ fn failed_upgrades_keep_the_old_process_serving() {
                 .unwrap();
             assert!(!alive(child), "{what}: child {child} survived");
         }
+        wait_for(&format!("{what}: the same fds as before"), TIMEOUT, || {
+            (not_sockets() == baseline).then_some(())
+        });
         load.assert_flows(20);
     }
 
