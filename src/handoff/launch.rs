@@ -8,7 +8,7 @@
 //! | | with a pidfd | by pid (no slot for a pidfd) |
 //! |---|---|---|
 //! | its exit | the pidfd becomes readable | the channel reaches end of file (the new process holds its end until it exits, close-on-exec in anything it starts) |
-//! | kill | `pidfd_send_signal` | `kill(pid)`: ours always (its pid is not reused before we reap it); the manager's only while its channel is open |
+//! | kill | `pidfd_send_signal` | `kill(pid)`: ours always (its pid is not reused before we reap it), unless the application has the kernel reap its children (SIGCHLD ignored); else only while its channel is open, checked (`POLLHUP`) right before the signal |
 //! | reap (ours) | `waitid(P_PIDFD)` when readable | a pidfd opened then if a slot is free, else `waitid(P_PID, WNOHANG)` at growing intervals |
 
 use std::io;
@@ -372,12 +372,25 @@ impl Child {
     fn send_kill(&self) {
         let sent = match &self.pidfd {
             Some(pidfd) => sys::pidfd_signal(pidfd.get_ref().as_fd(), libc::SIGKILL),
-            None if self.ours || !self.channel_eof => sys::kill_pid(self.pid, libc::SIGKILL),
+            None if self.pid_is_still_its_own() => sys::kill_pid(self.pid, libc::SIGKILL),
             None => Ok(()),
         };
         if let Err(e) = sent {
             tracing::error!(pid = self.pid, error = %e, "cannot kill the new process");
         }
+    }
+
+    /// Without a pidfd: whether `pid` can only name the process started.
+    /// Ours, while we have not reaped it, unless the application has the
+    /// kernel reap its children (SIGCHLD ignored); else only while its
+    /// channel is open, checked right before the signal (it holds its end
+    /// until it exits; a process it forked without `execve` could hold it
+    /// too, which is the one case where the pid could be reused meanwhile).
+    fn pid_is_still_its_own(&self) -> bool {
+        if self.ours && !sys::children_reaped_by_kernel() {
+            return true;
+        }
+        !self.channel_eof && !sys::hung_up(self.channel.get_ref().as_fd())
     }
 
     fn reap_status(&self) -> String {

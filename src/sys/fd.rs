@@ -120,3 +120,35 @@ pub(crate) fn async_readable(
             (e, fd)
         })
 }
+
+/// Whether the peer of the stream socket `fd` has closed its end (every
+/// copy of it): `poll` says `POLLHUP`, at once.
+pub(crate) fn hung_up(fd: BorrowedFd<'_>) -> bool {
+    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    let mut fds = [PollFd::new(fd, PollFlags::empty())];
+    match poll(&mut fds, PollTimeout::ZERO) {
+        Ok(_) => fds[0]
+            .revents()
+            .is_some_and(|r| r.contains(PollFlags::POLLHUP)),
+        Err(_) => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::fd::AsFd;
+
+    #[test]
+    fn a_socket_hangs_up_once_every_copy_of_its_peer_is_closed() {
+        let (ours, theirs) = std::os::unix::net::UnixStream::pair().unwrap();
+        let copy = theirs.try_clone().unwrap();
+        assert!(!super::hung_up(ours.as_fd()), "peer open");
+        drop(theirs);
+        assert!(
+            !super::hung_up(ours.as_fd()),
+            "a copy of the peer still open"
+        );
+        drop(copy);
+        assert!(super::hung_up(ours.as_fd()), "peer closed");
+    }
+}

@@ -25,10 +25,10 @@ mod signal;
 mod spawn;
 
 pub(crate) use fd::{
-    async_readable, dup_onto, fd_is_cloexec, fd_is_open, fd_is_socket, own, take_inherited,
-    take_received_fds, with_borrowed,
+    async_readable, dup_onto, fd_is_cloexec, fd_is_open, fd_is_socket, hung_up, own,
+    take_inherited, take_received_fds, with_borrowed,
 };
 pub(crate) use memory::{page_size, prefer_huge_pages};
 pub(crate) use pidfd::{kill_and_wait, kill_pid, pidfd_open, pidfd_signal, reap, reap_pid};
-pub(crate) use signal::async_signalfd;
+pub(crate) use signal::{async_signalfd, children_reaped_by_kernel};
 pub(crate) use spawn::{spawn, spawn_reporting, ExecImage, Started};

@@ -55,3 +55,24 @@ pub(crate) fn async_signalfd(
     unsafe { tokio::io::unix::AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE) }
         .map_err(|e| e.into_parts().1)
 }
+
+/// Whether the kernel reaps this process's children itself as they exit
+/// (SIGCHLD ignored, or `SA_NOCLDWAIT`): then a child's pid may be free,
+/// and reused, before anything of ours waits for it.
+pub(crate) fn children_reaped_by_kernel() -> bool {
+    // SAFETY: a zeroed sigaction is a valid out-value; sigaction with a
+    // null new action only reads the current one into `old`.
+    let mut old: libc::sigaction = unsafe { std::mem::zeroed() };
+    // SAFETY: as above; SIGCHLD is a valid signal number.
+    let r = unsafe { libc::sigaction(libc::SIGCHLD, std::ptr::null(), &mut old) };
+    r == 0 && (old.sa_sigaction == libc::SIG_IGN || old.sa_flags & libc::SA_NOCLDWAIT != 0)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn children_are_not_reaped_by_the_kernel_by_default() {
+        // The test harness leaves SIGCHLD at its default disposition.
+        assert!(!super::children_reaped_by_kernel());
+    }
+}
