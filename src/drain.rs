@@ -379,6 +379,9 @@ impl Drain {
             let notified = self.shared.idle.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
+            // Pairs with the accept loop's fence (`http`): a guard taken
+            // before a drain it did not see is counted here.
+            std::sync::atomic::fence(Ordering::SeqCst);
             if self.in_flight() == 0 {
                 return;
             }

@@ -6,7 +6,9 @@
 use std::future::{poll_fn, Future};
 use std::io;
 use std::pin::pin;
+use std::sync::atomic::{fence, Ordering};
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -15,7 +17,7 @@ use super::app::App;
 use super::conn::serve_connection;
 use super::handshake::Acceptor;
 use super::Server;
-use crate::drain::Drain;
+use crate::drain::{Drain, DrainGuard};
 use crate::task;
 
 /// A listening socket the accept loop can take connections from.
@@ -96,7 +98,10 @@ impl Server {
                     let accepted = tokio::select! {
                         biased;
                         _ = draining.as_mut() => break,
-                        r = listener.accept() => r,
+                        r = counted(listener.accept(), &drain) => r,
+                    };
+                    let Some((accepted, guard)) = accepted else {
+                        break;
                     };
                     match accepted {
                         Ok((io, peer)) => {
@@ -104,7 +109,6 @@ impl Server {
                             // The guard goes with the connection's IO: an
                             // upgraded connection keeps it until the
                             // application drops the upgraded IO.
-                            let guard = drain.guard();
                             let conn = serve_connection(
                                 io,
                                 acceptor.clone(),
@@ -150,6 +154,38 @@ impl Server {
             Ok(())
         }
     }
+}
+
+/// Polls `accept` while counting it in the drain, so that no drain ends
+/// between a connection's accept and its own guard: the drain ends once
+/// nothing is counted, and its process exits, which would close a
+/// connection accepted in that gap with its request unread (the client
+/// reads a reset). Each poll takes a guard, then looks at the drain: a
+/// drain started before the guard is seen here (nothing is accepted), one
+/// started after it waits for the guard, which goes to the connection
+/// accepted (`Some`) or is dropped when there is none yet. `None`: the
+/// drain started.
+///
+/// The fences pair with the one in [`Drain::idle`]: of a drain's start
+/// followed by its count of guards, and this guard followed by this look
+/// at the drain, one of the two sees the other.
+async fn counted<F, T>(accept: F, drain: &Drain) -> Option<(T, DrainGuard)>
+where
+    F: Future<Output = T>,
+{
+    let mut accept = pin!(accept);
+    poll_fn(|cx| {
+        let guard = drain.guard();
+        fence(Ordering::SeqCst);
+        if drain.is_draining() {
+            return Poll::Ready(None);
+        }
+        match accept.as_mut().poll(cx) {
+            Poll::Ready(r) => Poll::Ready(Some((r, guard))),
+            Poll::Pending => Poll::Pending,
+        }
+    })
+    .await
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -227,6 +263,65 @@ mod tests {
         s.drain().await;
         let e = TcpStream::connect(s.addr).await.unwrap_err();
         assert_eq!(e.kind(), io::ErrorKind::ConnectionRefused);
+    }
+
+    /// A listener whose accept starts the drain right as it returns a
+    /// connection (as a drain started on another thread during the
+    /// `accept` system call), and notes what the drain counted then.
+    struct DrainsAsItAccepts {
+        inner: tokio::net::TcpListener,
+        trigger: crate::drain::DrainTrigger,
+        counted_then: Arc<std::sync::Mutex<Vec<usize>>>,
+    }
+
+    impl Listener for DrainsAsItAccepts {
+        type Io = TcpStream;
+        type Addr = std::net::SocketAddr;
+
+        async fn accept(&mut self) -> io::Result<(TcpStream, std::net::SocketAddr)> {
+            let accepted = self.inner.accept().await?;
+            self.trigger.start(crate::drain::DrainReason::Upgraded);
+            let drain = self.trigger.watcher();
+            self.counted_then.lock().unwrap().push(drain.in_flight());
+            Ok(accepted)
+        }
+    }
+
+    /// A drain that starts while a connection is being accepted cannot end
+    /// before that connection is served: the accept was counted all along
+    /// (else its process could exit in between, closing the connection
+    /// with its request unread: a reset).
+    #[tokio::test]
+    async fn a_drain_starting_during_an_accept_waits_for_that_connection() {
+        let inner = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = inner.local_addr().unwrap();
+        let trigger = crate::drain::DrainTrigger::new();
+        let drain = trigger.watcher();
+        let counted_then = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let listener = DrainsAsItAccepts {
+            inner,
+            trigger,
+            counted_then: counted_then.clone(),
+        };
+        let (g, _) = gate();
+        let accept_loop =
+            tokio::spawn(Server::new().serve(listener, app("hello", g), drain.clone()));
+        let mut c = Raw::connect(addr).await;
+        assert_eq!(
+            c.get("/").await.status,
+            200,
+            "the connection accepted is served"
+        );
+        assert_eq!(
+            *counted_then.lock().unwrap(),
+            [1],
+            "the accept was counted in the drain"
+        );
+        drop(c);
+        tokio::time::timeout(crate::http::testing::T, drain.idle())
+            .await
+            .expect("the drain ends once the connection is closed");
+        drop(accept_loop);
     }
 
     #[test]
