@@ -29,9 +29,8 @@
 //! ```no_run
 //! # async fn f(listener: tokio::net::TcpListener, drain: handover::Drain) {
 //! loop {
-//!     tokio::select! {
-//!         _ = drain.draining() => {}
-//!         r = listener.accept() => { /* serve it, holding drain.guard() */ continue; }
+//!     while let Some((accepted, guard)) = drain.accept(listener.accept()).await {
+//!         /* serve it, holding `guard` */
 //!     }
 //!     if !drain.resumed().await {
 //!         break; // final: drop the listener
@@ -53,7 +52,7 @@
 
 use std::future::{poll_fn, Future};
 use std::pin::pin;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{fence, AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::task::Poll;
 use std::time::Duration;
@@ -341,6 +340,57 @@ impl Drain {
         .unwrap_or(false)
     }
 
+    /// Runs `accept` (any future that takes a connection, such as
+    /// `listener.accept()`) counted in the drain: `Some` with what it
+    /// returned and the guard for the connection, `None` once the drain
+    /// has started (nothing is accepted then).
+    ///
+    /// An accept loop of your own should accept this way instead of taking
+    /// a [`guard`](Self::guard) after the accept: on a multi-threaded
+    /// runtime the drain could otherwise end (nothing counted) between the
+    /// accept on one thread and the guard, and the process exit with the
+    /// new connection's request unread, which the kernel answers with a
+    /// reset. Each poll takes a guard, then looks at the drain: a drain
+    /// started before is seen (`None`), one started after waits for the
+    /// guard, which goes with the connection or is dropped while there is
+    /// none.
+    ///
+    /// ```no_run
+    /// # async fn f(listener: tokio::net::TcpListener, drain: handover::Drain) {
+    /// while let Some((accepted, guard)) = drain.accept(listener.accept()).await {
+    ///     let Ok((stream, _peer)) = accepted else { continue };
+    ///     tokio::spawn(async move {
+    ///         // ... serve `stream` ...
+    ///         drop(guard); // the connection is done
+    ///     });
+    /// }
+    /// // draining: stop accepting (see `resumed` for the listener)
+    /// # }
+    /// ```
+    ///
+    /// # Cancel safety
+    ///
+    /// As cancel-safe as `accept`: dropping the future drops `accept` and
+    /// holds no guard. tokio's `accept` is cancel-safe.
+    pub async fn accept<F: Future>(&self, accept: F) -> Option<(F::Output, DrainGuard)> {
+        let mut accept = pin!(accept);
+        poll_fn(|cx| {
+            let guard = self.guard();
+            // Pairs with the fence in `idle`: of a drain started and then
+            // counting its guards, and this guard taken and then this look
+            // at the drain, one of the two sees the other.
+            fence(Ordering::SeqCst);
+            if self.is_draining() {
+                return Poll::Ready(None);
+            }
+            match accept.as_mut().poll(cx) {
+                Poll::Ready(r) => Poll::Ready(Some((r, guard))),
+                Poll::Pending => Poll::Pending,
+            }
+        })
+        .await
+    }
+
     /// Counts one unit of in-flight work until the guard is dropped.
     pub fn guard(&self) -> DrainGuard {
         self.shared.in_flight.fetch_add(1, Ordering::AcqRel);
@@ -379,9 +429,9 @@ impl Drain {
             let notified = self.shared.idle.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            // Pairs with the accept loop's fence (`http`): a guard taken
-            // before a drain it did not see is counted here.
-            std::sync::atomic::fence(Ordering::SeqCst);
+            // Pairs with the fence in `accept`: a guard taken before a
+            // drain it did not see is counted here.
+            fence(Ordering::SeqCst);
             if self.in_flight() == 0 {
                 return;
             }
@@ -570,6 +620,31 @@ impl Drop for DrainGuard {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `accept` hands over its result with a guard already counted, and
+    /// accepts nothing once draining (its future is not even polled).
+    #[tokio::test]
+    async fn accept_counts_the_connection_and_stops_once_draining() {
+        let trigger = DrainTrigger::new();
+        let drain = trigger.watcher();
+        let (got, guard) = drain.accept(async { 7 }).await.unwrap();
+        assert_eq!((got, drain.in_flight()), (7, 1));
+        drop(guard);
+        assert_eq!(drain.in_flight(), 0);
+        trigger.start(DrainReason::Upgraded);
+        let polled = AtomicBool::new(false);
+        let after = drain
+            .accept(async {
+                polled.store(true, Ordering::SeqCst);
+            })
+            .await;
+        assert!(after.is_none());
+        assert!(
+            !polled.load(Ordering::SeqCst),
+            "nothing accepted once draining"
+        );
+        assert_eq!(drain.in_flight(), 0, "no guard left behind");
+    }
 
     #[tokio::test]
     async fn finishes_when_the_last_guard_drops() {

@@ -6,9 +6,7 @@
 use std::future::{poll_fn, Future};
 use std::io;
 use std::pin::pin;
-use std::sync::atomic::{fence, Ordering};
 use std::sync::Arc;
-use std::task::Poll;
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -17,7 +15,7 @@ use super::app::App;
 use super::conn::serve_connection;
 use super::handshake::Acceptor;
 use super::Server;
-use crate::drain::{Drain, DrainGuard};
+use crate::drain::Drain;
 use crate::task;
 
 /// A listening socket the accept loop can take connections from.
@@ -94,11 +92,13 @@ impl Server {
                         return Err(io::Error::other(e));
                     }
                     // The drain first: `draining()` reads the state at
-                    // every poll, so nothing is accepted once it started.
+                    // every poll, so nothing is accepted once it started;
+                    // and an accept in progress is counted in the drain
+                    // (see `Drain::accept`).
                     let accepted = tokio::select! {
                         biased;
                         _ = draining.as_mut() => break,
-                        r = counted(listener.accept(), &drain) => r,
+                        r = drain.accept(listener.accept()) => r,
                     };
                     let Some((accepted, guard)) = accepted else {
                         break;
@@ -154,38 +154,6 @@ impl Server {
             Ok(())
         }
     }
-}
-
-/// Polls `accept` while counting it in the drain, so that no drain ends
-/// between a connection's accept and its own guard: the drain ends once
-/// nothing is counted, and its process exits, which would close a
-/// connection accepted in that gap with its request unread (the client
-/// reads a reset). Each poll takes a guard, then looks at the drain: a
-/// drain started before the guard is seen here (nothing is accepted), one
-/// started after it waits for the guard, which goes to the connection
-/// accepted (`Some`) or is dropped when there is none yet. `None`: the
-/// drain started.
-///
-/// The fences pair with the one in [`Drain::idle`]: of a drain's start
-/// followed by its count of guards, and this guard followed by this look
-/// at the drain, one of the two sees the other.
-async fn counted<F, T>(accept: F, drain: &Drain) -> Option<(T, DrainGuard)>
-where
-    F: Future<Output = T>,
-{
-    let mut accept = pin!(accept);
-    poll_fn(|cx| {
-        let guard = drain.guard();
-        fence(Ordering::SeqCst);
-        if drain.is_draining() {
-            return Poll::Ready(None);
-        }
-        match accept.as_mut().poll(cx) {
-            Poll::Ready(r) => Poll::Ready(Some((r, guard))),
-            Poll::Pending => Poll::Pending,
-        }
-    })
-    .await
 }
 
 #[derive(Debug, PartialEq, Eq)]
