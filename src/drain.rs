@@ -340,8 +340,8 @@ impl Drain {
         .unwrap_or(false)
     }
 
-    /// Runs `accept` (any future that takes a connection, such as
-    /// `listener.accept()`) counted in the drain: `Some` with what it
+    /// Runs `accept` (a cancel-safe future that takes a connection, such
+    /// as `listener.accept()`) counted in the drain: `Some` with what it
     /// returned and the guard for the connection, `None` once the drain
     /// has started (nothing is accepted then).
     ///
@@ -367,6 +367,14 @@ impl Drain {
     /// // draining: stop accepting (see `resumed` for the listener)
     /// # }
     /// ```
+    ///
+    /// `accept` is counted only while it is polled, and is dropped when
+    /// the drain is seen, so it must hand over a connection in the poll
+    /// that takes it, as tokio's `accept` does (which is what makes it
+    /// cancel-safe). A future that takes a connection and then awaits more
+    /// (a TLS handshake, a first read) holds it uncounted between polls,
+    /// and is dropped with it when the drain starts: do that work after,
+    /// holding the guard.
     ///
     /// # Cancel safety
     ///
@@ -644,6 +652,36 @@ mod tests {
             "nothing accepted once draining"
         );
         assert_eq!(drain.in_flight(), 0, "no guard left behind");
+    }
+
+    /// `accept` counts its future only while polling it: a future that
+    /// took something and hands it over in a later poll (a handshake after
+    /// the accept) is not counted in between, and is dropped, with what it
+    /// took, once the drain starts. Hence the rule in `accept`'s docs that
+    /// the future hand over a connection in the poll that takes it.
+    #[tokio::test]
+    async fn accept_counts_its_future_only_while_polling_it() {
+        let trigger = DrainTrigger::new();
+        let drain = trigger.watcher();
+        let taken = Arc::new(());
+        let held = taken.clone();
+        let (_tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let mut accept = pin!(drain.accept(async move {
+            let _connection = held;
+            let _ = rx.await; // the rest of a handshake
+        }));
+        let pending = poll_fn(|cx| Poll::Ready(accept.as_mut().poll(cx).is_pending())).await;
+        assert!(pending);
+        assert_eq!(
+            Arc::strong_count(&taken),
+            2,
+            "the future holds what it took"
+        );
+        assert_eq!(drain.in_flight(), 0, "not counted between polls");
+        trigger.start(DrainReason::Upgraded);
+        assert!(accept.await.is_none());
+        assert_eq!(Arc::strong_count(&taken), 1, "dropped with the future");
+        assert_eq!(drain.in_flight(), 0);
     }
 
     #[tokio::test]

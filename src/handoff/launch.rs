@@ -365,10 +365,8 @@ impl Child {
         Some(String::from_utf8_lossy(&line).trim_end().to_owned())
     }
 
-    /// SIGKILL, through the pidfd; without one by its pid: ours always (its
-    /// pid cannot be reused before we reap it), the manager's only while
-    /// its channel is open (it is alive, or it left its end to a process it
-    /// started).
+    /// SIGKILL, through the pidfd; without one by its pid, only while the
+    /// pid can only name it (see `pid_is_still_its_own`).
     fn send_kill(&self) {
         let sent = match &self.pidfd {
             Some(pidfd) => sys::pidfd_signal(pidfd.get_ref().as_fd(), libc::SIGKILL),
