@@ -31,6 +31,7 @@ pub mod load;
 pub mod notify;
 pub mod pidfile;
 pub mod process;
+pub mod program;
 pub mod server;
 pub mod systemd;
 pub mod units;

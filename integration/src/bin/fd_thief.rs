@@ -11,9 +11,9 @@
 //! keeps every fd, logs `thief at the limit` (with `held=` and `pid=`) at its first `EMFILE`,
 //! and `thief took a freed slot` (with `fd=`) for each one it takes after that.
 
+use std::collections::HashMap;
 use std::convert::Infallible;
 use std::os::fd::{AsRawFd, OwnedFd};
-use std::path::PathBuf;
 use std::process::ExitCode;
 
 use bytes::Bytes;
@@ -23,28 +23,6 @@ use nix::sys::resource::{getrlimit, setrlimit, Resource};
 
 /// Slots above the fds open at SIGUSR1: the thief fills them first.
 const HEADROOM: u64 = 32;
-
-struct Args {
-    pid_file: PathBuf,
-    addr: String,
-}
-
-fn parse_args() -> Result<Args, String> {
-    let (mut pid_file, mut addr) = (None, None);
-    let mut it = std::env::args().skip(1);
-    while let Some(flag) = it.next() {
-        let value = it.next().ok_or_else(|| format!("{flag} needs a value"))?;
-        match flag.as_str() {
-            "--pid-file" => pid_file = Some(value.into()),
-            "--addr" => addr = Some(value),
-            other => return Err(format!("unknown argument {other:?}")),
-        }
-    }
-    match (pid_file, addr) {
-        (Some(pid_file), Some(addr)) => Ok(Args { pid_file, addr }),
-        _ => Err("usage: fd_thief --pid-file PATH --addr ADDR".into()),
-    }
-}
 
 /// Lowers the soft fd limit to what is open now plus [`HEADROOM`].
 fn lower_the_limit() -> std::io::Result<u64> {
@@ -82,11 +60,12 @@ fn steal() {
     }
 }
 
-async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
-    let handover = handover::Handover::builder()
-        .pid_file(&args.pid_file)
-        .build()?;
-    let listener = handover.listen_tcp("http", args.addr.as_str())?;
+async fn run(flags: HashMap<&'static str, String>) -> Result<(), Box<dyn std::error::Error>> {
+    // `flags` has every flag `main` names.
+    let (pid_file, addr) = (&flags["pid-file"], &flags["addr"]);
+
+    let handover = handover::Handover::builder().pid_file(pid_file).build()?;
+    let listener = handover.listen_tcp("http", addr.as_str())?;
     tracing::info!(addr = %listener.local_addr()?, "listening");
     let service = hyper::service::service_fn(|_req: Request<hyper::body::Incoming>| async {
         let body = format!("pid {}\n", std::process::id());
@@ -114,31 +93,10 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
 }
 
 fn main() -> ExitCode {
-    if let Err(e) = handover::logging::init() {
-        eprintln!("fd_thief: {e}");
-    }
-    let args = match parse_args() {
-        Ok(a) => a,
-        Err(e) => {
-            eprintln!("fd_thief: {e}");
-            return ExitCode::from(2);
-        }
-    };
-    let rt = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("fd_thief: cannot start the runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    match rt.block_on(run(args)) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            tracing::error!("{e}");
-            ExitCode::FAILURE
-        }
-    }
+    support::program::main(
+        "fd_thief",
+        &["pid-file", "addr"],
+        "fd_thief --pid-file PATH --addr ADDR",
+        run,
+    )
 }
