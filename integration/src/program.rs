@@ -2,9 +2,8 @@
 //! and their `main` (logging, a current-thread runtime, the exit code).
 
 use std::collections::HashMap;
-use std::error::Error;
-use std::future::Future;
-use std::process::ExitCode;
+#[cfg(feature = "logging")]
+use std::{error::Error, future::Future, process::ExitCode};
 
 /// `--name value` pairs from the command line: each of `names` exactly, nothing else.
 ///
