@@ -77,6 +77,9 @@ struct State {
     reason: Option<DrainReason>,
     /// It can no longer be taken back: listeners may go.
     settled: bool,
+    /// A new process not yet told it is main: [`Drain::accept`] waits
+    /// (its parent accepts for both until then).
+    held: bool,
 }
 
 #[derive(Debug)]
@@ -168,7 +171,21 @@ impl Default for DrainTrigger {
 impl DrainTrigger {
     /// A drain that has not started, with nothing in flight.
     pub fn new() -> Self {
-        let (state, _) = watch::channel(State::default());
+        Self::with(State::default())
+    }
+
+    /// The drain of a new process, held until [`release`](Self::release)
+    /// (it is main): its [`Drain::accept`]s wait, while its parent accepts
+    /// for both.
+    pub(crate) fn held() -> Self {
+        Self::with(State {
+            held: true,
+            ..State::default()
+        })
+    }
+
+    fn with(state: State) -> Self {
+        let (state, _) = watch::channel(state);
         DrainTrigger {
             shared: Arc::new(Shared {
                 state,
@@ -196,6 +213,7 @@ impl DrainTrigger {
                 *s = State {
                     reason: Some(reason),
                     settled: true,
+                    ..*s
                 };
                 started = true;
                 true
@@ -219,10 +237,18 @@ impl DrainTrigger {
                 *s = State {
                     reason: Some(reason),
                     settled: false,
+                    ..*s
                 };
             }
             start
         })
+    }
+
+    /// The process is main: [`Drain::accept`]s go ahead.
+    pub(crate) fn release(&self) {
+        self.shared
+            .state
+            .send_if_modified(|s| std::mem::take(&mut s.held));
     }
 
     /// Undoes a drain that is not final: serving again. Returns whether it
@@ -345,6 +371,13 @@ impl Drain {
     /// returned and the guard for the connection, `None` once the drain
     /// has started (nothing is accepted then).
     ///
+    /// In a new process (one an upgrade started) it first waits until its
+    /// [`ready`](crate::Handover::ready) has been told it is main: until
+    /// then the old process accepts for both, so a new process killed
+    /// before it took over (not ready in time, an upgrade stopped midway)
+    /// cuts no connection. A drain that starts meanwhile (a stop) ends the
+    /// wait with `None`.
+    ///
     /// An accept loop of your own should accept this way instead of taking
     /// a [`guard`](Self::guard) after the accept: on a multi-threaded
     /// runtime the drain could otherwise end (nothing counted) between the
@@ -381,6 +414,12 @@ impl Drain {
     /// As cancel-safe as `accept`: dropping the future drops `accept` and
     /// holds no guard. tokio's `accept` is cancel-safe.
     pub async fn accept<F: Future>(&self, accept: F) -> Option<(F::Output, DrainGuard)> {
+        if self.shared.state.borrow().held {
+            until(&self.shared, |s| {
+                (!s.held || s.reason.is_some()).then_some(())
+            })
+            .await;
+        }
         let mut accept = pin!(accept);
         poll_fn(|cx| {
             let guard = self.guard();
@@ -682,6 +721,46 @@ mod tests {
         assert!(accept.await.is_none());
         assert_eq!(Arc::strong_count(&taken), 1, "dropped with the future");
         assert_eq!(drain.in_flight(), 0);
+    }
+
+    /// Polls `f` once: whether it is pending.
+    async fn pending_once<F: Future>(mut f: std::pin::Pin<&mut F>) -> bool {
+        poll_fn(|cx| Poll::Ready(f.as_mut().poll(cx).is_pending())).await
+    }
+
+    /// A new process's drain is held: `accept` polls nothing until the
+    /// process is main, and a stop meanwhile ends it with `None`.
+    #[tokio::test]
+    async fn a_held_drain_accepts_only_once_released() {
+        let polled = Arc::new(AtomicUsize::new(0));
+        let counting = |polled: &Arc<AtomicUsize>| {
+            let polled = polled.clone();
+            poll_fn(move |_| {
+                polled.fetch_add(1, Ordering::SeqCst);
+                Poll::Ready("a connection")
+            })
+        };
+
+        let trigger = DrainTrigger::held();
+        let drain = trigger.watcher();
+        let mut accept = pin!(drain.accept(counting(&polled)));
+        assert!(pending_once(accept.as_mut()).await, "held");
+        assert_eq!(polled.load(Ordering::SeqCst), 0, "not polled while held");
+        trigger.release();
+        let (conn, guard) = accept.await.expect("released");
+        assert_eq!((conn, drain.in_flight()), ("a connection", 1));
+        drop(guard);
+
+        let stopped = DrainTrigger::held();
+        let drain = stopped.watcher();
+        let mut accept = pin!(drain.accept(counting(&polled)));
+        assert!(pending_once(accept.as_mut()).await, "held");
+        stopped.start(DrainReason::Stopped);
+        assert!(accept.await.is_none(), "a stop ends the wait");
+        assert_eq!(polled.load(Ordering::SeqCst), 1, "only the released one");
+
+        let first = DrainTrigger::new().watcher();
+        assert!(first.accept(counting(&polled)).await.is_some(), "not held");
     }
 
     #[tokio::test]

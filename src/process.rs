@@ -330,6 +330,7 @@ impl<S: Spawn> Process<S> {
                 }
                 Err(e) => tracing::warn!(error = %e, "handoff channel failed; taking over anyway"),
             }
+            self.life.now_main();
         }
         let unclaimed = self.listeners().close_unclaimed();
         if !unclaimed.is_empty() {

@@ -191,6 +191,48 @@ fn a_new_process_upgrades_again_while_its_parent_still_drains() {
     assert_eq!(server.pid(), Some(third));
 }
 
+/// A new process takes connections only once it serves (ready, and told it is main): until then
+/// the old one accepts for both. So a new process that listens and would serve, but is killed
+/// before it was ready (here: not ready within the upgrade timeout), takes no connection with it.
+/// Before, it accepted from the moment it listened, and every connection it had taken was cut
+/// when it was killed.
+#[test]
+fn a_new_process_killed_before_it_was_ready_took_no_connection() {
+    let args = ["--new-ready-after", "60", "--upgrade-timeout", "2"];
+    let server = Server::start(program!("late_ready"), &args, &[]);
+    let (addr, old) = (server.addr(), server.pid().unwrap());
+    let from = server.log.len();
+    signal(old, Signal::SIGHUP);
+    // Its accept loop is spawned before it logs this, and runs from its next await on.
+    server
+        .log
+        .wait_line(from, &["serving; ready later"], TIMEOUT);
+
+    let answered_by = |c: &mut Conn| {
+        let r = c.get("/");
+        assert_eq!(r.status, 200);
+        r.text().trim_end().to_owned()
+    };
+    let mut conns: Vec<Conn> = (0..16).map(|_| Conn::open(addr)).collect();
+    for c in &mut conns {
+        assert_eq!(
+            answered_by(c),
+            format!("pid {old}"),
+            "answered by the old process"
+        );
+    }
+    let (_, line) = server
+        .log
+        .wait_line(from, &["upgrade failed", "not ready within 2s"], TIMEOUT);
+    assert!(line.contains(&format!("old_pid={old}")), "{line}");
+    // The same connections, after the new process was killed.
+    for c in &mut conns {
+        assert_eq!(answered_by(c), format!("pid {old}"));
+    }
+    assert_eq!(server.pid(), Some(old));
+    assert_eq!(terminate(old), 0);
+}
+
 /// The crate's own work runs on a thread of its own: with the application's only runtime thread
 /// blocked in a handler, SIGHUP still starts the upgrade, the new process takes over and serves,
 /// and the old one finishes the blocked request once it is released, then exits 0. Before, the

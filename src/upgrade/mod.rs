@@ -14,6 +14,10 @@
 //! | 9 | the drain starts: final under a manager (the listeners go), revocable run by hand (they stay, not accepting) | — |
 //! | 10 | `upgraded <new>` to this process's own parent, if it still drains; the new process followed until it exits | run by hand: the service taken back if it dies before it let go |
 //!
+//! Until it reads `main` (step 7), the new process accepts nothing (its
+//! drain is held, see [`phase`]): this process accepts for both, so a new
+//! process killed at steps 5 to 7 takes no connection with it.
+//!
 //! Step 8 is there for heavy load: the drain closes every idle keep-alive
 //! connection of this process, and their clients reconnect to the new
 //! one at once. Started before the new process has finished `ready()`, that

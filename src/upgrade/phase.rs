@@ -13,6 +13,12 @@
 //! An upgrade ends in `Ready` (it failed, or it was abandoned) or, after the
 //! handoff, in `Draining(Upgraded)`: revocable run by hand, final under a
 //! service manager (which supervises the new process from then on).
+//!
+//! A new process (one an upgrade started) accepts nothing until `ready()`
+//! has been told `main`: its drain is held ([`Drain::accept`](crate::Drain::accept)
+//! waits), and its parent accepts for both until then. Before `main` a
+//! failed upgrade kills it; after, nothing does. A first process accepts
+//! from the start.
 
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
@@ -99,7 +105,13 @@ impl Lifecycle {
                 readying: false,
                 upgrade_asked: false,
             }),
-            drain: DrainTrigger::new(),
+            // A new process takes connections once it is main: until then a
+            // failed upgrade kills it, and the old process accepts for both.
+            drain: if first {
+                DrainTrigger::new()
+            } else {
+                DrainTrigger::held()
+            },
             first,
         }
     }
@@ -136,6 +148,13 @@ impl Lifecycle {
             Stage::Draining { .. } => ReadyStep::Stopped,
             _ => ReadyStep::Again,
         }
+    }
+
+    /// In `ready()`, a new process was told it is main (or its parent went
+    /// away before, and it takes over anyway): from now on nobody kills it
+    /// for a failed upgrade, so its accepts go ahead.
+    pub(crate) fn now_main(&self) {
+        self.drain.release();
     }
 
     /// `ready()` is done: `Ready`, unless a stop came meanwhile. Returns
@@ -335,6 +354,29 @@ mod tests {
         );
         assert!(!life.take_back());
         assert_eq!(drain.reason(), Some(DrainReason::Upgraded));
+    }
+
+    /// A new process accepts once its `ready()` was told `main` (its parent
+    /// accepts until then); a first one from the start.
+    #[tokio::test]
+    async fn a_new_process_accepts_once_ready() {
+        use std::future::{poll_fn, ready, Future};
+        use std::task::Poll;
+
+        let new = Lifecycle::new(false);
+        let drain = new.drain().watcher();
+        let mut accept = std::pin::pin!(drain.accept(ready("a connection")));
+        let pending = poll_fn(|cx| Poll::Ready(accept.as_mut().poll(cx).is_pending())).await;
+        assert!(pending, "before ready()");
+        assert_eq!(new.begin_ready(), ReadyStep::Go);
+        let pending = poll_fn(|cx| Poll::Ready(accept.as_mut().poll(cx).is_pending())).await;
+        assert!(pending, "during ready(), before main");
+        new.now_main();
+        assert!(accept.await.is_some(), "once main");
+
+        let first = Lifecycle::new(true);
+        let drain = first.drain().watcher();
+        assert!(drain.accept(ready(())).await.is_some(), "a first process");
     }
 
     #[test]
