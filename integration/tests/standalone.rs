@@ -5,7 +5,9 @@ use nix::sys::signal::Signal;
 
 use support::http::Conn;
 use support::load::{Load, LoadConfig};
-use support::process::{alive, fd_kinds, reap, signal, terminate, zombie_children, Generations};
+use support::process::{
+    alive, children, fd_kinds, reap, signal, terminate, zombie_children, Generations,
+};
 use support::server::{Deployed, Server, BROKEN_BUILD, NEVER_READY};
 use support::{program, wait_for, TIMEOUT};
 
@@ -191,6 +193,21 @@ fn a_new_process_upgrades_again_while_its_parent_still_drains() {
     assert_eq!(server.pid(), Some(third));
 }
 
+/// Kills (SIGKILL, by pid) the children of a process when dropped by a failing test: the new
+/// generation of an upgrade that the test left behind.
+struct KillChildren(u32);
+
+impl Drop for KillChildren {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            return;
+        }
+        for pid in children(self.0) {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), Signal::SIGKILL);
+        }
+    }
+}
+
 /// A new process takes connections only once it serves (ready, and told it is main): until then
 /// the old one accepts for both. So a new process that listens and would serve, but is killed
 /// before it was ready (here: not ready within the upgrade timeout), takes no connection with it.
@@ -201,6 +218,9 @@ fn a_new_process_killed_before_it_was_ready_took_no_connection() {
     let args = ["--new-ready-after", "60", "--upgrade-timeout", "2"];
     let server = Server::start(program!("late_ready"), &args, &[]);
     let (addr, old) = (server.addr(), server.pid().unwrap());
+    // Dropped before `server`, while the old process lives: an assertion that fails before the
+    // old one has killed the new one would leave that to take over a minute later, for ever.
+    let _new = KillChildren(old);
     let from = server.log.len();
     signal(old, Signal::SIGHUP);
     // Its accept loop is spawned before it logs this, and runs from its next await on.

@@ -160,7 +160,9 @@ use crate::drain::Drain;
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// Serves HTTP/1.1 and HTTP/2 (cleartext, prior knowledge) on `listener`
-/// with the default [`Server`] options until `drain` starts.
+/// with the default [`Server`] options until `drain` starts. It accepts
+/// through [`Drain::accept`]: in a new process (one an upgrade started),
+/// from the moment its `ready()` was told it is main.
 ///
 /// `app` is what axum users pass to `axum::serve`: a `Router` (or any tower
 /// service), or a make-service such as
