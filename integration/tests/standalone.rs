@@ -208,14 +208,15 @@ impl Drop for KillChildren {
     }
 }
 
-/// A new process takes connections only once it serves (ready, and told it is main): until then
+/// A new process takes connections only once its `ready()` was told it is main: until then
 /// the old one accepts for both. So a new process that listens and would serve, but is killed
 /// before it was ready (here: not ready within the upgrade timeout), takes no connection with it.
 /// Before, it accepted from the moment it listened, and every connection it had taken was cut
 /// when it was killed.
 #[test]
 fn a_new_process_killed_before_it_was_ready_took_no_connection() {
-    let args = ["--new-ready-after", "60", "--upgrade-timeout", "2"];
+    // Long enough for a loaded machine to start the new process and run the checks below.
+    let args = ["--new-ready-after", "60", "--upgrade-timeout", "5"];
     let server = Server::start(program!("late_ready"), &args, &[]);
     let (addr, old) = (server.addr(), server.pid().unwrap());
     // Dropped before `server`, while the old process lives: an assertion that fails before the
@@ -243,7 +244,7 @@ fn a_new_process_killed_before_it_was_ready_took_no_connection() {
     }
     let (_, line) = server
         .log
-        .wait_line(from, &["upgrade failed", "not ready within 2s"], TIMEOUT);
+        .wait_line(from, &["upgrade failed", "not ready within 5s"], TIMEOUT);
     assert!(line.contains(&format!("old_pid={old}")), "{line}");
     // The same connections, after the new process was killed.
     for c in &mut conns {
