@@ -443,11 +443,10 @@ impl Handover {
     /// parent has made it the service's main process; then its
     /// [`Drain::accept`]s go ahead (until then they wait, and the parent
     /// accepts for both), and it writes the PID file and accepts upgrades
-    /// itself. A first process writes the PID
-    /// file and sends `READY=1`. Passed fds that no `listen_*` call claimed
-    /// are closed, and the fds the next upgrade needs are made ahead. A SIGHUP
-    /// that came before runs its upgrade now. Calling it again does
-    /// nothing.
+    /// itself. A first process writes the PID file and sends `READY=1`.
+    /// Passed fds that no `listen_*` call claimed are closed, and the fds
+    /// the next upgrade needs are made ahead. A SIGHUP that came before runs
+    /// its upgrade now. Calling it again does nothing.
     ///
     /// # Errors
     ///
